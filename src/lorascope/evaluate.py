@@ -1,0 +1,57 @@
+"""Task metrics of a checkpoint (the base model, a full model, or a LoRA adapter)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+from lorascope.config import Config
+from lorascope.runinfo import provenance, write_json
+
+log = logging.getLogger(__name__)
+
+
+def default_output(cfg: Config) -> Path:
+    e = cfg.eval
+    if e.output:
+        return Path(e.output)
+    if e.checkpoint == "base":
+        safe = cfg.model.name.replace("/", "__")
+        return Path("runs") / "eval" / f"base-{safe}-{e.task}.json"
+    return Path(e.checkpoint) / f"eval-{e.task}-{e.split}.json"
+
+
+def evaluate(cfg: Config) -> dict:
+    """Evaluate cfg.eval.checkpoint on cfg.eval.task; write metrics and predictions JSON."""
+    import torch
+
+    from lorascope.models import load_checkpoint
+    from lorascope.tasks import get_task
+
+    e = cfg.eval
+    task = get_task(e.task)
+    limit = cfg.data.max_eval_examples if e.split == "eval" else cfg.data.max_train_examples
+    examples = task.examples(e.split, cfg.data, limit=limit)
+    model, tok, info = load_checkpoint(e.checkpoint, cfg.model)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    t0 = time.time()
+    metrics, predictions = task.evaluate(model, tok, examples, batch_size=e.batch_size,
+                                         max_new_tokens=e.max_new_tokens, max_len=cfg.data.eval_max_seq_len)
+    seconds = time.time() - t0
+    ids = "\n".join(x.id for x in examples)
+    out = default_output(cfg)
+    result = {
+        "task": e.task, "split": e.split, "checkpoint": info, "metrics": metrics,
+        "baselines": task.baselines(examples), "n_examples": len(examples),
+        "example_ids_sha256": hashlib.sha256(ids.encode()).hexdigest(),
+        "data_source": cfg.data.resolved_dir() or "huggingface-hub", "eval_seconds": seconds,
+        "config": cfg.to_dict(), "provenance": provenance(),
+        "predictions_file": str(out.with_suffix(".predictions.json")),
+    }
+    write_json(out.with_suffix(".predictions.json"), predictions)
+    write_json(out, result)  # written last: its presence means the evaluation completed
+    log.info("wrote %s", out)
+    return result

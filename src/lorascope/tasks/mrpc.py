@@ -1,0 +1,159 @@
+"""GLUE MRPC: is sentence 2 a paraphrase of sentence 1?
+
+A causal LM is prompted with both sentences and the label is the answer ("yes"/"no")
+with the higher log-probability, so no free generation is needed. Metrics: accuracy and
+F1 of the positive (paraphrase) class, on the 408-pair dev split GLUE reports.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any
+
+from lorascope import LorascopeError
+from lorascope.tasks.base import Example, Task, answer_ids, prompt_ids, register
+
+log = logging.getLogger(__name__)
+
+LABELS = {1: "yes", 0: "no"}
+GLUE_COLUMNS = ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]
+GLUE_TEST_COLUMNS = ["index", "#1 ID", "#2 ID", "#1 String", "#2 String"]
+# split -> candidate files, GLUE's names first, then the original MSR release's
+FILES = {"train": ["train.tsv", "msr_paraphrase_train.txt"], "eval": ["dev.tsv"],
+         "test": ["test.tsv", "msr_paraphrase_test.txt"]}
+
+
+def make_prompt(s1: str, s2: str) -> str:
+    return (f"Sentence 1: {s1}\nSentence 2: {s2}\n"
+            "Do the two sentences mean the same thing? Answer yes or no.")
+
+
+def read_tsv(path: Path) -> list[dict[str, Any]]:
+    """Read a GLUE or MSR MRPC file: tab-separated, quoting off, optional BOM and CRLF."""
+    try:
+        fh = open(path, encoding="utf-8-sig", newline="")
+    except OSError as exc:
+        raise LorascopeError(f"{path}: cannot read ({exc.strerror})") from None
+    with fh:
+        rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not rows:
+        raise LorascopeError(f"{path}: empty file; expected a header {chr(9).join(GLUE_COLUMNS)!r} and rows")
+    header = [h.strip() for h in rows[0]]
+    labelled = header == GLUE_COLUMNS
+    if not labelled and header != GLUE_TEST_COLUMNS:
+        raise LorascopeError(f"{path}: unexpected columns {header}; expected {GLUE_COLUMNS} "
+                             f"(or {GLUE_TEST_COLUMNS} for an unlabelled test split)")
+    out = []
+    for lineno, row in enumerate(rows[1:], start=2):
+        if not row or row == [""]:
+            continue
+        if len(row) != 5:
+            raise LorascopeError(f"{path}, line {lineno}: expected 5 tab-separated fields, got {len(row)}")
+        label = None
+        if labelled:
+            if row[0] not in ("0", "1"):
+                raise LorascopeError(f"{path}, line {lineno}: field Quality must be 0 or 1, got {row[0]!r}")
+            label = int(row[0])
+        out.append({"id": f"{row[1]}-{row[2]}", "s1": row[3], "s2": row[4], "label": label})
+    if not out:
+        raise LorascopeError(f"{path}: the file has a header but no rows (an empty split)")
+    return out
+
+
+@register
+class MRPC(Task):
+    name = "mrpc"
+    description = "GLUE MRPC paraphrase detection (accuracy, F1), scored by answer log-probabilities"
+
+    def load_split(self, split: str, data) -> list[Example]:
+        if split not in FILES:
+            raise LorascopeError(f"mrpc: unknown split {split!r}; accepted: {', '.join(FILES)}")
+        root = data.resolved_dir()
+        rows = self._local(Path(root), split) if root else self._hub(split)
+        return [Example(r["id"], make_prompt(r["s1"], r["s2"]),
+                        LABELS[r["label"]] if r["label"] is not None else None, {"label": r["label"]})
+                for r in rows]
+
+    def _local(self, root: Path, split: str) -> list[dict]:
+        d = root / "mrpc" if (root / "mrpc").is_dir() else root
+        if not d.is_dir():
+            raise LorascopeError(f"mrpc: data directory {d} does not exist")
+        for name in FILES[split]:
+            if (d / name).is_file():
+                return read_tsv(d / name)
+        raise LorascopeError(f"mrpc: no file for the {split} split in {d}; expected one of {', '.join(FILES[split])}")
+
+    def _hub(self, split: str) -> list[dict]:
+        from datasets import load_dataset
+
+        hub_split = {"train": "train", "eval": "validation", "test": "test"}[split]
+        try:
+            ds = load_dataset("nyu-mll/glue", "mrpc", split=hub_split)
+        except Exception as exc:
+            raise LorascopeError(f"mrpc: could not load nyu-mll/glue (mrpc) from the Hugging Face Hub "
+                                 f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                                 f"set data.dir or LORASCOPE_DATA_DIR to a local copy") from None
+        return [{"id": str(r["idx"]), "s1": r["sentence1"], "s2": r["sentence2"],
+                 "label": r["label"] if r["label"] in (0, 1) else None} for r in ds]
+
+    def evaluate(self, model, tok, examples, *, batch_size, max_new_tokens=None, max_len=1024):
+        import torch
+        from tqdm.auto import tqdm
+
+        labelled = [e for e in examples if e.meta.get("label") is not None]
+        if not labelled:
+            raise LorascopeError("mrpc: the evaluation examples carry no labels (the GLUE test split has none)")
+        cands = [answer_ids(tok, LABELS[1], eos=False), answer_ids(tok, LABELS[0], eos=False)]
+        preds: dict[str, Any] = {}
+        model.eval()
+        order = sorted(range(len(labelled)), key=lambda i: len(labelled[i].prompt))  # less padding
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            for start in tqdm(range(0, len(order), batch_size), desc="mrpc eval", unit="batch"):
+                batch = [labelled[i] for i in order[start:start + batch_size]]
+                prompts = [prompt_ids(tok, e.prompt) for e in batch]
+                scores = [answer_logprobs(model, tok, prompts, c, device) for c in cands]
+                for j, e in enumerate(batch):
+                    lp_yes, lp_no = scores[0][j], scores[1][j]
+                    preds[e.id] = {"label": e.meta["label"], "pred": int(lp_yes > lp_no),
+                                   "logp_yes": lp_yes, "logp_no": lp_no}
+        return classification_metrics(preds), preds
+
+    def baselines(self, examples):
+        labels = [e.meta["label"] for e in examples if e.meta.get("label") is not None]
+        majority = int(sum(labels) * 2 >= len(labels))
+        preds = {str(i): {"label": y, "pred": majority} for i, y in enumerate(labels)}
+        return {f"majority_class ({LABELS[majority]})": classification_metrics(preds)}
+
+
+def answer_logprobs(model, tok, prompts: list[list[int]], answer: list[int], device) -> list[float]:
+    """Sum of log-probabilities of `answer` after each prompt (one forward pass, right padding)."""
+    import torch
+
+    seqs = [p + answer for p in prompts]
+    width = max(len(s) for s in seqs)
+    pad = tok.pad_token_id
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+    # logits only where answer tokens are predicted: positions len(p)-1 .. len(p)+len(a)-2
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    rows = torch.arange(len(seqs), device=device).repeat_interleave(len(answer))
+    cols = torch.tensor([len(p) - 1 + k for p in prompts for k in range(len(answer))], device=device)
+    logits = model.get_output_embeddings()(hidden[rows, cols]).float()
+    logp = torch.log_softmax(logits, dim=-1)
+    target = torch.tensor(answer * len(prompts), device=device)
+    token_lp = logp.gather(1, target[:, None]).squeeze(1).view(len(prompts), len(answer))
+    return token_lp.sum(1).tolist()
+
+
+def classification_metrics(preds: dict[str, dict]) -> dict[str, Any]:
+    tp = sum(1 for p in preds.values() if p["pred"] == 1 and p["label"] == 1)
+    fp = sum(1 for p in preds.values() if p["pred"] == 1 and p["label"] == 0)
+    fn = sum(1 for p in preds.values() if p["pred"] == 0 and p["label"] == 1)
+    tn = sum(1 for p in preds.values() if p["pred"] == 0 and p["label"] == 0)
+    n = tp + fp + fn + tn
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    return {"accuracy": 100.0 * (tp + tn) / n, "f1": 100.0 * f1, "n": n,
+            "confusion": {"tp": tp, "fp": fp, "fn": fn, "tn": tn}}

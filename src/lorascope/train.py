@@ -1,0 +1,373 @@
+"""Full and LoRA fine-tuning with Hugging Face Accelerate.
+
+`accelerate launch --num_processes N -m lorascope train ...` (or torchrun) trains
+data-parallel with no code change; an Accelerate config with FSDP shards the model.
+
+Why it is faster than a stock Trainer loop on the same data: examples are grouped by
+length so batches carry little padding, and vocabulary logits are computed only at the
+positions that carry loss (the answer tokens), not at every prompt position.
+
+Determinism: the order of examples is a pure function of the seed, and every optimizer
+step's loss is normalised by the number of answer tokens in the whole global batch, so
+1 process and N processes compute the same update, and a run resumed from a checkpoint
+ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from lorascope import LorascopeError
+from lorascope.config import Config
+from lorascope.runinfo import append_jsonl, atomic_path, provenance, write_json
+
+log = logging.getLogger(__name__)
+
+DONE_FILE = "lorascope-train.json"
+
+
+def config_hash(cfg: Config) -> str:
+    """Hash of everything that changes the trained model (not output_dir, logging or trackers)."""
+    d = cfg.to_dict()
+    d.pop("eval")
+    for k in ("output_dir", "log_every", "save_every", "trackers"):
+        d["train"].pop(k)
+    if d["train"]["method"] == "full":
+        d.pop("lora")
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train(cfg: Config) -> Path:
+    """Fine-tune cfg.model on cfg.train.task with cfg.train.method; return the saved model directory."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from lorascope.models import load_model, load_tokenizer, model_fingerprint, resolve_model
+    from lorascope.tasks import get_task
+
+    args = cfg.train
+    out = Path(args.output_dir)
+    chash = config_hash(cfg)
+    done = out / DONE_FILE
+    if done.is_file():
+        info = json.loads(done.read_text())
+        if info.get("config_hash") == chash:
+            log.info("%s already holds a finished run of this config; nothing to do", out)
+            return out / "model"
+    _claim_output_dir(out, cfg, chash)
+
+    accelerator = Accelerator(mixed_precision=_mixed_precision(args.mixed_precision),
+                              log_with=args.trackers or None, project_dir=str(out))
+    world, rank = accelerator.num_processes, accelerator.process_index
+    set_seed(args.seed)
+
+    with accelerator.main_process_first():
+        model_path = resolve_model(cfg.model.name, cfg.model.revision)
+    tok = load_tokenizer(model_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    model = load_model(model_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    model.config.use_cache = False
+    if args.method == "lora":
+        model = _add_lora(model, cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total_params = sum(p.numel() for p in model.parameters())
+
+    task = get_task(args.task)
+    examples = task.examples("train", cfg.data, limit=cfg.data.max_train_examples)
+    feats = task.features(tok, examples, cfg.data.max_seq_len)
+    if not feats:
+        raise LorascopeError(f"train: no {args.task} training example fits in data.max_seq_len={cfg.data.max_seq_len}")
+    plan = batch_plan([len(f.input_ids) for f in feats], args.batch_size, args.epochs, args.seed, world)
+    if args.max_steps is not None:
+        plan = plan[:args.max_steps]
+    total_steps = len(plan)
+    if accelerator.is_main_process:
+        log.info("train %s/%s: %d examples (%d features), %d steps of %d examples on %d process(es); "
+                 "%d of %d parameters trainable", args.task, args.method, len(examples), len(feats), total_steps,
+                 args.batch_size, world, trainable, total_params)
+
+    wrapper = accelerator.prepare(AnswerLoss(model))
+    params = [p for p in wrapper.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.peak_lr, weight_decay=args.weight_decay)
+    optimizer = accelerator.prepare(optimizer)
+    # not prepared: Accelerate would step a prepared scheduler once per process
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, total_steps))
+    accelerator.register_for_checkpointing(scheduler)
+
+    start_step = _resume(accelerator, out)
+    metrics_path = out / "metrics.jsonl"
+    if accelerator.is_main_process and args.trackers:
+        accelerator.init_trackers(f"lorascope-{args.task}-{args.method}", config=_flat(cfg.to_dict()))
+
+    fault_after = int(os.environ.get("LORASCOPE_FAULT_AFTER_STEP", "0"))  # tests: simulate a kill
+    device = accelerator.device
+    t0, tokens_seen, last_loss = time.time(), 0, float("nan")
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"train {args.task}/{args.method}",
+               disable=not accelerator.is_local_main_process, unit="step")
+    wrapper.train()
+    for step in range(start_step, total_steps):
+        batch = plan[step]
+        n_answer = sum(len(feats[i].input_ids) - feats[i].answer_start for i in batch)
+        mine = batch[rank::world]
+        micro = [mine[i:i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
+        loss_sum = torch.zeros((), device=device)
+        for k, mb in enumerate(micro):
+            ids, mask, labels = collate([feats[i] for i in mb], tok.pad_token_id, device)
+            ctx = accelerator.no_sync(wrapper) if k < len(micro) - 1 else _nullcontext()
+            with ctx, accelerator.autocast():
+                s = wrapper(ids, mask, labels)
+                # DDP averages gradients over processes: scale so the update is sum / n_answer
+                accelerator.backward(s * (world / n_answer))
+            loss_sum += s.detach().float()
+            tokens_seen += int(mask.sum())
+        loss = accelerator.reduce(loss_sum, reduction="sum").item() / n_answer
+        if not math.isfinite(loss):
+            raise LorascopeError(f"train: loss became {loss} at step {step + 1} of {total_steps}; lower "
+                                 f"train.lr (now {args.peak_lr}) or check the data")
+        grad_norm = None
+        if args.max_grad_norm is not None:
+            grad_norm = float(accelerator.clip_grad_norm_(params, args.max_grad_norm))
+            if not math.isfinite(grad_norm):
+                raise LorascopeError(f"train: gradient norm became {grad_norm} at step {step + 1}; lower train.lr")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        last_loss = loss
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        done_steps = step + 1
+        if done_steps % args.log_every == 0 or done_steps == total_steps:
+            elapsed = time.time() - t0
+            rec = {"step": done_steps, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                   "tokens_per_s_this_process": tokens_seen / elapsed if elapsed else None,
+                   "elapsed_s": elapsed}
+            if accelerator.is_main_process:
+                append_jsonl(metrics_path, rec)
+            accelerator.log({k: v for k, v in rec.items() if v is not None}, step=done_steps)
+        if args.save_every and done_steps % args.save_every == 0 and done_steps < total_steps:
+            _checkpoint(accelerator, out, done_steps)
+        if fault_after and done_steps == fault_after:
+            os._exit(137)
+    bar.close()
+    train_s = time.time() - t0
+
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(wrapper).model
+    state = accelerator.get_state_dict(wrapper)
+    if accelerator.is_main_process:
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+        with atomic_path(out / "model", is_dir=True) as tmp:
+            unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            write_json(tmp / "lorascope-model.json", {
+                "base_model": cfg.model.name, "base_revision": cfg.model.revision, "resolved_base": model_path,
+                "base_fingerprint": model_fingerprint(unwrapped.config), "method": args.method,
+                "task": args.task, "lora": cfg.to_dict()["lora"] if args.method == "lora" else None})
+        write_json(done, {
+            "config": cfg.to_dict(), "config_hash": chash, "seed": args.seed, "steps": total_steps,
+            "resumed_from_step": start_step, "train_examples": len(examples), "train_features": len(feats),
+            "final_loss": last_loss, "train_seconds_this_invocation": train_s,
+            "tokens_per_s": tokens_seen * world / train_s if train_s and start_step < total_steps else None,
+            "trainable_parameters": trainable, "total_parameters": total_params, "processes": world,
+            "model_dir": str(out / "model"), "provenance": provenance()})
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out / "model"
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _torch_module():
+    import torch
+
+    return torch.nn.Module
+
+
+class AnswerLoss(_torch_module()):
+    """Sum of answer-token cross-entropy; vocabulary logits only where labels are set."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels):
+        import torch.nn.functional as F
+
+        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                          use_cache=False).last_hidden_state
+        # position t predicts token t+1
+        target = labels[:, 1:]
+        where = target != -100
+        h = hidden[:, :-1][where]
+        logits = self.model.get_output_embeddings()(h).float()
+        return F.cross_entropy(logits, target[where], reduction="sum")
+
+
+def collate(feats, pad_id: int, device):
+    """Right-pad to the longest in the micro-batch; labels are -100 outside the answer."""
+    import torch
+
+    width = max(len(f.input_ids) for f in feats)
+    ids = torch.full((len(feats), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(feats), width), dtype=torch.long)
+    labels = torch.full((len(feats), width), -100, dtype=torch.long)
+    for i, f in enumerate(feats):
+        n = len(f.input_ids)
+        ids[i, :n] = torch.tensor(f.input_ids)
+        mask[i, :n] = 1
+        labels[i, f.answer_start:n] = ids[i, f.answer_start:n]
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def batch_plan(lengths: list[int], batch_size: int, epochs: float, seed: int, world: int = 1,
+               group: int = 32) -> list[list[int]]:
+    """Global batches of example indices for the whole run, a pure function of its arguments.
+
+    Each epoch shuffles the examples, sorts windows of `group` batches by length (so each
+    batch holds examples of similar length and carries little padding) and shuffles the
+    order of the batches. A last batch with fewer examples than processes is dropped.
+    """
+    n = len(lengths)
+    if n < world:
+        raise LorascopeError(f"train: {n} training examples cannot be spread over {world} processes")
+    per_epoch = math.ceil(n / batch_size)
+    total = max(1, math.ceil(epochs * per_epoch))
+    plan: list[list[int]] = []
+    epoch = 0
+    while len(plan) < total:
+        rng = random.Random(f"{seed}-{epoch}")
+        idx = list(range(n))
+        rng.shuffle(idx)
+        batches = []
+        for w in range(0, n, batch_size * group):
+            window = sorted(idx[w:w + batch_size * group], key=lambda i: lengths[i], reverse=True)
+            batches += [window[j:j + batch_size] for j in range(0, len(window), batch_size)]
+        batches = [b for b in batches if len(b) >= world]
+        rng.shuffle(batches)
+        plan += batches
+        epoch += 1
+    return plan[:total]
+
+
+def lr_lambda(args, total_steps: int):
+    warmup = int(args.warmup_ratio * total_steps)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if args.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if args.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return max(0.0, 1.0 - progress)
+
+    return f
+
+
+def _add_lora(model, cfg: Config):
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in cfg.lora.target_modules if t not in names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if type(m).__name__ == "Linear" and n != "lm_head"})
+        raise LorascopeError(f"lora.target_modules: {missing} not found in {cfg.model.name}; "
+                             f"its linear modules are {linear}")
+    lcfg = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM", bias="none")
+    return get_peft_model(model, lcfg)
+
+
+def _mixed_precision(setting: str) -> str:
+    import torch
+
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _claim_output_dir(out: Path, cfg: Config, chash: str) -> None:
+    """Record the config at the start; refuse to resume a different config into the same folder."""
+    marker = out / "run-config.json"
+    if marker.is_file():
+        old = json.loads(marker.read_text())
+        if old.get("config_hash") != chash:
+            diff = _diff(old.get("config", {}), cfg.to_dict())
+            raise LorascopeError(f"train.output_dir {out}: holds a run of a different config (differs in "
+                                 f"{', '.join(diff) or 'its hash'}); use another --output-dir or delete it")
+        return
+    if out.exists() and any(out.iterdir()) and not marker.is_file():
+        if (out / "checkpoints").exists() or (out / "model").exists():
+            raise LorascopeError(f"train.output_dir {out}: holds files of an unknown run; use another --output-dir")
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_json(marker, {"config": cfg.to_dict(), "config_hash": chash})
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    out = []
+    for k in keys:
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += _diff(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k) and k not in ("output_dir", "log_every", "save_every", "trackers"):
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def _checkpoint(accelerator, out: Path, step: int) -> None:
+    """Save model, optimizer, scheduler and RNG state; the folder appears complete or not at all."""
+    ckdir = out / "checkpoints"
+    tmp = ckdir / f".step-{step:07d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(tmp / "step.json", {"step": step})
+        os.replace(tmp, ckdir / f"step-{step:07d}")
+        for old in sorted(ckdir.glob("step-*"))[:-1]:  # keep the newest only
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _resume(accelerator, out: Path) -> int:
+    ckdir = out / "checkpoints"
+    done = sorted(p for p in ckdir.glob("step-*") if (p / "step.json").is_file()) if ckdir.is_dir() else []
+    if not done:
+        return 0
+    last = done[-1]
+    accelerator.load_state(str(last))
+    step = json.loads((last / "step.json").read_text())["step"]
+    if accelerator.is_main_process:
+        log.info("resuming from %s (step %d)", last, step)
+    return step
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+    return out
