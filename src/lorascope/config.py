@@ -100,7 +100,7 @@ class TrainArgs:
     batch_size: int = field(default=16, metadata={"help": "examples per optimizer step, over all processes"})
     micro_batch_size: int = field(default=8, metadata={"help": "examples per forward pass per process; "
                                                                "gradients are accumulated up to batch_size"})
-    lr: float | None = field(default=None, metadata={"help": "peak learning rate (default: 3e-5 full, 3e-4 lora)"})
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate (default: 5e-5 full, 4e-4 lora)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_ratio: float = field(default=0.06, metadata={"help": "share of steps with linear warm-up"})
     schedule: str = field(default="linear", metadata={"help": "decay after warm-up: linear, cosine or constant"})
@@ -149,7 +149,7 @@ class TrainArgs:
     def peak_lr(self) -> float:
         if self.lr is not None:
             return self.lr
-        return 3e-5 if self.method == "full" else 3e-4
+        return 5e-5 if self.method == "full" else 4e-4
 
 
 @dataclass
@@ -222,6 +222,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise LorascopeError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise LorascopeError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -67,7 +67,10 @@ def train(cfg: Config) -> Path:
             return out / "model"
     _claim_output_dir(out, cfg, chash)
 
-    accelerator = Accelerator(mixed_precision=_mixed_precision(args.mixed_precision),
+    # cpu=True when there is no GPU: otherwise Accelerate ignores a torchrun / accelerate launch
+    # world on the CPU and every process trains alone
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              mixed_precision=_mixed_precision(args.mixed_precision),
                               log_with=args.trackers or None, project_dir=str(out))
     world, rank = accelerator.num_processes, accelerator.process_index
     set_seed(args.seed)

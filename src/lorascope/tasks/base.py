@@ -14,7 +14,6 @@ log = logging.getLogger(__name__)
 
 TASKS: dict[str, type["Task"]] = {}
 
-SYSTEM_PROMPT = "You are a careful assistant. Answer with as few words as possible."
 
 
 def register(cls: type["Task"]) -> type["Task"]:
@@ -93,13 +92,15 @@ def uses_chat_template(tok) -> bool:
 
 
 def prompt_text(tok, user: str) -> str:
-    """The prompt as the model sees it: its chat template when it has one, else plain text."""
+    """The prompt as the model sees it: its chat template when it has one, else plain text.
+
+    No system message of our own: the template's default is what the model was tuned
+    with (a short custom one made SmolLM2-135M answer "What is the capital of France?"
+    in broken French).
+    """
     if uses_chat_template(tok):
-        msgs = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
-        try:
-            return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        except Exception:  # templates without a system role
-            return tok.apply_chat_template(msgs[1:], tokenize=False, add_generation_prompt=True)
+        msgs = [{"role": "user", "content": user}]
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     return f"{user}\nAnswer:"
 
 

