@@ -79,15 +79,22 @@ def test_answer_logprob_scoring_matches_full_forward(tiny_model, small_data):
 
     from lorascope.models import load_model, load_tokenizer
     from lorascope.tasks.base import answer_ids, prompt_ids
-    from lorascope.tasks.mrpc import answer_logprobs
+    from lorascope.tasks.mrpc import answer_logprobs, candidate_logprobs
 
     model, tok = load_model(str(tiny_model)), load_tokenizer(str(tiny_model))
     exs = get_task("mrpc").load_split("eval", DataConfig(dir=str(small_data)))[:3]
     prompts = [prompt_ids(tok, e.prompt) for e in exs]
     ans = answer_ids(tok, "yes", eos=False)
     fast = answer_logprobs(model, tok, prompts, ans, "cpu")
-    for p, got in zip(prompts, fast):
+    two = answer_logprobs(model, tok, prompts, ans + ans, "cpu")  # a multi-token answer
+    one_pass = candidate_logprobs(model, tok, prompts, [ans[:1], [5]], "cpu")  # single-token shortcut
+    for p, got, got2, got1 in zip(prompts, fast, two, one_pass[0]):
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([p + ans])).logits[0], -1)
         want = sum(logp[len(p) - 1 + k, t].item() for k, t in enumerate(ans))
         assert got == pytest.approx(want, abs=1e-4)
+        with torch.no_grad():
+            logp2 = torch.log_softmax(model(torch.tensor([p + ans + ans])).logits[0], -1)
+        want2 = sum(logp2[len(p) - 1 + k, t].item() for k, t in enumerate(ans + ans))
+        assert got2 == pytest.approx(want2, abs=1e-4)
+        assert got1 == pytest.approx(logp[len(p) - 1, ans[0]].item(), abs=1e-4)

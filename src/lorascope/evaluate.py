@@ -35,6 +35,10 @@ def evaluate(cfg: Config) -> dict:
     limit = cfg.data.max_eval_examples if e.split == "eval" else cfg.data.max_train_examples
     examples = task.examples(e.split, cfg.data, limit=limit)
     model, tok, info = load_checkpoint(e.checkpoint, cfg.model)
+    if info["kind"] == "lora":
+        # same function up to float rounding, and no per-layer adapter overhead while scoring
+        model = model.merge_and_unload()
+        info["adapter_merged_for_eval"] = True
     if torch.cuda.is_available():
         model = model.to("cuda")
     t0 = time.time()

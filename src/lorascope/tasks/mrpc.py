@@ -114,7 +114,7 @@ class MRPC(Task):
             for start in tqdm(range(0, len(order), batch_size), desc="mrpc eval", unit="batch"):
                 batch = [labelled[i] for i in order[start:start + batch_size]]
                 prompts = [prompt_ids(tok, e.prompt) for e in batch]
-                scores = [answer_logprobs(model, tok, prompts, c, device) for c in cands]
+                scores = candidate_logprobs(model, tok, prompts, cands, device)
                 for j, e in enumerate(batch):
                     lp_yes, lp_no = scores[0][j], scores[1][j]
                     preds[e.id] = {"label": e.meta["label"], "pred": int(lp_yes > lp_no),
@@ -126,6 +126,25 @@ class MRPC(Task):
         majority = int(sum(labels) * 2 >= len(labels))
         preds = {str(i): {"label": y, "pred": majority} for i, y in enumerate(labels)}
         return {f"majority_class ({LABELS[majority]})": classification_metrics(preds)}
+
+
+def candidate_logprobs(model, tok, prompts: list[list[int]], candidates: list[list[int]], device) -> list[list[float]]:
+    """Log-probability of each candidate answer after each prompt: scores[c][i].
+
+    When every candidate is a single token (as "yes" / "no" are for most tokenizers) one
+    forward pass of the prompts gives them all; otherwise one pass per candidate.
+    """
+    if all(len(c) == 1 for c in candidates):
+        import torch
+
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([p + [tok.pad_token_id] * (width - len(p)) for p in prompts], device=device)
+        mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts], device=device)
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        last = hidden[torch.arange(len(prompts), device=device), torch.tensor([len(p) - 1 for p in prompts], device=device)]
+        logp = torch.log_softmax(model.get_output_embeddings()(last).float(), dim=-1)
+        return [logp[:, c[0]].tolist() for c in candidates]
+    return [answer_logprobs(model, tok, prompts, c, device) for c in candidates]
 
 
 def answer_logprobs(model, tok, prompts: list[list[int]], answer: list[int], device) -> list[float]:
