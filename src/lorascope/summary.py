@@ -1,14 +1,20 @@
-"""Print a small table of metrics JSON files written by `lorascope eval`."""
+"""A plain-text table of metrics files written by `lorascope eval`."""
 
 import json
-import sys
 from pathlib import Path
 
+from lorascope import LorascopeError
 
-def main(paths: list[str]) -> None:
+
+def summarize(paths: list[str]) -> None:
     rows = []
+    base: dict = {}
     for p in paths:
-        r = json.loads(Path(p).read_text())
+        try:
+            r = json.loads(Path(p).read_text())
+            r["checkpoint"], r["task"], r["metrics"], r["n_examples"], r["baselines"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise LorascopeError(f"{p}: not a metrics file written by `lorascope eval` ({exc})") from None
         name = r["checkpoint"]["kind"] if r["checkpoint"]["kind"] != "base" else "base (zero-shot)"
         rows.append((name, r["task"], r["metrics"], r["n_examples"]))
         base = r["baselines"]
@@ -19,7 +25,3 @@ def main(paths: list[str]) -> None:
     for bname, m in base.items():
         keys = ["accuracy", "f1"] if "accuracy" in m else ["exact", "f1"]
         print(f"{bname:20s} {'':9s} {m.get('n', m.get('total')):5d}  " + "  ".join(f"{k} {m[k]:.1f}" for k in keys))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
