@@ -66,6 +66,46 @@ def build_parser() -> argparse.ArgumentParser:
                                    "metrics, then the baselines of the last file.")
     p.add_argument("files", nargs="+", help="metrics JSON files")
 
+    p = sub.add_parser("drift", help="layer-by-layer hidden-state drift of tuned checkpoints from the base model",
+                       description="Run the base model and every tuned checkpoint (full model directories or PEFT "
+                                   "adapters) in lockstep on held-out prompts and compare every pair at the "
+                                   "embedding and every decoder layer (before the final norm): token-level linear "
+                                   "CKA (exact, streaming), CKA of mean-pooled states (biased and debiased), cosine "
+                                   "similarity and relative change per token, with 95% jackknife intervals, and "
+                                   "drift = 1 - CKA averaged over layers (with the ratio lora / full). Writes "
+                                   "drift.json, drift.csv, cka_vs_layer.png and cosine_vs_layer.png. Runs under "
+                                   "torchrun, each process taking a share of the prompts.")
+    p.add_argument("--task", default="mrpc", help="mrpc (dev, then test prompts) or squad_v2 (held-out questions)")
+    p.add_argument("--base", default="smollm2-135m", help="base model: Hub id, local directory, or 'smollm2-135m'")
+    p.add_argument("--tuned", action="append", required=True, metavar="NAME=CHECKPOINT",
+                   help="a tuned checkpoint (model directory or PEFT adapter directory) and its name (repeatable)")
+    p.add_argument("--output-dir", required=True, help="where drift.json, drift.csv and the figures go")
+    p.add_argument("--max-examples", type=int, default=1000, help="held-out prompts to compare (default 1000)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
+    p.add_argument("--data-dir", help="local data folder with mrpc/ and squad_v2/ (default: $LORASCOPE_DATA_DIR, "
+                                      "else the Hugging Face Hub)")
+    p.add_argument("--drop-first-position", action="store_true",
+                   help="leave out each prompt's first token (an attention sink) from every measure")
+    p.add_argument("--zscore", action="store_true", help="CKA of per-feature z-scored states")
+    p.add_argument("--jackknife-groups", type=int, default=5,
+                   help="groups of prompts for the token-level intervals (default 5); memory grows with it")
+    p.add_argument("--float32-products", action="store_true",
+                   help="form each batch's co-moments in float32 (faster on CPUs, CKA within ~1e-6)")
+
+    p = sub.add_parser("weights", help="weight-space analysis of the updates of tuned checkpoints",
+                       description="For every adapted matrix of each tuned checkpoint, the update dW (full: "
+                                   "W_tuned - W_base; LoRA: alpha / r * B @ A): Frobenius and spectral norms, "
+                                   "effective and stable rank, energy in the top 8 singular values, and intruder "
+                                   "dimensions; per layer and module type, with a summary per module type. Writes "
+                                   "weights.json, weights.csv and weight_spectra.png.")
+    p.add_argument("--base", default="smollm2-135m", help="base model: Hub id, local directory, or 'smollm2-135m'")
+    p.add_argument("--tuned", action="append", required=True, metavar="NAME=CHECKPOINT",
+                   help="a tuned checkpoint (model directory or PEFT adapter directory) and its name (repeatable)")
+    p.add_argument("--output-dir", required=True, help="where weights.json, weights.csv and the figure go")
+    p.add_argument("--top-k", type=int, default=10, help="top singular vectors of W + dW checked for intruders (default 10)")
+    p.add_argument("--intruder-threshold", type=float, default=0.5,
+                   help="an intruder's largest |cosine| with the base's singular vectors is below this (default 0.5)")
+
     sub.add_parser("tasks", help="list the registered tasks", description="List the registered tasks, each with what it measures.")
     return parser
 
@@ -123,6 +163,27 @@ def _run(args: argparse.Namespace) -> int:
         from lorascope.summary import summarize
 
         summarize(args.files)
+        return 0
+    if args.command == "drift":
+        from lorascope.drift import run_drift
+
+        result = run_drift(args.task, args.base, args.tuned, args.output_dir, max_examples=args.max_examples,
+                           batch_size=args.batch_size, data_dir=args.data_dir,
+                           drop_first_position=args.drop_first_position, zscore=args.zscore,
+                           jackknife_groups=args.jackknife_groups, float32_products=args.float32_products)
+        if result is not None:  # rank 0 of a torchrun world, or a single process
+            print(json.dumps({"output_dir": result["output_dir"], "n_examples": result["n_examples"],
+                              "n_tokens": result["n_tokens"], "summary": result["summary"]}, indent=2))
+        return 0
+    if args.command == "weights":
+        from lorascope.drift import run_weights
+
+        result = run_weights(args.base, args.tuned, args.output_dir, top_k=args.top_k,
+                             intruder_threshold=args.intruder_threshold)
+        keys = ("fro_norm_mean", "spectral_norm_mean", "effective_rank_mean", "stable_rank_mean", "top8_energy_mean",
+                "intruders_total")
+        brief = {model: {mt: {k: d[k] for k in keys} for mt, d in per.items()} for model, per in result["summary"].items()}
+        print(json.dumps({"output_dir": result["output_dir"], "summary": brief}, indent=2))
         return 0
     if args.command == "tasks":
         from lorascope.tasks import TASKS

@@ -1,0 +1,619 @@
+"""The drift stage: how far each tuned model's hidden states moved from the base model's.
+
+``run_drift`` loads the base model and every tuned checkpoint at once, runs them in
+lockstep over the same held-out prompts, and compares every pair (base-full,
+base-lora, full-lora, ...) at the embedding output and the output of every decoder
+layer (the last one *before* the final norm: ``"final_norm_included": false``).
+
+Examples: ``max_examples`` prompts (only the prompt, as the model sees it at inference)
+that training did not use: for MRPC the dev split (408 pairs), filled up from the test
+split when more are asked for; for SQuAD v2 the held-out ("eval") questions. Asking
+for more than exist is an error that says how many there are.
+
+Measures, per layer and pair (reference = the first model of the pair):
+
+- ``token_cka``: linear CKA over all selected tokens (padding excluded; position 0 too
+  with ``drop_first_position``), exact and streaming: each batch's co-moments are folded
+  into :class:`~lorascope.similarity.StreamingCKA` accumulators (float64, Chan merge),
+  so memory does not grow with the number of examples. With ``zscore`` every feature is
+  divided by its global standard deviation first; the standard deviations are the
+  diagonals of the accumulated co-moments, so this needs no second pass (see
+  :func:`~lorascope.drift.stats.zscore_state`).
+- ``example_cka`` / ``example_cka_debiased``: linear CKA of the mean-pooled states (mean
+  over the selected tokens of each prompt), plug-in and debiased (Song et al. 2012)
+  estimators; z-scored columns with ``zscore``.
+- ``cosine``: cosine similarity of each token's state in the two models; ``mean`` and
+  quantiles ``q05``..``q95`` (quantiles from a histogram of 1 - cosine on log-spaced
+  bins 1 % wide, see :data:`~lorascope.drift.stats.HIST_EDGES`).
+- ``relative_change``: ``||h_other - h_ref|| / ||h_ref||`` per token; mean and quantiles.
+
+Intervals (95 %): delete-a-group jackknife over groups of whole prompts (see
+:mod:`lorascope.drift.stats`): ``jackknife_groups`` groups (default 5) for the
+token-level measures, whose per-group accumulators cost
+``groups x pairs x (layers + 1) x 3 x hidden^2 x 8`` bytes (SmolLM2-135M, 3 models,
+5 groups: 3.7 GB); up to 100 groups (one prompt each when there are fewer) for the
+example-level CKA, computed from Gram matrices with exact downdates. Summary: drift =
+1 - CKA averaged over the layer states, per tuned model against the base, and the ratio
+lora drift / full drift, each with its jackknife interval.
+
+Outputs in ``output_dir`` (each written atomically): ``drift.json`` (config, models,
+number of examples and tokens, sha256 of the example ids, ``layers``, ``pairs``
+(per-layer tables), ``summary``, ``methods``, ``timing``, ``provenance``), ``drift.csv``
+(one row per pair and layer), ``cka_vs_layer.png`` and ``cosine_vs_layer.png``.
+
+Distributed: under ``torchrun`` every process takes every ``world``-th batch; the
+accumulators are gathered (gloo) and merged on rank 0, which writes the outputs. The
+batches do not depend on the number of processes, so the result equals the
+single-process one up to float rounding in the merges (~1e-12).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lorascope import LorascopeError
+from lorascope.drift import stats
+from lorascope.runinfo import atomic_path, provenance, write_json
+from lorascope.similarity import StreamingCKA, cosine_similarity_rows, linear_cka, relative_change
+
+log = logging.getLogger(__name__)
+
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+EXAMPLE_GROUPS = 100
+# MRPC: the dev split first, then the (unlabelled) test split; other tasks: their eval split
+EXAMPLE_SPLITS = {"mrpc": ["eval", "test"]}
+NAME_RE = re.compile(r"^[A-Za-z0-9_.]+$")
+
+
+def parse_tuned(values) -> dict[str, str]:
+    """['full=runs/f/model', 'lora=runs/l/model'] -> {'full': ..., 'lora': ...}, checked.
+
+    A dict is checked and returned as is. Names are letters, digits, '_' and '.', unique
+    and not 'base' (pairs are named 'base-full', 'full-lora', ...).
+    """
+    items = list(values.items()) if isinstance(values, dict) else []
+    if not isinstance(values, dict):
+        for v in values or []:
+            if "=" not in v:
+                raise LorascopeError(f"--tuned {v!r}: expected NAME=CHECKPOINT, e.g. --tuned lora=runs/mrpc-lora/model")
+            items.append(tuple(s.strip() for s in v.split("=", 1)))
+    if not items:
+        raise LorascopeError("--tuned: give at least one NAME=CHECKPOINT (a model directory or a PEFT adapter)")
+    out: dict[str, str] = {}
+    for name, path in items:
+        if not NAME_RE.match(name) or name == "base":
+            raise LorascopeError(f"--tuned {name}={path}: the name {name!r} must be letters, digits, '_' or '.' "
+                                 f"and not 'base', e.g. --tuned lora=runs/mrpc-lora/model")
+        if not path:
+            raise LorascopeError(f"--tuned {name}=: the checkpoint path is empty")
+        if name in out:
+            raise LorascopeError(f"--tuned {name}={path}: the name {name!r} is given twice")
+        out[name] = path
+    return out
+
+
+def run_drift(task: str, base: str, tuned, output_dir: str | os.PathLike, *, max_examples: int = 1000,
+              batch_size: int = 8, data_dir: str | None = None, drop_first_position: bool = False,
+              zscore: bool = False, jackknife_groups: int = 5, float32_products: bool = False,
+              plots: bool = True, seed: int = 0) -> dict[str, Any] | None:
+    """Compare the hidden states of `base` and each tuned checkpoint, layer by layer.
+
+    Parameters
+    ----------
+    task : registered task name (mrpc, squad_v2).
+    base : the base model (Hub id, local directory, or 'smollm2-135m').
+    tuned : {name: checkpoint} or ['name=checkpoint', ...]; full model directories or
+        PEFT adapter directories of the same architecture and tokenizer as `base`.
+    output_dir : where drift.json, drift.csv and the figures go.
+    max_examples : prompts to compare (an error if the held-out data has fewer).
+    batch_size : prompts per forward pass.
+    data_dir : local data folder (default: $LORASCOPE_DATA_DIR, else the Hub).
+    drop_first_position : leave out each prompt's first token (an attention sink whose
+        state is huge and nearly input-independent) from every measure.
+    zscore : CKA of per-feature z-scored states (token-level and example-level).
+    jackknife_groups : groups of prompts for the token-level intervals (memory grows with it).
+    float32_products : form each batch's co-moment matrices in float32 (about twice as
+        fast on CPUs, CKA within ~1e-6); merging and everything else stay float64.
+    plots : write the PNG figures.
+    seed : seed of the random split of the prompts into jackknife groups.
+
+    Returns
+    -------
+    The content of drift.json (with ``output_dir``) on rank 0; None on other ranks.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from lorascope.config import DataConfig
+    from lorascope.drift.capture import LayerCapture, assign_groups, collate, forward_lockstep, make_batches
+    from lorascope.tasks.base import prompt_ids
+
+    t_start = time.time()
+    tuned = parse_tuned(tuned)
+    if max_examples < 2:
+        raise LorascopeError(f"--max-examples: must be at least 2, got {max_examples}")
+    if batch_size < 1:
+        raise LorascopeError(f"--batch-size: must be a positive integer, got {batch_size}")
+    if jackknife_groups < 2:
+        raise LorascopeError(f"--jackknife-groups: must be at least 2, got {jackknife_groups}")
+    world, rank, pg, created = _distributed()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if torch.cuda.is_available() \
+        else torch.device("cpu")
+    data = DataConfig(dir=data_dir)
+    examples, splits = drift_examples(task, data, max_examples)
+    names, models, tok, infos, warnings = load_models(base, tuned, device)
+    pairs = [(a, b) for a in range(len(names)) for b in range(a + 1, len(names))]
+    t_loaded = time.time()
+
+    token_ids = [prompt_ids(tok, e.prompt) for e in examples]
+    short = [e.id for e, t in zip(examples, token_ids) if len(t) < (2 if drop_first_position else 1)]
+    if short:
+        raise LorascopeError(f"drift: {len(short)} prompt(s) have no token left to measure (e.g. {short[0]})")
+    n = len(examples)
+    groups = min(jackknife_groups, n)
+    group_of = assign_groups(n, groups, f"lorascope-drift-{seed}")
+    ex_groups = min(EXAMPLE_GROUPS, n)
+    ex_group_of = assign_groups(n, ex_groups, f"lorascope-drift-examples-{seed}")
+    batches = make_batches([len(t) for t in token_ids], group_of, batch_size)
+    mine = batches[rank::world]
+
+    captures = [LayerCapture(m) for m in models]
+    n_states = captures[0].n_states
+    for name, cap in zip(names, captures):
+        if cap.n_states != n_states:
+            raise LorascopeError(f"drift: {name} has {cap.n_states - 1} decoder layers, the base model "
+                                 f"{n_states - 1}; layer-by-layer comparison needs the same count")
+    hidden = models[0].get_decoder().embed_tokens.weight.shape[1]
+    acc = Accumulators(len(names), pairs, n_states, groups, n, hidden, float32_products)
+    bar = tqdm(total=sum(len(b.examples) for b in mine), desc="drift", unit="prompt", disable=rank != 0)
+    with contextlib.ExitStack() as hooks, bar:
+        for c in captures:
+            hooks.enter_context(c)
+        for b in mine:
+            batch = collate([token_ids[i] for i in b.examples], tok.pad_token_id,
+                            drop_first_position=drop_first_position, device=device)
+            states = forward_lockstep(models, captures, batch)
+            acc.add(states, b, batch["counts"], names)
+            bar.update(len(b.examples))
+    del models, captures
+    t_loop = time.time()
+
+    acc = acc.gather(world, rank, pg)
+    if created:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    if rank != 0:
+        return None
+
+    layers = ["embedding"] + [f"layer_{i}" for i in range(n_states - 1)]
+    tables, loo = finalise(acc, names, pairs, layers, zscore, np.asarray(ex_group_of), ex_groups)
+    summary = summarise(tables, loo, names, infos, pairs)
+    t_done = time.time()
+
+    out = Path(output_dir)
+    ids = [e.id for e in examples]
+    result = {
+        "config": {"task": task, "base": base, "tuned": tuned, "max_examples": max_examples,
+                   "batch_size": batch_size, "data_dir": data.resolved_dir(), "drop_first_position": drop_first_position,
+                   "zscore": zscore, "jackknife_groups": groups, "example_jackknife_groups": ex_groups,
+                   "float32_products": float32_products, "seed": seed, "processes": world,
+                   "confidence": stats.CONFIDENCE},
+        "models": {name: info for name, info in zip(names, infos)},
+        "n_examples": n, "example_splits": splits, "n_tokens": int(acc.n_tokens.sum()),
+        "n_tokens_per_group": acc.n_tokens.tolist(),
+        "example_ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+        "layers": layers, "final_norm_included": False,
+        "pairs": {f"{names[a]}-{names[b]}": {"reference": names[a], "other": names[b], "layers": tables[p]}
+                  for p, (a, b) in enumerate(pairs)},
+        "summary": summary,
+        "methods": methods(groups, ex_groups, zscore, drop_first_position),
+        "warnings": warnings,
+        "timing": {"load_s": t_loaded - t_start, "measure_s": t_loop - t_loaded, "finalise_s": t_done - t_loop,
+                   "measure_and_finalise_s": t_done - t_loaded},
+        "provenance": provenance(),
+    }
+    write_json(out / "drift.json", _nan_to_none(result))
+    write_csv(out / "drift.csv", result)
+    if plots:
+        from lorascope.drift.plots import plot_drift
+
+        plot_drift(result, out)
+    result["output_dir"] = str(out)
+    return result
+
+
+# ---------------------------------------------------------------------------
+# setup helpers
+# ---------------------------------------------------------------------------
+
+
+def drift_examples(task_name: str, data, max_examples: int):
+    """`max_examples` held-out examples of a task (ids prefixed with their split) and the count per split.
+
+    Splits are used in order (MRPC: eval, then test) and a later one is read only when the
+    earlier ones hold too few examples.
+    """
+    from lorascope.tasks import get_task
+
+    task = get_task(task_name)
+    out, used, available, unreadable = [], {}, {}, {}
+    for s in EXAMPLE_SPLITS.get(task_name, ["eval"]):
+        need = max_examples - len(out)
+        if need == 0:
+            break
+        try:
+            exs = task.examples(s, data)
+        except LorascopeError as exc:
+            if not out:
+                raise
+            unreadable[s] = str(exc)
+            continue
+        available[s] = len(exs)
+        if need < len(exs):
+            exs = task.examples(s, data, limit=need)
+        for e in exs:
+            e.id = f"{s}:{e.id}"
+        out += exs
+        used[s] = len(exs)
+    if len(out) < max_examples:
+        detail = " + ".join(f"{c} in {s}" for s, c in available.items())
+        extra = "".join(f"; the {s} split could not be read ({msg})" for s, msg in unreadable.items())
+        raise LorascopeError(f"drift: {task_name} has only {len(out)} held-out examples ({detail}), fewer than the "
+                             f"{max_examples} asked for; pass --max-examples {len(out)} or less{extra}")
+    return out, used
+
+
+def load_models(base: str, tuned: dict[str, str], device):
+    """Load the base and every tuned checkpoint; check architecture and tokenizer against the base."""
+    from lorascope.config import ModelConfig
+    from lorascope.models import load_checkpoint, model_fingerprint, resolve_model
+
+    cfg = ModelConfig(name=base)
+    base_model, tok, info = load_checkpoint("base", cfg)
+    base_cfg = _config_of(base_model)
+    fp = model_fingerprint(base_cfg)
+    names, models, infos, warnings = ["base"], [base_model], [], []
+    infos.append({"kind": "base", "path": info["path"], "fingerprint": fp})
+    vocab = tok.get_vocab()
+    for name, path in tuned.items():
+        model, ttok, tinfo = load_checkpoint(path, cfg)
+        mcfg = _config_of(model)
+        if model_fingerprint(mcfg) != fp:
+            keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "vocab_size")
+            diff = "; ".join(f"{k} {getattr(mcfg, k, None)} vs {getattr(base_cfg, k, None)}" for k in keys
+                             if getattr(mcfg, k, None) != getattr(base_cfg, k, None))
+            raise LorascopeError(f"--tuned {name}={path}: a different architecture than the base model {base} "
+                                 f"({diff}); drift compares fine-tuned versions of the same model")
+        tvocab = ttok.get_vocab()
+        if tvocab != vocab:
+            moved = next((t for t, i in vocab.items() if tvocab.get(t) != i), None)
+            raise LorascopeError(f"--tuned {name}={path}: its tokenizer vocabulary differs from the base model's "
+                                 f"({len(tvocab)} vs {len(vocab)} tokens"
+                                 + (f"; token {moved!r} has id {tvocab.get(moved)} vs {vocab[moved]}" if moved else "")
+                                 + "); both must read the same token ids")
+        kind = tinfo["kind"] if tinfo["kind"] in ("lora", "full") else "full"
+        tbase = tinfo.get("base_model")
+        if kind == "lora" and tbase and tbase != base:
+            try:
+                same = resolve_model(tbase) == resolve_model(base)
+            except LorascopeError:
+                same = False
+            if not same:
+                warnings.append(f"{name}: the adapter was trained on {tbase}, not on --base {base}; it is "
+                                f"applied to {tbase}")
+                log.warning(warnings[-1])
+        names.append(name)
+        models.append(model)
+        infos.append({"kind": kind, "path": tinfo["path"], "base_model": tbase,
+                      "fingerprint": model_fingerprint(mcfg)})
+    for m in models:
+        m.to(device).eval()
+    return names, models, tok, infos, warnings
+
+
+def _config_of(model):
+    get_base = getattr(model, "get_base_model", None)
+    return (get_base() if callable(get_base) else model).config
+
+
+def _distributed():
+    """(world, rank, gloo group, created): joins a torchrun world if there is one."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 1, 0, None, False
+    import torch.distributed as dist
+
+    created = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+        created = True
+    pg = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return dist.get_world_size(), dist.get_rank(), pg, created
+
+
+# ---------------------------------------------------------------------------
+# accumulation
+# ---------------------------------------------------------------------------
+
+
+class Accumulators:
+    """Everything kept between batches: per-group streaming CKA states, pooled states,
+    histograms and sums. Its size does not depend on the number of tokens; the pooled
+    states are ``examples x hidden`` float32 per model and layer state."""
+
+    def __init__(self, n_models: int, pairs: list[tuple[int, int]], n_states: int, groups: int, n_examples: int,
+                 hidden: int, float32_products: bool = False):
+        self.pairs, self.n_states, self.groups = pairs, n_states, groups
+        self.float32_products = float32_products
+        P, L, G, B = len(pairs), n_states, groups, stats.HIST_EDGES.size - 1
+        self.token = [[[StreamingCKA(hidden, hidden) for _ in range(L)] for _ in range(P)] for _ in range(G)]
+        self.pooled = [[np.zeros((n_examples, hidden), np.float32) for _ in range(L)] for _ in range(n_models)]
+        self.seen = np.zeros(n_examples, bool)
+        self.cos_hist = np.zeros((P, L, B), np.int64)  # of 1 - cosine
+        self.rel_hist = np.zeros((P, L, B), np.int64)
+        self.cos_sum = np.zeros((G, P, L))
+        self.cos_n = np.zeros((G, P, L))
+        self.rel_sum = np.zeros((G, P, L))
+        self.rel_n = np.zeros((G, P, L))
+        self.n_tokens = np.zeros(G, np.int64)
+
+    def add(self, states: list[list[Any]], batch, counts: list[int], names: list[str]) -> None:
+        g, idx = batch.group, np.asarray(batch.examples)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        self.n_tokens[g] += int(sum(counts))
+        self.seen[idx] = True
+        for layer in range(self.n_states):
+            xs, moments = [], []
+            for m, per_model in enumerate(states):
+                x = per_model[layer].detach().cpu().numpy().astype(np.float64)
+                if not np.isfinite(x).all():
+                    raise LorascopeError(f"drift: {names[m]} produced NaN or infinite hidden states at layer state "
+                                         f"{layer}; the checkpoint is broken")
+                xs.append(x)
+                self.pooled[m][layer][idx] = np.add.reduceat(x, starts, axis=0) / np.asarray(counts)[:, None]
+                moments.append(self._moments(x))
+            for p, (a, b) in enumerate(self.pairs):
+                ma, mb = moments[a], moments[b]
+                state = {"n": xs[a].shape[0], "dim_x": xs[a].shape[1], "dim_y": xs[b].shape[1], "mean_x": ma["mean"],
+                         "mean_y": mb["mean"], "sxx": ma["s"], "syy": mb["s"], "sxy": self._product(ma["xc"], mb["xc"]),
+                         "min_x": ma["min"], "max_x": ma["max"], "min_y": mb["min"], "max_y": mb["max"]}
+                self.token[g][p][layer].merge(StreamingCKA.from_state_dict(state))
+                cos = cosine_similarity_rows(xs[a], xs[b])
+                rel = relative_change(xs[a], xs[b])
+                ok_c, ok_r = np.isfinite(cos), np.isfinite(rel)
+                self.cos_sum[g, p, layer] += cos[ok_c].sum()
+                self.cos_n[g, p, layer] += ok_c.sum()
+                self.rel_sum[g, p, layer] += rel[ok_r].sum()
+                self.rel_n[g, p, layer] += ok_r.sum()
+                self.cos_hist[p, layer] += stats.histogram(np.clip(1.0 - cos, 0.0, None))
+                self.rel_hist[p, layer] += stats.histogram(rel)
+
+    def _moments(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        mean = x.mean(axis=0)
+        xc = x - mean
+        return {"mean": mean, "xc": xc, "s": self._product(xc, xc), "min": x.min(axis=0), "max": x.max(axis=0)}
+
+    def _product(self, xc: np.ndarray, yc: np.ndarray) -> np.ndarray:
+        if self.float32_products:
+            return (xc.astype(np.float32).T @ yc.astype(np.float32)).astype(np.float64)
+        return xc.T @ yc
+
+    def gather(self, world: int, rank: int, pg) -> "Accumulators | None":
+        """Merge every process's accumulators on rank 0 (returns None elsewhere)."""
+        if world == 1:
+            return self
+        import torch.distributed as dist
+
+        def gather(obj):
+            got = [None] * world if rank == 0 else None
+            dist.gather_object(obj, got, dst=0, group=pg)
+            return got
+
+        # one accumulator at a time: a whole set can be gigabytes
+        for g in range(self.groups):
+            for p in range(len(self.pairs)):
+                for layer in range(self.n_states):
+                    got = gather(self.token[g][p][layer].state_dict())
+                    if rank == 0:
+                        merged = StreamingCKA.from_state_dict(got[0])
+                        for sd in got[1:]:
+                            merged.merge(StreamingCKA.from_state_dict(sd))
+                        self.token[g][p][layer] = merged
+        rows = np.flatnonzero(self.seen)
+        for m in range(len(self.pooled)):
+            got = gather((rows, [self.pooled[m][layer][rows] for layer in range(self.n_states)]))
+            if rank == 0:
+                for r, arrays in got[1:]:
+                    for layer in range(self.n_states):
+                        self.pooled[m][layer][r] = arrays[layer]
+                    self.seen[r] = True
+        sums = ("cos_hist", "rel_hist", "cos_sum", "cos_n", "rel_sum", "rel_n", "n_tokens")
+        got = gather({k: getattr(self, k) for k in sums})
+        if rank != 0:
+            return None
+        for k in sums:
+            setattr(self, k, sum(d[k] for d in got))
+        return self
+
+
+# ---------------------------------------------------------------------------
+# results
+# ---------------------------------------------------------------------------
+
+
+def _token_cka(acc: StreamingCKA, zscore: bool) -> float:
+    state = acc.state_dict()
+    if zscore:
+        state = stats.zscore_state(state)
+    try:
+        return StreamingCKA.from_state_dict(state).value()
+    except ValueError:
+        return float("nan")
+
+
+def _merged(parts: list[StreamingCKA]) -> StreamingCKA:
+    out = StreamingCKA()
+    for p in parts:
+        out.merge(p)
+    return out
+
+
+def finalise(acc: Accumulators, names, pairs, layers, zscore: bool, ex_group_of: np.ndarray, ex_groups: int):
+    """Per-pair, per-layer tables and the leave-one-group-out values behind every interval."""
+    P, L, G = len(pairs), len(layers), acc.groups
+    loo = {k: np.full((P, L, G if k.startswith(("token", "cosine", "relative")) else ex_groups), np.nan)
+           for k in ("token_cka", "example_cka", "example_cka_debiased", "cosine", "relative_change")}
+    value = {k: np.full((P, L), np.nan) for k in loo}
+    w = stats.leave_group_out_weights(ex_group_of, ex_groups)
+    for layer in range(L):
+        for p in range(P):
+            parts = [acc.token[g][p][layer] for g in range(G)]
+            value["token_cka"][p, layer] = _token_cka(_merged(parts), zscore)
+            for g in range(G):
+                loo["token_cka"][p, layer, g] = _token_cka(_merged(parts[:g] + parts[g + 1:]), zscore)
+        pooled = [acc.pooled[m][layer].astype(np.float64) for m in range(len(names))]
+        if zscore:
+            pooled = [stats.zscore_columns(x) for x in pooled]
+        grams = [stats.centred_gram(x) for x in pooled]
+        self_terms = {}
+        for m in sorted({i for pair in pairs for i in pair}):
+            self_terms[m] = stats.subset_hsic(grams[m], grams[m], w)
+        for p, (a, b) in enumerate(pairs):
+            kl = stats.subset_hsic(grams[a], grams[b], w)
+            for j, key in enumerate(("example_cka", "example_cka_debiased")):
+                try:
+                    value[key][p, layer] = linear_cka(pooled[a], pooled[b], debiased=j == 1)
+                except ValueError:
+                    pass
+                loo[key][p, layer] = stats.cka_from_hsic(kl[j], self_terms[a][j], self_terms[b][j])
+    for key, s, c in (("cosine", acc.cos_sum, acc.cos_n), ("relative_change", acc.rel_sum, acc.rel_n)):
+        total_s, total_c = s.sum(axis=0), c.sum(axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            value[key] = total_s / total_c
+            loo[key] = np.moveaxis((total_s[None] - s) / (total_c[None] - c), 0, -1)
+    bounds = {"token_cka": (0.0, 1.0), "example_cka": (0.0, 1.0), "example_cka_debiased": None,
+              "cosine": (-1.0, 1.0), "relative_change": (0.0, np.inf)}
+    tables = []
+    for p in range(P):
+        rows = []
+        for layer in range(L):
+            row: dict[str, Any] = {"index": layer, "layer": layers[layer]}
+            for key in ("token_cka", "example_cka", "example_cka_debiased"):
+                row[key] = stats.jackknife_interval(value[key][p, layer], loo[key][p, layer], bounds=bounds[key])
+            for key, hist, flip in (("cosine", acc.cos_hist, True), ("relative_change", acc.rel_hist, False)):
+                r = stats.jackknife_interval(value[key][p, layer], loo[key][p, layer], bounds=bounds[key])
+                r["mean"] = r.pop("value")
+                qs = stats.hist_quantiles(hist[p, layer], tuple(1 - q for q in QUANTILES) if flip else QUANTILES)
+                for q, v in zip(QUANTILES, qs):
+                    r[f"q{round(q * 100):02d}"] = None if v is None else (1.0 - v if flip else v)
+                n_tok = int(acc.n_tokens.sum())
+                r["n_undefined"] = n_tok - int(hist[p, layer].sum())
+                row[key] = r
+            row["n_tokens"] = int(acc.n_tokens.sum())
+            rows.append(row)
+        tables.append(rows)
+    return tables, {"value": value, "loo": loo}
+
+
+def summarise(tables, values, names, infos, pairs) -> dict[str, Any]:
+    """Drift = 1 - CKA averaged over layer states, per tuned model vs base; lora/full ratios."""
+    value, loo = values["value"], values["loo"]
+    per_model, drift, drift_loo = {}, {}, {}
+    for p, (a, b) in enumerate(pairs):
+        if a != 0:
+            continue
+        name = names[b]
+        per_model[name] = {"kind": infos[b]["kind"]}
+        for key, bounds in (("token_cka", (0.0, 1.0)), ("example_cka", (0.0, 1.0)), ("example_cka_debiased", None),
+                            ("cosine", (0.0, 2.0))):
+            d = 1.0 - value[key][p].mean()
+            d_loo = 1.0 - loo[key][p].mean(axis=0)
+            drift[name, key], drift_loo[name, key] = d, d_loo
+            per_model[name][f"{key}_drift"] = stats.jackknife_interval(d, d_loo, bounds=bounds)
+    ratios = []
+    loras = [names[i] for i in range(1, len(names)) if infos[i]["kind"] == "lora"]
+    fulls = [names[i] for i in range(1, len(names)) if infos[i]["kind"] == "full"]
+    for lo in loras:
+        for fu in fulls:
+            entry: dict[str, Any] = {"lora": lo, "full": fu}
+            for key in ("token_cka", "example_cka", "example_cka_debiased"):
+                den, den_loo = drift[fu, key], drift_loo[fu, key]
+                if not (abs(den) > 0 and np.all(np.abs(den_loo) > 0)):
+                    entry[key] = {"value": None, "ci_low": None, "ci_high": None, "se": None,
+                                  "note": f"the full model's drift is 0 ({fu} equals the base here)"}
+                    continue
+                r = stats.jackknife_interval(drift[lo, key] / den, drift_loo[lo, key] / den_loo)
+                r["lora_at_least_20pct_less"] = None if r["value"] is None else bool(r["value"] <= 0.8)
+                r["ci_high_at_most_0.8"] = None if r["ci_high"] is None else bool(r["ci_high"] <= 0.8)
+                entry[key] = r
+            ratios.append(entry)
+    return {"definition": "drift = 1 - CKA averaged over the layer states (embedding and every decoder layer); "
+                          "cosine_drift = 1 - mean cosine averaged over the layer states; ratio = lora drift / "
+                          "full drift; 95% delete-a-group jackknife intervals",
+            "primary": "token_cka", "per_model": per_model, "ratios": ratios}
+
+
+def methods(groups: int, ex_groups: int, zscore: bool, drop_first: bool) -> dict[str, str]:
+    tokens = "all non-padding prompt tokens" + (" except position 0" if drop_first else "")
+    z = " of per-feature z-scored states (global standard deviations)" if zscore else ""
+    return {
+        "states": "output of the token embedding and of every decoder layer; the last is before the final norm",
+        "tokens": tokens,
+        "token_cka": f"exact streaming linear CKA{z} over {tokens} (float64, Chan merge)",
+        "example_cka": f"linear CKA{z} of mean-pooled states (mean over {tokens} of each prompt), plug-in estimator",
+        "example_cka_debiased": f"as example_cka with the unbiased HSIC estimator (Song et al. 2012)",
+        "cosine": f"cosine similarity of each token's state in the two models, over {tokens}; quantiles from "
+                  f"a histogram of 1 - cosine with {stats.HIST_RESOLUTION}",
+        "relative_change": f"||h_other - h_reference|| / ||h_reference|| per token; quantiles from a histogram "
+                           f"with {stats.HIST_RESOLUTION}",
+        "intervals": f"95% delete-a-group jackknife over random groups of whole prompts, t quantile with G-1 "
+                     f"degrees of freedom: G={groups} for token_cka, cosine and relative_change, G={ex_groups} "
+                     f"for example-level CKA; clipped to the measure's range. They describe sampling "
+                     f"variation over prompts for these fixed checkpoints, not over training seeds."
+                     + (" Token-level z-scoring is redone in every replicate; example-level z-scoring keeps the "
+                        "full-sample standard deviations." if zscore else ""),
+    }
+
+
+CSV_MEASURES = {"token_cka": ("value", "ci_low", "ci_high"), "example_cka": ("value", "ci_low", "ci_high"),
+                "example_cka_debiased": ("value", "ci_low", "ci_high"),
+                "cosine": ("mean", "ci_low", "ci_high", "q05", "q25", "q50", "q75", "q95"),
+                "relative_change": ("mean", "ci_low", "ci_high", "q05", "q25", "q50", "q75", "q95")}
+
+
+def write_csv(path: Path, result: dict[str, Any]) -> None:
+    """One row per pair and layer state."""
+    header = ["pair", "reference", "other", "layer_index", "layer", "n_tokens"]
+    for key, fields in CSV_MEASURES.items():
+        header += [key if f == "value" else f"{key}_{f}" for f in fields]
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(header)
+            for pair, d in result["pairs"].items():
+                for row in d["layers"]:
+                    out = [pair, d["reference"], d["other"], row["index"], row["layer"], row["n_tokens"]]
+                    for key, fields in CSV_MEASURES.items():
+                        out += ["" if row[key][f] is None else repr(float(row[key][f])) for f in fields]
+                    w.writerow(out)
+
+
+def _nan_to_none(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    return obj
