@@ -39,6 +39,7 @@ def config_hash(cfg: Config) -> str:
     """Hash of everything that changes the trained model (not output_dir, logging or trackers)."""
     d = cfg.to_dict()
     d.pop("eval")
+    d["data"]["dir"] = cfg.data.resolved_dir()  # $LORASCOPE_DATA_DIR counts too
     for k in ("output_dir", "log_every", "save_every", "trackers"):
         d["train"].pop(k)
     if d["train"]["method"] == "full":
