@@ -1,7 +1,6 @@
 """Training on the tiny random Llama: files written, learning, resume, data-parallel, errors."""
 
 import json
-import shutil
 
 import pytest
 import torch

@@ -135,10 +135,18 @@ def load_model(path: str, *, revision: str | None = None, trust_remote_code: boo
 
 def model_fingerprint(config) -> str:
     """A short hash of what makes two models weight-compatible (architecture and shapes)."""
-    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "vocab_size")
-    d = {k: getattr(config, k, None) for k in keys}
+    d = {k: getattr(config, k, None) for k in ARCHITECTURE_KEYS}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+ARCHITECTURE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "vocab_size")
+
+
+def architecture_diff(config, reference) -> str:
+    """'hidden_size 32 vs 64; ...': the architecture fields in which `config` differs from `reference`."""
+    return "; ".join(f"{k} {getattr(config, k, None)} vs {getattr(reference, k, None)}" for k in ARCHITECTURE_KEYS
+                     if getattr(config, k, None) != getattr(reference, k, None))
 
 
 def build_tiny_llama(out_dir: str | os.PathLike, *, corpus: list[str] | None = None, seed: int = 0,

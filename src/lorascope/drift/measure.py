@@ -277,7 +277,7 @@ def drift_examples(task_name: str, data, max_examples: int):
 def load_models(base: str, tuned: dict[str, str], device):
     """Load the base and every tuned checkpoint; check architecture and tokenizer against the base."""
     from lorascope.config import ModelConfig
-    from lorascope.models import load_checkpoint, model_fingerprint, resolve_model
+    from lorascope.models import architecture_diff, load_checkpoint, model_fingerprint, resolve_model
 
     cfg = ModelConfig(name=base)
     base_model, tok, info = load_checkpoint("base", cfg)
@@ -290,10 +290,7 @@ def load_models(base: str, tuned: dict[str, str], device):
         model, ttok, tinfo = load_checkpoint(path, cfg)
         mcfg = _config_of(model)
         if model_fingerprint(mcfg) != fp:
-            keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "vocab_size")
-            diff = "; ".join(f"{k} {getattr(mcfg, k, None)} vs {getattr(base_cfg, k, None)}" for k in keys
-                             if getattr(mcfg, k, None) != getattr(base_cfg, k, None))
+            diff = architecture_diff(mcfg, base_cfg)
             raise LorascopeError(f"--tuned {name}={path}: a different architecture than the base model {base} "
                                  f"({diff}); drift compares fine-tuned versions of the same model")
         tvocab = ttok.get_vocab()
@@ -572,7 +569,7 @@ def methods(groups: int, ex_groups: int, zscore: bool, drop_first: bool) -> dict
         "tokens": tokens,
         "token_cka": f"exact streaming linear CKA{z} over {tokens} (float64, Chan merge)",
         "example_cka": f"linear CKA{z} of mean-pooled states (mean over {tokens} of each prompt), plug-in estimator",
-        "example_cka_debiased": f"as example_cka with the unbiased HSIC estimator (Song et al. 2012)",
+        "example_cka_debiased": "as example_cka with the unbiased HSIC estimator (Song et al. 2012)",
         "cosine": f"cosine similarity of each token's state in the two models, over {tokens}; quantiles from "
                   f"a histogram of 1 - cosine with {stats.HIST_RESOLUTION}",
         "relative_change": f"||h_other - h_reference|| / ||h_reference|| per token; quantiles from a histogram "

@@ -237,7 +237,7 @@ def _read_config(d: Path) -> SimpleNamespace:
 
 
 def _open_tuned(name: str, path: str, base: str, base_cfg, fp: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    from lorascope.models import model_fingerprint
+    from lorascope.models import architecture_diff, model_fingerprint
 
     d = Path(path)
     if not d.is_dir():
@@ -256,10 +256,7 @@ def _open_tuned(name: str, path: str, base: str, base_cfg, fp: str) -> tuple[dic
     if (d / "config.json").is_file():
         cfg = _read_config(d)
         if model_fingerprint(cfg) != fp:
-            keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "vocab_size")
-            diff = "; ".join(f"{k} {getattr(cfg, k, None)} vs {getattr(base_cfg, k, None)}" for k in keys
-                             if getattr(cfg, k, None) != getattr(base_cfg, k, None))
+            diff = architecture_diff(cfg, base_cfg)
             raise LorascopeError(f"--tuned {name}={path}: a different architecture than the base model {base} ({diff})")
         return {"kind": "full", "weights": SafetensorsDir(d), "dir": d}, {"kind": meta.get("method", "full"), "path": str(d),
                                                                  "base_model": meta.get("base_model")}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Any
 
 from lorascope import LorascopeError
 from lorascope.tasks import squad_metric
