@@ -15,6 +15,7 @@ ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,6 +26,8 @@ import shutil
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from lorascope import LorascopeError
 from lorascope.config import Config
@@ -127,7 +130,7 @@ def train(cfg: Config) -> Path:
         loss_sum = torch.zeros((), device=device)
         for k, mb in enumerate(micro):
             ids, mask, labels = collate([feats[i] for i in mb], tok.pad_token_id, device)
-            ctx = accelerator.no_sync(wrapper) if k < len(micro) - 1 else _nullcontext()
+            ctx = accelerator.no_sync(wrapper) if k < len(micro) - 1 else contextlib.nullcontext()
             with ctx, accelerator.autocast():
                 s = wrapper(ids, mask, labels)
                 # DDP averages gradients over processes: scale so the update is sum / n_answer
@@ -190,21 +193,7 @@ def train(cfg: Config) -> Path:
     return out / "model"
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _torch_module():
-    import torch
-
-    return torch.nn.Module
-
-
-class AnswerLoss(_torch_module()):
+class AnswerLoss(torch.nn.Module):
     """Sum of answer-token cross-entropy; vocabulary logits only where labels are set."""
 
     def __init__(self, model):
