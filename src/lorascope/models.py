@@ -150,11 +150,13 @@ def architecture_diff(config, reference) -> str:
 
 
 def build_tiny_llama(out_dir: str | os.PathLike, *, corpus: list[str] | None = None, seed: int = 0,
-                     layers: int = 2, hidden: int = 64, vocab_size: int = 512) -> Path:
+                     layers: int = 2, hidden: int = 64, vocab_size: int = 512, heads: int = 4,
+                     kv_heads: int = 2) -> Path:
     """Save a tiny random LlamaForCausalLM with a byte-level BPE tokenizer trained in-process.
 
     For tests and smoke runs: seconds on a CPU, no network, realistic code paths (same
-    module names as Llama, so LoRA targets and PEFT adapters work unchanged).
+    module names as Llama, so LoRA targets and PEFT adapters work unchanged). vLLM's CPU
+    attention needs a head size it has kernels for (64 works: hidden=128, heads=2).
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -172,7 +174,7 @@ def build_tiny_llama(out_dir: str | os.PathLike, *, corpus: list[str] | None = N
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|pad|>",
                                   bos_token="<|endoftext|>")
     config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=2048, tie_word_embeddings=True,
                          eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)

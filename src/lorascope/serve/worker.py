@@ -1,0 +1,323 @@
+"""One engine configuration, measured in a process of its own.
+
+`python -m lorascope.serve.worker SPEC.json RESULT.json` builds one engine (vLLM or
+transformers) for one serving mode, generates the correctness-check batch, warms up,
+then times every batch size; it writes RESULT.json atomically at the end. The parent
+(`lorascope.serve.bench`) starts one such process per configuration, so memory figures
+are those of this engine alone and a failing configuration cannot take the others down.
+
+SPEC fields: engine, mode, model (the directory the engine loads), adapters ([{name,
+path, int_id, rank}], empty for merged), items ([{key, adapter, prompt_ids}]: the request
+stream, used in order), check_items (same form), batch_sizes, repetitions, warmup,
+output_tokens, ignore_eos, engine_args (vLLM), dtype, check_base (also generate the
+check items without any adapter).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MemorySampler:
+    """Peak resident memory of this process and all its descendants (engine workers included)."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "MemorySampler":
+        self.sample()
+        self._thread.start()
+        return self
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        return self.peak
+
+    def reset(self) -> None:
+        self.peak = 0
+        self.sample()
+
+    def sample(self) -> int:
+        now = tree_rss_bytes(os.getpid())
+        self.peak = max(self.peak, now)
+        return now
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{task}/children") as fh:
+                    out += [int(c) for c in fh.read().split()]
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return out
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident set size of `pid` and its descendants, from /proc (Linux); 0 elsewhere."""
+    total, stack, seen = 0, [pid], set()
+    while stack:
+        p = stack.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            with open(f"/proc/{p}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            continue
+        stack += _children(p)
+    return total
+
+
+def device_used_bytes() -> int | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info()
+            return int(total - free)
+    except Exception:  # no torch CUDA: not a GPU run
+        return None
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# engines: each exposes run(items) -> list of per-request records, in item order
+
+
+class VllmEngine:
+    def __init__(self, spec: dict[str, Any]):
+        try:
+            from vllm import LLM, SamplingParams
+            from vllm.lora.request import LoRARequest
+        except ImportError as exc:
+            raise SystemExit(f"vLLM is not installed ({exc}); install the extra: pip install 'lorascope[serve-cpu]' "
+                             f"on CPU machines, 'lorascope[serve-gpu]' on GPU machines")
+        args = dict(spec["engine_args"])
+        if spec["adapters"]:
+            args.update(enable_lora=True, max_loras=len(spec["adapters"]), max_lora_rank=spec["max_lora_rank"],
+                        max_cpu_loras=len(spec["adapters"]))
+        self.llm = LLM(model=spec["model"], tokenizer=spec["model"], dtype=spec["dtype"], seed=0,
+                       trust_remote_code=False, **args)
+        self.engine = self.llm.llm_engine
+        self.params = SamplingParams(temperature=0.0, max_tokens=spec["output_tokens"],
+                                     ignore_eos=spec["ignore_eos"])
+        self.loras = {a["name"]: LoRARequest(a["name"], a["int_id"], a["path"]) for a in spec["adapters"]}
+        self.settings = self._settings()
+        self._n = 0
+
+    def _settings(self) -> dict[str, Any]:
+        cfg = self.engine.vllm_config
+        out: dict[str, Any] = {"enforce_eager": cfg.model_config.enforce_eager,
+                               "dtype": str(cfg.model_config.dtype),
+                               "max_model_len": cfg.model_config.max_model_len,
+                               "max_num_seqs": cfg.scheduler_config.max_num_seqs,
+                               "enable_prefix_caching": cfg.cache_config.enable_prefix_caching,
+                               "block_size": cfg.cache_config.block_size,
+                               "num_kv_blocks": cfg.cache_config.num_gpu_blocks,
+                               "compilation_mode": str(getattr(cfg.compilation_config, "mode", None)),
+                               "cudagraph_mode": str(getattr(cfg.compilation_config, "cudagraph_mode", None)),
+                               "tensor_parallel_size": cfg.parallel_config.tensor_parallel_size}
+        if cfg.lora_config is not None:
+            out.update(max_loras=cfg.lora_config.max_loras, max_lora_rank=cfg.lora_config.max_lora_rank)
+        mc = cfg.model_config
+        hf = mc.hf_text_config
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        bytes_per_token = 2 * hf.num_hidden_layers * kv_heads * head_dim * mc.dtype.itemsize
+        blocks = cfg.cache_config.num_gpu_blocks or 0
+        out["kv_cache_bytes_per_token"] = bytes_per_token
+        out["kv_cache_reserved_bytes"] = int(blocks * cfg.cache_config.block_size * bytes_per_token)
+        return out
+
+    def run(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        recs: dict[str, dict[str, Any]] = {}
+        order = []
+        t0 = time.perf_counter()
+        for it in items:
+            rid = f"r{self._n}"
+            self._n += 1
+            order.append(rid)
+            recs[rid] = {"key": it["key"], "adapter": it["adapter"], "first": None, "done": None, "token_ids": []}
+            self.engine.add_request(rid, {"prompt_token_ids": it["prompt_ids"]}, self.params,
+                                    lora_request=self.loras.get(it["adapter"]) if it["adapter"] else None)
+        while self.engine.has_unfinished_requests():
+            outs = self.engine.step()
+            now = time.perf_counter() - t0
+            for o in outs:
+                r = recs.get(o.request_id)
+                if r is None:
+                    continue
+                toks = list(o.outputs[0].token_ids) if o.outputs else []
+                if toks and r["first"] is None:
+                    r["first"] = now
+                r["token_ids"] = toks
+                if o.finished:
+                    r["done"] = now
+        return [recs[rid] for rid in order]
+
+    def close(self) -> None:
+        del self.llm
+
+
+class TransformersEngine:
+    """transformers `generate` (+ PEFT for unmerged adapters; per-request adapters via adapter_names)."""
+
+    def __init__(self, spec: dict[str, Any]):
+        import torch
+
+        from lorascope.models import load_model, load_tokenizer
+
+        self.torch = torch
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec["dtype"]]
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = load_model(spec["model"], dtype=dtype)
+        self.tok = load_tokenizer(spec["model"])
+        self.adapters = [a["name"] for a in spec["adapters"]]
+        if spec["adapters"]:
+            from peft import PeftModel
+
+            first, *rest = spec["adapters"]
+            model = PeftModel.from_pretrained(model, first["path"], adapter_name=first["name"], is_trainable=False)
+            for a in rest:
+                model.load_adapter(a["path"], adapter_name=a["name"], is_trainable=False)
+        self.model = model.to(self.device).eval()
+        self.output_tokens = spec["output_tokens"]
+        self.ignore_eos = spec["ignore_eos"]
+        self.settings = {"dtype": spec["dtype"], "device": self.device, "torch_threads": torch.get_num_threads(),
+                         "adapters_loaded": self.adapters, "kv_cache_reserved_bytes": 0}
+
+    def run(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        torch = self.torch
+        tok = self.tok
+        width = max(len(it["prompt_ids"]) for it in items)
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(it["prompt_ids"])) + it["prompt_ids"] for it in items],
+                           device=self.device)
+        mask = torch.tensor([[0] * (width - len(it["prompt_ids"])) + [1] * len(it["prompt_ids"]) for it in items],
+                            device=self.device)
+        kwargs: dict[str, Any] = {}
+        if self.adapters:
+            # base-model requests (adapter None) use PEFT's reserved name
+            kwargs["adapter_names"] = [it["adapter"] or "__base__" for it in items]
+        if self.ignore_eos:
+            kwargs["min_new_tokens"] = self.output_tokens
+        stamps: list[float] = []
+
+        class Stamp:  # a streamer: generate calls put() once for the prompt, then once per new token
+            def put(self, value):
+                stamps.append(time.perf_counter())
+
+            def end(self):
+                stamps.append(time.perf_counter())
+
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.output_tokens,
+                                      do_sample=False, pad_token_id=tok.pad_token_id, streamer=Stamp(), **kwargs)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        done = time.perf_counter() - t0
+        first = (stamps[1] - t0) if len(stamps) > 2 else done
+        recs = []
+        for it, row in zip(items, out[:, width:].tolist()):
+            if not self.ignore_eos and tok.eos_token_id in row:
+                row = row[:row.index(tok.eos_token_id) + 1]
+            # a batch finishes together in `generate`: every request's latency is the batch's
+            recs.append({"key": it["key"], "adapter": it["adapter"], "first": first, "done": done, "token_ids": row})
+        return recs
+
+    def close(self) -> None:
+        del self.model
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    mem = MemorySampler().start()
+    t_start = time.perf_counter()
+    engine = (VllmEngine if spec["engine"] == "vllm" else TransformersEngine)(spec)
+    startup_s = time.perf_counter() - t_start
+    after_load = mem.sample()
+    result: dict[str, Any] = {"engine": spec["engine"], "mode": spec["mode"], "name": spec["name"],
+                              "settings": engine.settings, "startup_seconds": startup_s,
+                              "rss_after_load_bytes": after_load, "device_after_load_bytes": device_used_bytes()}
+    # correctness check: the same prompts in every configuration (greedy, fixed length)
+    check = engine.run(spec["check_items"])
+    result["check"] = [{"key": r["key"], "adapter": r["adapter"], "token_ids": r["token_ids"]} for r in check]
+    if spec.get("check_base"):
+        base_items = [dict(it, adapter=None) for it in spec["check_items"]]
+        result["check_base"] = [{"key": r["key"], "token_ids": r["token_ids"]} for r in engine.run(base_items)]
+    items = spec["items"]
+    per_batch = []
+    pos = 0
+
+    def take(n: int) -> list[dict[str, Any]]:
+        nonlocal pos
+        chunk = [items[(pos + i) % len(items)] for i in range(n)]
+        pos += n
+        return chunk
+
+    for bs in spec["batch_sizes"]:
+        pos = 0  # every batch size sees the same prompts, and so does every mode
+        for _ in range(spec["warmup"]):
+            engine.run(take(bs))
+        mem.reset()
+        reps = []
+        for _ in range(spec["repetitions"]):
+            t0 = time.perf_counter()
+            recs = engine.run(take(bs))
+            wall = time.perf_counter() - t0
+            n_out = sum(len(r["token_ids"]) for r in recs)
+            reps.append({"wall_seconds": wall, "output_tokens": n_out, "tokens_per_second": n_out / wall,
+                         "latency": [r["done"] for r in recs], "ttft": [r["first"] for r in recs],
+                         "tpot": [(r["done"] - r["first"]) / (len(r["token_ids"]) - 1)
+                                  if r["first"] is not None and len(r["token_ids"]) > 1 else None for r in recs]})
+        per_batch.append({"batch_size": bs, "repetitions": reps, "peak_rss_bytes": mem.peak,
+                          "device_used_bytes": device_used_bytes()})
+        print(f"[{spec['name']}] batch {bs}: " + ", ".join(f"{r['tokens_per_second']:.1f}" for r in reps)
+              + " tokens/s", flush=True)
+    result["batches"] = per_batch
+    result["peak_rss_bytes"] = mem.stop()
+    engine.close()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m lorascope.serve.worker SPEC.json RESULT.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[0]).read_text())
+    result = measure(spec)
+    from lorascope.runinfo import write_json
+
+    write_json(argv[1], result)
+    return 0
+
+
+if __name__ == "__main__":  # vLLM spawns processes: the entry point must be guarded
+    sys.exit(main())
