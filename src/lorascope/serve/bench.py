@@ -425,7 +425,7 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
             cname = f"{mode}:{name}"
             if a is None:
                 failures.append({"name": cname, "mode": mode, "engine": settings.engine, "status": "failed",
-                                 "error": problems[name]})
+                                 "error": f"{cname}: {problems[name]}"})
                 continue
             if mode == "merged":
                 try:

