@@ -143,6 +143,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="local data folder with mrpc/ and squad_v2/ (default: $LORASCOPE_DATA_DIR, "
                                       "else the Hugging Face Hub)")
 
+    p = sub.add_parser("run", help="run the whole study from one config and write the report",
+                       description="Run every stage of the study in RUN_DIR: prepare the base model; train full "
+                                   "fine-tuning and LoRA (per rank and seed) on each task; evaluate base, full and "
+                                   "LoRA on each task and every tuned model on the other tasks; drift and weight-space "
+                                   "analysis per task; the serving benchmark; the report (report/index.html and "
+                                   "report/report.md). A stage whose recorded inputs are unchanged is skipped; a "
+                                   "killed run resumes where it stopped (training from its last checkpoint); a "
+                                   "changed config reruns what depends on it. Log: RUN_DIR/run.log.")
+    p.add_argument("config", help="study YAML (configs/quick.yaml, configs/paper.yaml, configs/smoke.yaml)")
+    p.add_argument("--run-dir", help="where every stage writes (default: runs/CONFIG-NAME)")
+    p.add_argument("--only", action="append", default=[], metavar="STAGE",
+                   help="run only these stages (a kind such as train, eval, drift, weights, serve, report, or a full "
+                        "name such as eval:mrpc); repeatable")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help="rerun these stages even if they are up to date (same names as --only); repeatable")
+
+    p = sub.add_parser("report", help="re-render the report of a run directory",
+                       description="Write RUN_DIR/report/index.html (self-contained) and report.md from the run "
+                                   "directory's result files alone, starting with the verdict on the success criteria.")
+    p.add_argument("run_dir", help="a directory written by `lorascope run`")
+
     sub.add_parser("tasks", help="list the registered tasks", description="List the registered tasks, each with what it measures.")
     return parser
 
@@ -248,6 +269,29 @@ def _run(args: argparse.Namespace) -> int:
             print(f"lorascope: error: {f['error']}" + (f" (log: {f['log']})" if f.get("log") else ""),
                   file=sys.stderr)
         return 1 if failed else 0
+    if args.command == "run":
+        from pathlib import Path
+
+        from lorascope.pipeline import run_study
+
+        run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
+        run_study(args.config, run_dir, only=args.only, force=args.force)
+        from lorascope.report import judge
+
+        report = Path(run_dir) / "report" / "index.html"
+        if report.is_file():
+            v = judge(run_dir)
+            print(json.dumps({"report": str(report), "overall": v["overall"],
+                              "tasks": {k: t["verdict"] for k, t in v["tasks"].items()}}, indent=2))
+        return 0
+    if args.command == "report":
+        from lorascope.report import render_report
+
+        try:
+            print(render_report(args.run_dir))
+        except FileNotFoundError as exc:
+            raise LorascopeError(str(exc)) from None
+        return 0
     if args.command == "tasks":
         from lorascope.tasks import TASKS
 

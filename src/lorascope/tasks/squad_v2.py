@@ -204,9 +204,11 @@ class SquadV2(Task):
                 for e, row in zip(batch, gen[:, width:]):
                     raw[e.id] = tok.decode(row, skip_special_tokens=True)
         preds = {e.id: to_prediction(raw[e.id]) for e in kept}
-        metrics = dict(squad_metric.score_predictions(examples_to_articles(kept), preds))
+        arts = examples_to_articles(kept)
+        metrics = dict(squad_metric.score_predictions(arts, preds))
         metrics["skipped_too_long"] = skipped
-        return metrics, {"predictions": preds, "generated": raw}
+        _, f1 = squad_metric.raw_scores(arts, preds)  # per question, for paired comparisons of models
+        return metrics, {"predictions": preds, "generated": raw, "scores": f1}
 
     def baselines(self, examples):
         arts = examples_to_articles(examples)

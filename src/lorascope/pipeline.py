@@ -1,0 +1,404 @@
+"""`lorascope run CONFIG`: the whole study, stage by stage, in one run directory.
+
+Stages, in order (each one function call of an existing command):
+  prepare                      resolve / convert the base model
+  train:TASK:MODEL             full fine-tuning and LoRA per rank and seed (lorascope train)
+  eval:TASK:MODEL              base, full and LoRA on each task, and every tuned model on the
+                               other tasks (forgetting) (lorascope eval)
+  drift:TASK                   hidden-state drift of every tuned model of a task (lorascope drift)
+  weights:TASK                 weight-space analysis of their updates (lorascope weights)
+  serve:rRANK                  the tasks' LoRA adapters served merged vs unmerged (lorascope serve-bench)
+  report                       report/index.html and report/report.md (lorascope report)
+
+Each stage records a hash of what it depends on (its config and the hashes of the stages
+it reads) in RUN/stages/STAGE.json, written last. A rerun skips a stage whose record
+matches, redoes one whose inputs changed (its old outputs are removed first, so nothing
+stale is reused), and resumes an interrupted training from its last checkpoint.
+
+The config is an ordinary lorascope YAML (sections model, data, lora, train, eval) with
+`lora.rank` and `train.seed` allowed to be lists (a sweep), plus a `study` section; see
+StudyArgs and configs/quick.yaml.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from lorascope import LorascopeError
+from lorascope.config import Config, _coerce, _did_you_mean, apply_mapping
+from lorascope.runinfo import provenance, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StudyArgs:
+    tasks: list[str] = field(default_factory=lambda: ["mrpc", "squad_v2"],
+                             metadata={"help": "tasks to train and evaluate on"})
+    methods: list[str] = field(default_factory=lambda: ["full", "lora"], metadata={"help": "full and/or lora"})
+    primary_rank: int | None = field(default=None, metadata={
+        "help": "the LoRA rank the verdict is about (default: 8 if swept, else the first rank)"})
+    forgetting: bool = field(default=True, metadata={"help": "evaluate every tuned model on the other tasks too"})
+    drift: bool = field(default=True, metadata={"help": "run the drift and weight-space stages"})
+    drift_examples: int = field(default=1000, metadata={"help": "held-out prompts per task for drift"})
+    drift_batch_size: int = field(default=8, metadata={"help": "prompts per forward pass in drift"})
+    serve: bool = field(default=True, metadata={"help": "run the serving benchmark"})
+    serve_engine: str = field(default="vllm", metadata={"help": "vllm or transformers"})
+    serve_batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16], metadata={"help": "batch sizes"})
+    serve_output_tokens: int = field(default=32, metadata={"help": "tokens generated per request"})
+    serve_repetitions: int = field(default=3, metadata={"help": "timed repetitions per batch size"})
+    serve_check_prompts: int = field(default=8, metadata={"help": "prompts per adapter in the agreement check"})
+    serve_kv_cache_gb: float = field(default=1.0, metadata={"help": "vLLM KV-cache reservation (GiB)"})
+    serve_max_prompt_tokens: int = field(default=512, metadata={"help": "leave longer prompts out of the workload"})
+    serve_max_model_len: int = field(default=1024, metadata={"help": "vLLM max_model_len"})
+    serve_modes: list[str] = field(default_factory=lambda: ["merged", "unmerged", "multi"],
+                                   metadata={"help": "subset of merged, unmerged, multi"})
+    accuracy_margin: float = field(default=3.0, metadata={"help": "criterion 1: LoRA within this many points of full"})
+    drift_reduction: float = field(default=0.20, metadata={"help": "criterion 2a: LoRA drift at least this much lower"})
+    max_serving_overhead: float = field(default=0.30, metadata={"help": "criterion 2b: unmerged overhead at most this"})
+    per_task: dict = field(default_factory=dict, metadata={
+        "help": "per-task overrides of the other sections, e.g. {squad_v2: {data: {max_seq_len: 256}}}"})
+
+    def problems(self) -> list[str]:
+        from lorascope.tasks import TASKS
+
+        out = []
+        for t in self.tasks:
+            if t not in TASKS:
+                out.append(f"study.tasks: unknown task {t!r}; accepted: {', '.join(sorted(TASKS))}"
+                           + _did_you_mean(t, TASKS))
+        if not self.tasks:
+            out.append("study.tasks: name at least one task")
+        for m in self.methods:
+            if m not in ("full", "lora"):
+                out.append(f"study.methods: unknown method {m!r}; accepted: full, lora")
+        if self.serve_engine not in ("vllm", "transformers"):
+            out.append(f"study.serve_engine: got {self.serve_engine!r}; accepted: vllm, transformers")
+        for t in self.per_task:
+            if t not in self.tasks:
+                out.append(f"study.per_task: {t!r} is not one of study.tasks ({', '.join(self.tasks)})")
+        if self.drift_examples < 2:
+            out.append(f"study.drift_examples: must be at least 2, got {self.drift_examples}")
+        return out
+
+
+@dataclass
+class Study:
+    base: Config  # shared sections; lora.rank and train.seed hold the first value of a sweep
+    study: StudyArgs
+    ranks: list[int]
+    seeds: list[int]
+    source: str
+
+    def task_config(self, task: str) -> Config:
+        cfg = copy.deepcopy(self.base)
+        apply_mapping(cfg, self.study.per_task.get(task) or {}, f"{self.source}: study.per_task.{task}")
+        cfg.train.task = task
+        cfg.eval.task = task
+        return cfg.validate(self.source)
+
+    @property
+    def primary_rank(self) -> int:
+        if self.study.primary_rank is not None:
+            return self.study.primary_rank
+        return 8 if 8 in self.ranks else self.ranks[0]
+
+    def models(self) -> list[tuple[str, str, int | None, int]]:
+        """(name, method, rank, seed) of every model trained per task."""
+        out = []
+        for seed in self.seeds:
+            if "full" in self.study.methods:
+                out.append((f"full_s{seed}", "full", None, seed))
+            if "lora" in self.study.methods:
+                for r in self.ranks:
+                    out.append((f"lora_r{r}_s{seed}", "lora", r, seed))
+        return out
+
+
+def load_study(path: str | Path) -> Study:
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise LorascopeError(f"{p}: cannot read config file ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise LorascopeError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise LorascopeError(f"{p}: expected a mapping of sections")
+    data = copy.deepcopy(data)
+    study_raw = data.pop("study", None) or {}
+    if not isinstance(study_raw, dict):
+        raise LorascopeError(f"{p}: section 'study' must be a mapping of field: value")
+    ranks = _sweep(data, "lora", "rank", p)
+    seeds = _sweep(data, "train", "seed", p)
+    base = apply_mapping(Config(), data, str(p))
+    if ranks:
+        base.lora.rank = ranks[0]
+    if seeds:
+        base.train.seed = seeds[0]
+    study = StudyArgs()
+    hints = typing.get_type_hints(StudyArgs)
+    names = [f.name for f in dataclasses.fields(StudyArgs)]
+    for key, value in study_raw.items():
+        if key not in names:
+            raise LorascopeError(f"{p}: unknown field study.{key}; accepted: {', '.join(names)}"
+                                 + _did_you_mean(str(key), names))
+        if key == "per_task":
+            if not isinstance(value, dict):
+                raise LorascopeError(f"{p}: study.per_task must map task names to sections")
+            setattr(study, key, value)
+        else:
+            setattr(study, key, _coerce(value, hints[key], f"{p}: study.{key}"))
+    problems = study.problems()
+    if problems:
+        raise LorascopeError(f"{p}: " + "; ".join(problems))
+    s = Study(base=base.validate(str(p)), study=study, ranks=ranks or [base.lora.rank],
+              seeds=seeds or [base.train.seed], source=str(p))
+    for t in study.tasks:
+        s.task_config(t)  # validates the per-task overrides now, not hours later
+    if s.primary_rank not in s.ranks and "lora" in study.methods:
+        raise LorascopeError(f"{p}: study.primary_rank {s.primary_rank} is not among lora.rank {s.ranks}")
+    return s
+
+
+def _sweep(data: dict, section: str, name: str, p: Path) -> list[int]:
+    sec = data.get(section) or {}
+    if not isinstance(sec, dict) or name not in sec:
+        return []
+    value = sec[name]
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= (1 if name == "rank" else 0)
+                             for v in values):
+        raise LorascopeError(f"{p}: {section}.{name}: expected an integer or a list of integers, got {value!r}")
+    sec.pop(name)
+    return values
+
+
+# ---------------------------------------------------------------------------------------
+# stages
+
+
+@dataclass
+class Stage:
+    name: str
+    kind: str
+    fn: Callable[[], Any]
+    config: dict[str, Any]  # what the stage depends on besides its upstream stages
+    deps: list[str]
+    outputs: list[Path]  # removed before the stage reruns with a different hash
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan(study: Study, run_dir: Path) -> list[Stage]:
+    from lorascope.drift import run_drift, run_weights
+    from lorascope.evaluate import evaluate
+    from lorascope.models import resolve_model
+    from lorascope.serve import ServeSettings, run_serve_bench
+    from lorascope.train import train
+
+    st = study.study
+    stages: list[Stage] = []
+    model_name = study.base.model.name
+    data_dir = study.base.data.resolved_dir()
+    stages.append(Stage("prepare", "prepare", lambda: resolve_model(model_name, study.base.model.revision),
+                        {"model": dataclasses.asdict(study.base.model)}, [], []))
+    models = study.models()
+
+    def train_dir(task, name):
+        return run_dir / "train" / task / name
+
+    for task in st.tasks:
+        for name, method, rank, seed in models:
+            cfg = study.task_config(task)
+            cfg.train.method = method
+            cfg.train.seed = seed
+            if rank is not None:
+                cfg.lora.rank = rank
+            cfg.train.output_dir = str(train_dir(task, name))
+            dep_cfg = {k: v for k, v in cfg.to_dict().items() if k != "eval"}
+            dep_cfg["train"] = {k: v for k, v in dep_cfg["train"].items() if k != "output_dir"}
+            if method == "full":
+                dep_cfg.pop("lora")
+            stages.append(Stage(f"train:{task}:{name}", "train", (lambda c=cfg: train(c)), dep_cfg, ["prepare"],
+                                [train_dir(task, name)]))
+
+    def eval_stage(task, name, checkpoint, deps):
+        cfg = study.task_config(task)
+        cfg.eval.checkpoint = checkpoint
+        out = run_dir / "eval" / task / f"{name}.json"
+        cfg.eval.output = str(out)
+        dep_cfg = {"model": cfg.to_dict()["model"], "data": cfg.to_dict()["data"],
+                   "eval": {k: v for k, v in cfg.to_dict()["eval"].items() if k not in ("output", "checkpoint")},
+                   "checkpoint": name}
+        stages.append(Stage(f"eval:{task}:{name}", "eval", (lambda c=cfg: evaluate(c)), dep_cfg, deps,
+                            [out, out.with_suffix(".predictions.json")]))
+
+    for task in st.tasks:
+        eval_stage(task, "base", "base", ["prepare"])
+        for train_task in st.tasks:
+            if train_task != task and not st.forgetting:
+                continue
+            for name, *_ in models:
+                label = name if train_task == task else f"{train_task}.{name}"
+                eval_stage(task, label, str(train_dir(train_task, name) / "model"), [f"train:{train_task}:{name}"])
+
+    if st.drift and models:
+        for task in st.tasks:
+            tuned = {name: str(train_dir(task, name) / "model") for name, *_ in models}
+            deps = [f"train:{task}:{n}" for n in tuned]
+            out = run_dir / "drift" / task
+            stages.append(Stage(f"drift:{task}", "drift",
+                                (lambda t=task, tu=tuned, o=out: run_drift(
+                                    t, model_name, tu, o, max_examples=st.drift_examples,
+                                    batch_size=st.drift_batch_size, data_dir=data_dir)),
+                                {"examples": st.drift_examples, "batch": st.drift_batch_size, "model": model_name,
+                                 "data": dataclasses.asdict(study.base.data)}, deps, [out]))
+            wout = run_dir / "weights" / task
+            stages.append(Stage(f"weights:{task}", "weights",
+                                (lambda tu=tuned, o=wout: run_weights(model_name, tu, o)),
+                                {"model": model_name}, deps, [wout]))
+
+    if st.serve and "lora" in st.methods:
+        serve_ranks = sorted(set(study.ranks))
+        for r in serve_ranks:
+            adapters = [f"{task}={train_dir(task, f'lora_r{r}_s{study.seeds[0]}') / 'model'}" for task in st.tasks]
+            settings = ServeSettings(engine=st.serve_engine, batch_sizes=st.serve_batch_sizes,
+                                     output_tokens=st.serve_output_tokens, repetitions=st.serve_repetitions,
+                                     check_prompts=st.serve_check_prompts, kv_cache_gb=st.serve_kv_cache_gb,
+                                     max_prompt_tokens=st.serve_max_prompt_tokens,
+                                     max_model_len=st.serve_max_model_len,
+                                     modes=st.serve_modes)
+            out = run_dir / "serve" / f"r{r}"
+            stages.append(Stage(f"serve:r{r}", "serve",
+                                (lambda a=adapters, o=out, s=settings: _serve(model_name, a, o, s, data_dir)),
+                                {"settings": dataclasses.asdict(settings), "model": model_name},
+                                [f"train:{task}:lora_r{r}_s{study.seeds[0]}" for task in st.tasks], [out]))
+
+    from lorascope.report import render_report
+
+    stages.append(Stage("report", "report", lambda: render_report(run_dir),
+                        {"study": dataclasses.asdict(st), "ranks": study.ranks, "seeds": study.seeds,
+                         "primary_rank": study.primary_rank},
+                        [s.name for s in stages], [run_dir / "report"]))
+    return stages
+
+
+def _serve(model_name, adapters, out, settings, data_dir):
+    from lorascope.serve import run_serve_bench
+
+    report = run_serve_bench(model_name, adapters, str(out), settings, data_dir=data_dir)
+    failed = report["summary"]["failed"]
+    if failed:
+        raise LorascopeError("serving benchmark: " + "; ".join(f["error"] for f in failed))
+    return report
+
+
+def run_study(config_path: str, run_dir: str | Path, *, only: list[str] = (), force: list[str] = ()) -> dict:
+    """Run (or resume) every stage of the study in `run_dir`; return the stage records."""
+    study = load_study(config_path)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        return _run(study, config_path, run_dir, only, force)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _matches(stage: str, patterns) -> bool:
+    return any(stage == p or stage.startswith(p + ":") for p in patterns)
+
+
+def _run(study: Study, config_path: str, run_dir: Path, only, force) -> dict:
+    stages = plan(study, run_dir)
+    names = [s.name for s in stages]
+    for pat in [*only, *force]:
+        if not any(_matches(n, [pat]) for n in names):
+            kinds = sorted({s.kind for s in stages})
+            raise LorascopeError(f"stage {pat!r}: no such stage; stages are {', '.join(kinds)} "
+                                 f"(or a full name such as {names[min(1, len(names) - 1)]})")
+    write_json(run_dir / "study.json", {"config_file": str(config_path), "config": dataclasses.asdict(study.study),
+                                        "base_config": study.base.to_dict(), "ranks": study.ranks,
+                                        "seeds": study.seeds, "primary_rank": study.primary_rank,
+                                        "stages": names, "provenance": provenance()})
+    records: dict[str, dict] = {}
+    hashes: dict[str, str] = {}
+    t_run = time.time()
+    done_times: list[float] = []
+    for i, s in enumerate(stages, 1):
+        # upstream hashes and completion times: a forced rerun upstream invalidates what reads it
+        h = _hash({"stage": s.name, "config": s.config,
+                   "deps": [(hashes.get(d), records.get(d, {}).get("finished")) for d in s.deps]})
+        hashes[s.name] = h
+        rec_file = run_dir / "stages" / f"{s.name.replace(':', '__')}.json"
+        prev = json.loads(rec_file.read_text()) if rec_file.is_file() else None
+        selected = not only or _matches(s.name, only)
+        fresh = (prev is not None and prev.get("hash") == h and prev.get("finished")
+                 and all(Path(o).exists() for o in prev.get("outputs", [])))
+        if fresh and not _matches(s.name, force):
+            records[s.name] = prev
+            log.info("[%d/%d] %s: up to date", i, len(stages), s.name)
+            continue
+        if not selected:
+            missing = "missing" if prev is None else "out of date"
+            log.info("[%d/%d] %s: %s, not selected by --only", i, len(stages), s.name, missing)
+            continue
+        for dep in s.deps:
+            if dep not in records:
+                raise LorascopeError(f"stage {s.name}: needs {dep}, which has not run for this config; run without "
+                                     f"--only (or with --only {dep.split(':')[0]}) first")
+        resuming = prev is not None and prev.get("hash") == h and not prev.get("finished") and not _matches(s.name, force)
+        if not resuming:
+            # new, changed or forced: start clean, so no stale output is ever reused
+            if prev is not None and prev.get("hash") != h:
+                log.info("[%d/%d] %s: config changed; removing its old outputs", i, len(stages), s.name)
+            for o in s.outputs:
+                if o.is_dir():
+                    shutil.rmtree(o)
+                elif o.exists():
+                    o.unlink()
+        else:
+            log.info("[%d/%d] %s: resuming an interrupted run", i, len(stages), s.name)
+        # a record without "finished": the stage started with this hash (a kill leaves it so, and a
+        # rerun resumes, e.g. training from its last checkpoint)
+        write_json(rec_file, {"stage": s.name, "hash": h, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                              "outputs": [str(o) for o in s.outputs]})
+        remaining = len(stages) - i
+        eta = (f", ETA for the rest ~{_fmt(sum(done_times) / len(done_times) * remaining)} at this pace"
+               if done_times else "")
+        log.info("[%d/%d] %s: running (elapsed %s%s)", i, len(stages), s.name, _fmt(time.time() - t_run), eta)
+        t0 = time.time()
+        s.fn()
+        seconds = time.time() - t0
+        done_times.append(seconds)
+        rec = {"stage": s.name, "hash": h, "seconds": seconds, "outputs": [str(o) for o in s.outputs],
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_json(rec_file, rec)  # last: its presence with this hash marks the stage complete
+        records[s.name] = rec
+        log.info("[%d/%d] %s: done in %s", i, len(stages), s.name, _fmt(seconds))
+    log.info("study done in %s; report: %s", _fmt(time.time() - t_run), run_dir / "report" / "index.html")
+    return records
+
+
+def _fmt(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -1,0 +1,289 @@
+"""Render report/report.md and report/index.html from a run directory.
+
+The report is a list of blocks (headings, paragraphs, tables, figures) rendered twice:
+Markdown with the figures copied into report/figures/, and one HTML page with the
+figures embedded as data URIs, so it opens from disk anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from lorascope.report.verdict import PRIMARY, judge
+from lorascope.runinfo import atomic_path
+
+EVAL_COLUMNS = {"mrpc": [("accuracy", "accuracy"), ("f1", "F1")],
+                "squad_v2": [("exact", "exact"), ("f1", "F1"), ("HasAns_f1", "HasAns F1"), ("NoAns_f1", "NoAns F1")]}
+
+
+def _load(p: Path) -> Any:
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _f(x: Any, fmt: str = ".1f") -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, (int, float)):
+        return format(x, fmt)
+    return str(x)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.0%}"
+
+
+def _mark(ok: bool | None) -> str:
+    return "-" if ok is None else ("PASS" if ok else "FAIL")
+
+
+class Doc:
+    def __init__(self) -> None:
+        self.blocks: list[tuple] = []
+
+    def h(self, level: int, text: str) -> None:
+        self.blocks.append(("h", level, text))
+
+    def p(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def table(self, header: list[str], rows: list[list[str]]) -> None:
+        self.blocks.append(("table", header, rows))
+
+    def fig(self, path: Path, caption: str) -> None:
+        if path.is_file():
+            self.blocks.append(("fig", path, caption))
+
+    def pre(self, text: str) -> None:
+        self.blocks.append(("pre", text))
+
+    def markdown(self, fig_dir: Path, rel: str) -> str:
+        out = []
+        for b in self.blocks:
+            if b[0] == "h":
+                out.append("#" * b[1] + " " + b[2])
+            elif b[0] == "p":
+                out.append(b[1])
+            elif b[0] == "table":
+                out.append("| " + " | ".join(b[1]) + " |")
+                out.append("|" + "---|" * len(b[1]))
+                out += ["| " + " | ".join(r) + " |" for r in b[2]]
+            elif b[0] == "fig":
+                name = "-".join(b[1].parts[-3:])
+                shutil.copyfile(b[1], fig_dir / name)
+                out.append(f"![{b[2]}]({rel}/{name})\n\n*{b[2]}*")
+            elif b[0] == "pre":
+                out.append("```\n" + b[1] + "\n```")
+            out.append("")
+        return "\n".join(out)
+
+    def html(self, title: str) -> str:
+        body = []
+        for b in self.blocks:
+            if b[0] == "h":
+                body.append(f"<h{b[1]}>{html.escape(b[2])}</h{b[1]}>")
+            elif b[0] == "p":
+                body.append(f"<p>{html.escape(b[1])}</p>")
+            elif b[0] == "table":
+                head = "".join(f"<th>{html.escape(c)}</th>" for c in b[1])
+                rows = "".join("<tr>" + "".join(f"<td class='{_cls(c)}'>{html.escape(c)}</td>" for c in r) + "</tr>"
+                               for r in b[2])
+                body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+            elif b[0] == "fig":
+                data = base64.b64encode(b[1].read_bytes()).decode()
+                body.append(f"<figure><img alt='{html.escape(b[2])}' src='data:image/png;base64,{data}'>"
+                            f"<figcaption>{html.escape(b[2])}</figcaption></figure>")
+            elif b[0] == "pre":
+                body.append(f"<pre>{html.escape(b[1])}</pre>")
+        return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+
+
+def _cls(cell: str) -> str:
+    return {"PASS": "pass", "FAIL": "fail"}.get(cell.split(" ")[0], "")
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.pass{background:#dff5df}.fail{background:#fbe0e0}
+figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}pre{background:#f7f7f7;padding:8px;overflow-x:auto}"""
+
+
+def render_report(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    study = _load(run_dir / "study.json")
+    if study is None:
+        raise FileNotFoundError(f"{run_dir}: no study.json; not a `lorascope run` directory")
+    verdict = judge(run_dir)
+    cfg = study["config"]
+    tasks = cfg["tasks"]
+    rank = study["primary_rank"]
+    crit = verdict["criteria"]
+    doc = Doc()
+    doc.h(1, "lorascope report: LoRA vs full fine-tuning")
+    doc.p(f"Base model {study['base_config']['model']['name']}; tasks {', '.join(tasks)}; LoRA rank(s) "
+          f"{', '.join(map(str, study['ranks']))} (the verdict is about rank {rank}); seed(s) "
+          f"{', '.join(map(str, study['seeds']))}. Config {study['config_file']}.")
+
+    doc.h(2, "Verdict")
+    doc.p(f"Overall: {verdict['overall']}.")
+    rows = []
+    for task, t in verdict["tasks"].items():
+        acc, dr, sv = t.get("accuracy"), t.get("drift"), t.get("serving")
+        if acc:
+            b = acc.get("bootstrap")
+            ci = f" [{b['ci_low']:+.1f}, {b['ci_high']:+.1f}]" if b else ""
+            rows.append([task, f"(1) {t['label']}: LoRA within {crit['accuracy_margin']:g} points of full",
+                         f"LoRA {acc['lora']:.1f} vs full {acc['full']:.1f}: {acc['diff']:+.1f}{ci}",
+                         _mark(acc["pass"])])
+        if dr:
+            rows.append([task, f"(2a) LoRA drift at least {crit['drift_reduction']:.0%} below full",
+                         f"ratio {dr['ratio']:.3f} [{dr['ci_low']:.3f}, {dr['ci_high']:.3f}] "
+                         f"(drift {dr['lora']:.2e} vs {dr['full']:.2e})", _mark(dr["pass"])])
+        if sv:
+            rows.append([task, f"(2b) unmerged serving overhead at most {crit['max_serving_overhead']:.0%}",
+                         f"{sv['engine']}: {_pct(sv['min'])} to {_pct(sv['max'])} over batch sizes "
+                         f"(worst at {sv['max_at_batch']}; FLOP limit {_pct(sv['flop_limit'])})", _mark(sv["pass"])])
+        rows.append([task, "overall: (1) and ((2a) or (2b))", "", t["verdict"]])
+    doc.table(["task", "criterion", "measured (95% interval)", "result"], rows)
+    doc.p("Intervals: accuracy, paired bootstrap over evaluation examples (2000 resamples); drift ratio, "
+          "delete-a-group jackknife over prompts. Serving overhead = merged tokens/s / unmerged tokens/s - 1, median "
+          "of paired repetitions per batch size.")
+
+    doc.h(2, "Accuracy")
+    for task in tasks:
+        cols = EVAL_COLUMNS.get(task, [(PRIMARY.get(task, ("accuracy",))[0], "score")])
+        rows = []
+        base_ev = None
+        for f in sorted((run_dir / "eval" / task).glob("*.json")):
+            if f.name.endswith(".predictions.json") or "." in f.stem:
+                continue
+            ev = _load(f)
+            if f.stem == "base":
+                base_ev = ev
+            rows.append([f.stem] + [_f(ev["metrics"].get(k)) for k, _ in cols] + [str(ev["n_examples"])])
+        rows.sort(key=lambda r: (r[0] != "base", r[0]))
+        if base_ev:
+            for name, m in base_ev.get("baselines", {}).items():
+                rows.append([f"baseline: {name.replace('_', ' ')}"] + [_f(m.get(k)) for k, _ in cols] + [""])
+        doc.h(3, task)
+        doc.table(["model"] + [c for _, c in cols] + ["examples"], rows)
+
+    doc.h(2, "Drift of the hidden states")
+    for task in tasks:
+        d = _load(run_dir / "drift" / task / "drift.json")
+        if not d:
+            continue
+        doc.h(3, task)
+        rows = []
+        for name, m in d["summary"]["per_model"].items():
+            tc, ec = m["token_cka_drift"], m.get("example_cka_drift", {})
+            rows.append([name, f"{tc['value']:.2e} [{tc['ci_low']:.2e}, {tc['ci_high']:.2e}]",
+                         _f(ec.get("value"), ".2e"), _f(m.get("cosine_drift", {}).get("value"), ".4f")])
+        doc.table(["model", "1 - token CKA (mean over layers)", "1 - example CKA", "1 - cosine"], rows)
+        doc.p(f"{d['n_examples']} held-out prompts, {d['n_tokens']} tokens; states: embedding and each decoder "
+              f"layer ({'the last includes' if d.get('final_norm_included') else 'before'} the final norm).")
+        doc.fig(run_dir / "drift" / task / "cka_vs_layer.png", f"{task}: linear CKA with the base model per layer")
+        doc.fig(run_dir / "drift" / task / "cosine_vs_layer.png", f"{task}: cosine similarity with the base per layer")
+
+    doc.h(2, "Weight space")
+    for task in tasks:
+        w = _load(run_dir / "weights" / task / "weights.json")
+        if not w:
+            continue
+        doc.h(3, task)
+        rows = []
+        for model, per in w["summary"].items():
+            for mt, s in per.items():
+                rows.append([model, mt, _f(s["fro_norm_mean"], ".3f"), _f(s["effective_rank_mean"]),
+                             _f(s["stable_rank_mean"], ".2f"), _f(s["top8_energy_mean"], ".2f"),
+                             str(s["intruders_total"])])
+        doc.table(["model", "module", "||dW||_F", "effective rank", "stable rank", "top-8 energy", "intruders"], rows)
+        doc.fig(run_dir / "weights" / task / "weight_spectra.png", f"{task}: singular value spectra of the updates")
+
+    if cfg.get("forgetting"):
+        doc.h(2, "Forgetting: each tuned model on the other tasks")
+        rows = []
+        for task in tasks:
+            metric = PRIMARY.get(task, ("accuracy",))[0]
+            base_ev = _load(run_dir / "eval" / task / "base.json")
+            for f in sorted((run_dir / "eval" / task).glob("*.*.json")):
+                if f.name.endswith(".predictions.json"):
+                    continue
+                ev = _load(f)
+                trained_on, name = f.stem.split(".", 1)
+                d = _load(run_dir / "drift" / trained_on / "drift.json")
+                drift = d["summary"]["per_model"].get(name, {}).get("token_cka_drift", {}).get("value") if d else None
+                b = base_ev["metrics"][metric] if base_ev else None
+                v = ev["metrics"][metric]
+                rows.append([f"{name} (trained on {trained_on})", f"{task} {metric}", _f(v),
+                             _f(None if b is None else v - b, "+.1f"), _f(drift, ".2e")])
+        doc.table(["model", "evaluated on", "score", "change vs base", f"drift on its own task"], rows)
+
+    serve_dirs = sorted((run_dir / "serve").glob("r*/serve.json")) if (run_dir / "serve").is_dir() else []
+    if serve_dirs:
+        doc.h(2, "Serving: merged vs unmerged adapters")
+        for sf in serve_dirs:
+            s = _load(sf)
+            doc.h(3, f"{sf.parent.name} ({s['settings']['engine']})")
+            rows = [[r["config"], str(r["batch_size"]), _f(r["tokens_per_second"]),
+                     _f(r["latency_p95_s"], ".3f"), _f(r["ttft_p50_s"], ".3f"),
+                     (f"{_pct(r['overhead'])} [{_pct(r['overhead_min'])}, {_pct(r['overhead_max'])}]"
+                      if r["overhead"] is not None else "-"), _pct(r["expected_overhead_flops"]),
+                     _f(r["peak_rss_mb"], ".0f")] for r in s["summary"]["rows"]]
+            doc.table(["config", "batch", "tokens/s", "p95 latency s", "TTFT s", "overhead [range]",
+                       "FLOP limit", "peak MiB"], rows)
+            ag = [f"{k}: {v['identical']}/{v['n']} identical" for k, v in s["summary"]["agreement"].items() if v]
+            if ag:
+                doc.p("Greedy output agreement: " + "; ".join(ag) + ".")
+            mem = s["summary"]["memory"]
+            if "merged_alternative_for_all_tasks_mb" in mem:
+                doc.p(f"Memory: all adapters in one engine {mem['multi']['peak_rss_mb']:.0f} MiB vs one merged "
+                      f"engine per task {mem['merged_alternative_for_all_tasks_mb']:.0f} MiB.")
+            for fig, cap in (("serve_throughput.png", "output tokens/s vs batch size"),
+                             ("serve_latency_p95.png", "p95 latency vs batch size"),
+                             ("serve_memory.png", "memory per configuration")):
+                doc.fig(sf.parent / fig, f"{sf.parent.name}: {cap}")
+            for f in s["summary"]["failed"]:
+                doc.p(f"Failed configuration: {f['error']}")
+
+    if len(study["ranks"]) > 1:
+        doc.h(2, "Rank sweep")
+        rows = []
+        for r in study["ranks"]:
+            for task in tasks:
+                metric = PRIMARY.get(task, ("accuracy",))[0]
+                evs = [_load(run_dir / "eval" / task / f"lora_r{r}_s{s}.json") for s in study["seeds"]]
+                acc = [e["metrics"][metric] for e in evs if e]
+                d = _load(run_dir / "drift" / task / "drift.json")
+                dv = [d["summary"]["per_model"].get(f"lora_r{r}_s{s}", {}).get("token_cka_drift", {}).get("value")
+                      for s in study["seeds"]] if d else []
+                dv = [x for x in dv if x is not None]
+                s_ = _load(run_dir / "serve" / f"r{r}" / "serve.json")
+                ov = [x["overhead"] for x in s_["summary"]["rows"]
+                      if s_ and x["config"] == f"unmerged:{task}" and x["overhead"] is not None] if s_ else []
+                rows.append([str(r), task, _f(sum(acc) / len(acc) if acc else None),
+                             _f(sum(dv) / len(dv) if dv else None, ".2e"),
+                             _pct(max(ov)) if ov else "-"])
+        doc.table(["rank", "task", "primary metric (mean over seeds)", "drift", "worst serving overhead"], rows)
+
+    doc.h(2, "Environment")
+    prov = study["provenance"]
+    doc.pre(json.dumps({"versions": prov["versions"], "git": prov["git"], "hardware": prov["hardware"]}, indent=2))
+    doc.pre(json.dumps({"study": cfg, "base_config": study["base_config"], "ranks": study["ranks"],
+                        "seeds": study["seeds"]}, indent=2))
+
+    out = run_dir / "report"
+    with atomic_path(out, is_dir=True) as tmp:
+        figs = tmp / "figures"
+        figs.mkdir()
+        (tmp / "report.md").write_text(doc.markdown(figs, "figures"))
+        (tmp / "index.html").write_text(doc.html("lorascope report"))
+        (tmp / "verdict.json").write_text(json.dumps(verdict, indent=2))
+    return out / "index.html"

@@ -1,0 +1,117 @@
+"""The proposal's success criteria, judged from a run directory's result files.
+
+1. Accuracy: LoRA (the primary rank) within `accuracy_margin` points of full fine-tuning
+   on each task's primary metric (MRPC accuracy, SQuAD v2 F1), mean over seeds, with a
+   95 % paired bootstrap interval over evaluation examples.
+2a. Drift: LoRA's drift (1 - token-level CKA averaged over layers) at least
+    `drift_reduction` below full fine-tuning's (ratio <= 1 - drift_reduction), with its
+    jackknife interval.
+2b. Serving: the unmerged adapter's overhead over merged serving at most
+    `max_serving_overhead` at every batch size measured.
+Overall: 1 and (2a or 2b), per task.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+from pathlib import Path
+from typing import Any
+
+PRIMARY = {"mrpc": ("accuracy", "MRPC accuracy"), "squad_v2": ("f1", "SQuAD v2 F1")}
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def per_example_scores(task: str, eval_file: Path) -> dict[str, float] | None:
+    """Per-example primary-metric scores (0-100) from an eval's predictions file."""
+    pred = _load(eval_file.with_suffix(".predictions.json"))
+    if pred is None:
+        return None
+    if task == "mrpc":
+        return {k: 100.0 * (v["pred"] == v["label"]) for k, v in pred.items() if v.get("label") is not None}
+    if "scores" in pred:
+        return {k: 100.0 * v for k, v in pred["scores"].items()}
+    return None
+
+
+def paired_bootstrap(a: dict[str, float], b: dict[str, float], *, n: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Mean of a - b over shared examples, with a 95 % percentile bootstrap interval."""
+    keys = sorted(set(a) & set(b))
+    diffs = [a[k] - b[k] for k in keys]
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(n))
+    return {"value": statistics.fmean(diffs), "ci_low": means[int(0.025 * n)], "ci_high": means[int(0.975 * n) - 1],
+            "n": len(keys)}
+
+
+def judge(run_dir: str | Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    study = _load(run_dir / "study.json")
+    if study is None:
+        raise FileNotFoundError(f"{run_dir}: no study.json; not a `lorascope run` directory")
+    cfg = study["config"]
+    rank, seeds = study["primary_rank"], study["seeds"]
+    tasks = {}
+    for task in cfg["tasks"]:
+        metric, label = PRIMARY.get(task, ("accuracy", task))
+        t: dict[str, Any] = {"metric": metric, "label": label}
+        full = [_load(run_dir / "eval" / task / f"full_s{s}.json") for s in seeds]
+        lora = [_load(run_dir / "eval" / task / f"lora_r{rank}_s{s}.json") for s in seeds]
+        if all(full) and all(lora):
+            fv = statistics.fmean(f["metrics"][metric] for f in full)
+            lv = statistics.fmean(x["metrics"][metric] for x in lora)
+            acc: dict[str, Any] = {"full": fv, "lora": lv, "diff": lv - fv, "seeds": len(seeds)}
+            fs = [per_example_scores(task, run_dir / "eval" / task / f"full_s{s}.json") for s in seeds]
+            ls = [per_example_scores(task, run_dir / "eval" / task / f"lora_r{rank}_s{s}.json") for s in seeds]
+            if all(fs) and all(ls):
+                keys = set.intersection(*(set(x) for x in fs + ls))
+                fa = {k: statistics.fmean(x[k] for x in fs) for k in keys}
+                la = {k: statistics.fmean(x[k] for x in ls) for k in keys}
+                acc["bootstrap"] = paired_bootstrap(la, fa)
+            acc["pass"] = acc["diff"] >= -cfg["accuracy_margin"]
+            acc["confident"] = acc.get("bootstrap", {}).get("ci_low", -1e9) >= -cfg["accuracy_margin"]
+            t["accuracy"] = acc
+        drift = _load(run_dir / "drift" / task / "drift.json")
+        if drift:
+            ratios = [r for r in drift["summary"]["ratios"]
+                      if r["lora"] == f"lora_r{rank}_s{seeds[0]}" and r["full"] == f"full_s{seeds[0]}"]
+            if ratios and ratios[0]["token_cka"]["value"] is not None:
+                r = ratios[0]["token_cka"]
+                t["drift"] = {"ratio": r["value"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
+                              "full": drift["summary"]["per_model"][f"full_s{seeds[0]}"]["token_cka_drift"]["value"],
+                              "lora": drift["summary"]["per_model"][f"lora_r{rank}_s{seeds[0]}"]["token_cka_drift"]["value"],
+                              "pass": r["value"] <= 1 - cfg["drift_reduction"],
+                              "confident": r["ci_high"] <= 1 - cfg["drift_reduction"]}
+        serve = _load(run_dir / "serve" / f"r{rank}" / "serve.json")
+        if serve:
+            rows = [x for x in serve["summary"]["rows"] if x["config"] == f"unmerged:{task}" and x["overhead"] is not None]
+            if rows:
+                worst = max(rows, key=lambda x: x["overhead"])
+                t["serving"] = {"engine": serve["settings"]["engine"],
+                                "overheads": {x["batch_size"]: x["overhead"] for x in rows},
+                                "max": worst["overhead"], "max_at_batch": worst["batch_size"],
+                                "min": min(x["overhead"] for x in rows),
+                                "flop_limit": worst["expected_overhead_flops"],
+                                "pass": worst["overhead"] <= cfg["max_serving_overhead"]}
+        acc_ok = t.get("accuracy", {}).get("pass")
+        alt = [t[k]["pass"] for k in ("drift", "serving") if k in t]
+        if acc_ok is None or not alt:
+            t["verdict"] = "incomplete"
+        else:
+            t["verdict"] = "meets the criteria" if acc_ok and any(alt) else "does not meet the criteria"
+        tasks[task] = t
+    verdicts = [t["verdict"] for t in tasks.values()]
+    if all(v == "meets the criteria" for v in verdicts):
+        overall = "LoRA meets the proposal's success criteria on every task"
+    elif "incomplete" in verdicts:
+        overall = "incomplete: some results are missing (see the tables)"
+    else:
+        failed = [k for k, t in tasks.items() if t["verdict"] != "meets the criteria"]
+        overall = f"LoRA does not meet the criteria on {', '.join(failed)}"
+    return {"tasks": tasks, "overall": overall, "rank": rank, "seeds": seeds, "criteria": {
+        "accuracy_margin": cfg["accuracy_margin"], "drift_reduction": cfg["drift_reduction"],
+        "max_serving_overhead": cfg["max_serving_overhead"]}}
