@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine (Debian, Python 3.11, CPU):
-#   make demo   the main job: a real LoRA study on SmolLM2-135M and the MRPC data (minutes)
+#   make demo   the main job: the whole study (configs/quick.yaml) on SmolLM2-135M, MRPC and SQuAD v2
 #   make test   the test suite
 # Both create the virtual environment .venv on first use.
 
@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 PIP_TORCH_ARGS ?=
 DATA ?= $(abspath ../shared/data)
 export LORASCOPE_DATA_DIR ?= $(DATA)
-RUN ?= runs/demo
+RUN ?= runs/quick
 
 .PHONY: setup demo test test-fast bench clean
 
@@ -29,11 +29,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/lorascope prepare-model --model smollm2-135m
-	$(BIN)/lorascope eval --config configs/demo.yaml --checkpoint base --output $(RUN)/base-mrpc.json
-	$(BIN)/lorascope train --config configs/demo.yaml --output-dir $(RUN)/mrpc-lora
-	$(BIN)/lorascope eval --config configs/demo.yaml --checkpoint $(RUN)/mrpc-lora/model
-	$(BIN)/lorascope summary $(RUN)/base-mrpc.json $(RUN)/mrpc-lora/model/eval-mrpc-eval.json
+	$(BIN)/lorascope run configs/quick.yaml --run-dir $(RUN)
+	@echo "report: $(RUN)/report/index.html (and report.md)"
 
 test: setup
 	$(BIN)/python -m pytest -q

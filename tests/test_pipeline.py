@@ -62,7 +62,7 @@ def test_smoke_study_writes_every_stage_and_the_report(smoke_run):
         assert acc["bootstrap"]["ci_low"] <= acc["diff"] <= acc["bootstrap"]["ci_high"]
         assert f"LoRA {acc['lora']:.1f} vs full {acc['full']:.1f}" in md
     assert "(2a) LoRA drift" in md and "(2b) unmerged serving overhead" in md and "## Rank sweep" in md
-    assert "Forgetting" in md and "## Environment" in md
+    assert "Forgetting" in md and "## Environment" in md and "Recommendation: LoRA r=8" in md
     # figures: copied beside the Markdown, embedded in the HTML (self-contained: no external source)
     figs = list((run_dir / "report" / "figures").glob("*.png"))
     assert len(figs) >= 2 * 3 + 2 * 3  # drift (2 per task), spectra, serving (3 per rank)
@@ -202,3 +202,31 @@ def test_paired_bootstrap_interval():
     assert r["value"] == pytest.approx(50.0) and r["ci_low"] < 50.0 < r["ci_high"] and r["ci_high"] - r["ci_low"] < 15
     same = paired_bootstrap(a, a)
     assert same["value"] == same["ci_low"] == same["ci_high"] == 0.0
+
+
+def test_report_page_renders_in_headless_chromium(smoke_run, tmp_path):
+    """The HTML page opens from disk and shows its embedded figures (a screenshot proves it)."""
+    import shutil
+    import subprocess
+
+    import numpy as np
+    from matplotlib import image
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Debian's chromium package is not installed (.ci/run installs it)")
+    run_dir, _, _ = smoke_run
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1200,5000", f"--screenshot={shot}",
+                    (run_dir / "report" / "index.html").resolve().as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    px = (image.imread(shot)[:, :, :3] * 255).astype(int)
+    assert px.shape[:2] == (5000, 1200)
+    # matplotlib's first line colour (tab:blue) appears only if the embedded figures were drawn
+    blue = (np.abs(px - np.array([31, 119, 180])) < 12).all(axis=2)
+    assert blue.sum() > 500
+    # the verdict table's PASS / FAIL cells are coloured
+    green = (np.abs(px - np.array([0xdf, 0xf5, 0xdf])) < 4).all(axis=2)
+    red = (np.abs(px - np.array([0xfb, 0xe0, 0xe0])) < 4).all(axis=2)
+    assert green.sum() + red.sum() > 1000

@@ -383,7 +383,7 @@ def _run(study: Study, config_path: str, run_dir: Path, only, force) -> dict:
                               "outputs": [str(o) for o in s.outputs]})
         remaining = len(stages) - i
         eta = (f", ETA for the rest ~{_fmt(sum(done_times) / len(done_times) * remaining)} at this pace"
-               if done_times else "")
+               if sum(done_times) >= 10 else "")
         log.info("[%d/%d] %s: running (elapsed %s%s)", i, len(stages), s.name, _fmt(time.time() - t_run), eta)
         t0 = time.time()
         s.fn()

@@ -106,12 +106,19 @@ class Doc:
 
 
 def _cls(cell: str) -> str:
-    return {"PASS": "pass", "FAIL": "fail"}.get(cell.split(" ")[0], "")
+    mark = {"PASS": "pass", "FAIL": "fail"}.get(cell.split(" ")[0])
+    if mark:
+        return mark
+    try:
+        float(cell.split(" ")[0].rstrip("%"))
+        return "num"
+    except ValueError:
+        return ""
 
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
-th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.pass{background:#dff5df}.fail{background:#fbe0e0}
+table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}.num{text-align:right}
+th{background:#f3f3f3}.pass{background:#dff5df}.fail{background:#fbe0e0}
 figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}pre{background:#f7f7f7;padding:8px;overflow-x:auto}"""
 
 
@@ -133,6 +140,7 @@ def render_report(run_dir: str | Path) -> Path:
 
     doc.h(2, "Verdict")
     doc.p(f"Overall: {verdict['overall']}.")
+    doc.p(f"Recommendation: {verdict['recommendation']}")
     rows = []
     for task, t in verdict["tasks"].items():
         acc, dr, sv = t.get("accuracy"), t.get("drift"), t.get("serving")
@@ -152,6 +160,15 @@ def render_report(run_dir: str | Path) -> Path:
                          f"(worst at {sv['max_at_batch']}; FLOP limit {_pct(sv['flop_limit'])})", _mark(sv["pass"])])
         rows.append([task, "overall: (1) and ((2a) or (2b))", "", t["verdict"]])
     doc.table(["task", "criterion", "measured (95% interval)", "result"], rows)
+    for task, t in verdict["tasks"].items():
+        acc = t.get("accuracy") or {}
+        beats = acc.get("beats_baseline")
+        if beats and not all(beats.values()):
+            bl = acc["best_baseline"]
+            who = " and ".join(m for m in ("full", "lora") if not beats[m])
+            verb = "does" if len(who.split(" and ")) == 1 else "do"
+            doc.p(f"Caution ({task}): {who} fine-tuning {verb} not beat the baseline '{bl['name']}' ({bl['value']:.1f}); "
+                  f"criterion (1) then compares models that have not learned the task, so read it with care.")
     doc.p("Intervals: accuracy, paired bootstrap over evaluation examples (2000 resamples); drift ratio, "
           "delete-a-group jackknife over prompts. Serving overhead = merged tokens/s / unmerged tokens/s - 1, median "
           "of paired repetitions per batch size.")

@@ -72,6 +72,12 @@ def judge(run_dir: str | Path) -> dict[str, Any]:
                 fa = {k: statistics.fmean(x[k] for x in fs) for k in keys}
                 la = {k: statistics.fmean(x[k] for x in ls) for k in keys}
                 acc["bootstrap"] = paired_bootstrap(la, fa)
+            base_ev = _load(run_dir / "eval" / task / "base.json")
+            if base_ev and base_ev.get("baselines"):
+                name, m = max(base_ev["baselines"].items(), key=lambda kv: kv[1].get(metric, float("-inf")))
+                acc["best_baseline"] = {"name": name.replace("_", " "), "value": m.get(metric)}
+                acc["beats_baseline"] = {"full": fv > m.get(metric, float("inf")),
+                                         "lora": lv > m.get(metric, float("inf"))}
             acc["pass"] = acc["diff"] >= -cfg["accuracy_margin"]
             acc["confident"] = acc.get("bootstrap", {}).get("ci_low", -1e9) >= -cfg["accuracy_margin"]
             t["accuracy"] = acc
@@ -112,6 +118,40 @@ def judge(run_dir: str | Path) -> dict[str, Any]:
     else:
         failed = [k for k, t in tasks.items() if t["verdict"] != "meets the criteria"]
         overall = f"LoRA does not meet the criteria on {', '.join(failed)}"
-    return {"tasks": tasks, "overall": overall, "rank": rank, "seeds": seeds, "criteria": {
+    return {"tasks": tasks, "overall": overall, "recommendation": recommend(tasks, rank, cfg), "rank": rank,
+            "seeds": seeds, "criteria": {
         "accuracy_margin": cfg["accuracy_margin"], "drift_reduction": cfg["drift_reduction"],
         "max_serving_overhead": cfg["max_serving_overhead"]}}
+
+
+def recommend(tasks: dict[str, Any], rank: int, cfg: dict[str, Any]) -> str:
+    """A plain-language recommendation that follows from the measured criteria (not a fixed text)."""
+    parts = []
+    acc = {k: t["accuracy"] for k, t in tasks.items() if "accuracy" in t}
+    if acc:
+        behind = [k for k, a in acc.items() if not a["pass"]]
+        if behind:
+            parts.append(f"LoRA r={rank} falls more than {cfg['accuracy_margin']:g} points behind full fine-tuning on "
+                         f"{', '.join(behind)}: prefer full fine-tuning there, or try a higher rank")
+        else:
+            parts.append(f"LoRA r={rank} is within {cfg['accuracy_margin']:g} points of full fine-tuning on every task")
+    drift = {k: t["drift"] for k, t in tasks.items() if "drift" in t}
+    if drift:
+        ratios = ", ".join(f"{k} {d['ratio']:.2f}" for k, d in drift.items())
+        if all(d["pass"] for d in drift.values()):
+            parts.append(f"it moves the hidden states much less (drift ratio LoRA / full: {ratios}), so less "
+                         f"forgetting is expected")
+        else:
+            parts.append(f"its drift is not clearly lower than full fine-tuning's (ratio LoRA / full: {ratios})")
+    serving = {k: t["serving"] for k, t in tasks.items() if "serving" in t}
+    if serving:
+        worst = max(s["max"] for s in serving.values())
+        engine = next(iter(serving.values()))["engine"]
+        if worst <= cfg["max_serving_overhead"]:
+            parts.append(f"serving adapters unmerged costs at most {worst:.0%} in {engine}: keep one base model and "
+                         f"choose the adapter per request")
+        else:
+            parts.append(f"serving adapters unmerged costs up to {worst:.0%} in {engine} on this hardware: merge them "
+                         f"where latency or throughput matters, and keep them unmerged only where one model copy per "
+                         f"task does not fit in memory")
+    return "; ".join(parts) + "." if parts else "not enough results for a recommendation."
