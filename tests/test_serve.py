@@ -278,3 +278,22 @@ def test_overhead_is_paired_by_repetition_and_agreement_counts():
     b = [{"key": "k1", "token_ids": [1, 2, 3]}, {"key": "k2", "token_ids": [1, 9, 3]}]
     ag = _agreement(a, b)
     assert ag["rate"] == 0.5 and ag["mean_common_prefix"] == pytest.approx((1 + 1 / 3) / 2)
+
+
+def test_natural_lengths_stop_at_eos(serve_model, adapters, small_data, tmp_path):
+    from lorascope.serve import ServeSettings, run_serve_bench
+
+    settings = ServeSettings(engine="transformers", batch_sizes=[2], output_tokens=6, repetitions=1,
+                             check_prompts=2, modes=["merged"], natural_lengths=True)
+    report = run_serve_bench(str(serve_model), [f"mrpc={adapters['mrpc']}"], str(tmp_path), settings,
+                             data_dir=str(small_data))
+    spec = json.loads((tmp_path / "configs" / "merged-mrpc.spec.json").read_text())
+    assert spec["ignore_eos"] is False
+    res = json.loads((tmp_path / "configs" / "merged-mrpc.json").read_text())
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(serve_model).eos_token_id
+    for c in res["check"]:
+        ids = c["token_ids"]
+        assert 1 <= len(ids) <= 6 and (eos not in ids or ids.index(eos) == len(ids) - 1)
+    assert report["summary"]["rows"][0]["tokens_per_second"] > 0
