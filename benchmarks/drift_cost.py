@@ -4,18 +4,22 @@ Every arm runs in a fresh subprocess (so its peak RSS is its own) on the same pr
 batches and models (the base and two tuned checkpoints, loaded at once):
 
 1. forward   -- the forward passes alone: same batches, hooks installed but capturing nothing.
-2. drift N   -- `run_drift` on N prompts: time of the measurement (forward passes, streaming
-                accumulation and the final jackknife; not loading or writing), and peak RSS.
-3. drift n   -- the same on n = N/4 prompts: peak RSS (streaming: should be within 5 % of arm 2).
-4. baseline  -- stores every token's states of every layer and model, then `linear_cka` per layer
+2. drift N   -- `run_drift` on N prompts (the default: co-moment products in float64): time of
+                the measurement (forward passes, streaming accumulation and the final
+                jackknife; not loading or writing), and peak RSS.
+3. drift N, float32 products -- the same with `float32_products=True` (each batch's centred
+                products formed in float32, merged in float64): time, and the largest
+                difference from arm 2's token-level CKA.
+4. drift n   -- arm 2 on n = N/4 prompts: peak RSS (streaming: should be within 5 % of arm 2).
+5. baseline  -- stores every token's states of every layer and model, then `linear_cka` per layer
                 and pair: its time and peak RSS, and the largest difference from the streaming
-                token-level CKA of arm 3 on the same prompts.
+                token-level CKA of arm 4 on the same prompts.
 
 Targets: drift time / forward time <= 1.25; peak RSS of N vs n prompts within 5 %.
 
     python benchmarks/drift_cost.py [--model smollm2-135m] [--examples 1000] [--small 250]
         [--baseline-examples 250] [--task mrpc] [--data-dir DIR] [--batch-size 8]
-        [--tuned NAME=CHECKPOINT ...] [--float32-products] [--output results.json]
+        [--tuned NAME=CHECKPOINT ...] [--skip-float32] [--output results.json]
 
 Without --tuned, two synthetic checkpoints are made once in --workdir: "full" (every weight
 plus 1 % of its tensor's standard deviation in Gaussian noise) and "lora" (a PEFT rank-8
@@ -51,7 +55,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--data-dir", default=os.environ.get("LORASCOPE_DATA_DIR") or str(REPO.parent / "shared" / "data"))
     p.add_argument("--tuned", action="append", default=[], metavar="NAME=CHECKPOINT")
-    p.add_argument("--float32-products", action="store_true")
+    p.add_argument("--float32-products", action="store_true", help=argparse.SUPPRESS)  # per arm
+    p.add_argument("--skip-float32", action="store_true", help="leave out arm 3")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "lorascope-drift-cost"))
     p.add_argument("--output", help="also write the results as JSON here")
     p.add_argument("--arm", help=argparse.SUPPRESS)
@@ -66,13 +71,17 @@ def main() -> None:
     tuned = args.tuned or synthetic_checkpoints(args.model, Path(args.workdir))
     common = ["--model", args.model, "--task", args.task, "--batch-size", str(args.batch_size),
               "--data-dir", args.data_dir, "--workdir", args.workdir,
-              *[x for t in tuned for x in ("--tuned", t)], *(["--float32-products"] if args.float32_products else [])]
+              *[x for t in tuned for x in ("--tuned", t)]]
     res = {"model": args.model, "task": args.task, "tuned": tuned, "batch_size": args.batch_size,
            "threads": os.environ.get("OMP_NUM_THREADS", "default")}
-    for arm, n in (("forward", args.examples), ("drift", args.examples), ("drift", small), ("baseline", n_base)):
-        print(f"-- {arm} on {n} prompts ...", file=sys.stderr, flush=True)
-        res[f"{arm}_{n}"] = subprocess_arm(arm, n, common)
     N = args.examples
+    arms = [("forward", N, []), ("drift", N, []), ("drift_f32", N, ["--float32-products"]), ("drift", small, []),
+            ("baseline", n_base, [])]
+    for arm, n, extra in arms:
+        if arm == "drift_f32" and args.skip_float32:
+            continue
+        print(f"-- {arm} on {n} prompts ...", file=sys.stderr, flush=True)
+        res[f"{arm}_{n}"] = subprocess_arm("drift" if arm == "drift_f32" else arm, n, common + extra)
     fwd, big, little, base = res[f"forward_{N}"], res[f"drift_{N}"], res[f"drift_{small}"], res[f"baseline_{n_base}"]
     res["summary"] = {
         "forward_s": fwd["seconds"], "drift_s": big["seconds"], "ratio": big["seconds"] / fwd["seconds"],
@@ -80,6 +89,11 @@ def main() -> None:
         "rss_growth": big["peak_rss_mb"] / little["peak_rss_mb"] - 1, "rss_growth_target": 0.05,
         f"baseline_s_{n_base}": base["seconds"], f"baseline_peak_rss_mb_{n_base}": base["peak_rss_mb"],
     }
+    f32 = res.get(f"drift_f32_{N}")
+    if f32:
+        res["summary"].update(float32_products_s=f32["seconds"], float32_products_ratio=f32["seconds"] / fwd["seconds"],
+                              float32_vs_float64_max_abs_cka_diff=max(
+                                  abs(a - b) for a, b in zip(f32["token_cka"], big["token_cka"])))
     if n_base == small:
         diffs = [abs(a - b) for a, b in zip(base["token_cka"], little["token_cka"])]
         res["summary"]["baseline_vs_streaming_max_abs_diff"] = max(diffs)
@@ -88,6 +102,10 @@ def main() -> None:
     print(f"\n{args.model}, {args.task}, batch {args.batch_size}, 3 models (base + {', '.join(tuned)})")
     print(f"forward passes alone, {N} prompts:  {s['forward_s']:9.2f} s")
     print(f"drift measurement,   {N} prompts:  {s['drift_s']:9.2f} s   ratio {s['ratio']:.3f} (target <= 1.25)")
+    if f32:
+        print(f"  with float32 products:           {s['float32_products_s']:9.2f} s   ratio "
+              f"{s['float32_products_ratio']:.3f}, max |CKA diff| from float64 "
+              f"{s['float32_vs_float64_max_abs_cka_diff']:.2e}")
     print(f"peak RSS, drift on {N} prompts:    {big['peak_rss_mb']:9.0f} MB")
     print(f"peak RSS, drift on {small} prompts:    {little['peak_rss_mb']:9.0f} MB   growth "
           f"{100 * s['rss_growth']:+.1f}% (target within 5%)")

@@ -63,6 +63,11 @@ def test_smoke_study_writes_every_stage_and_the_report(smoke_run):
         assert f"LoRA {acc['lora']:.1f} vs full {acc['full']:.1f}" in md
     assert "(2a) LoRA drift" in md and "(2b) unmerged serving overhead" in md and "## Rank sweep" in md
     assert "Forgetting" in md and "## Environment" in md and "Recommendation: LoRA r=8" in md
+    # SQuAD v2: each model's no-answer threshold tuned on 20 held-out questions (smoke.yaml), and reported
+    ev = json.loads((run_dir / "eval" / "squad_v2" / "lora_r8_s0.json").read_text())
+    cal = ev["metrics"]["calibration"]
+    assert cal["n"] == 20 and ev["metrics"]["no_answer_threshold"] == cal["threshold"]
+    assert f"lora_r8_s0 {cal['threshold']:+.2f} (F1 {ev['metrics']['greedy']['f1']:.1f}" in md
     # figures: copied beside the Markdown, embedded in the HTML (self-contained: no external source)
     figs = list((run_dir / "report" / "figures").glob("*.png"))
     assert len(figs) >= 2 * 3 + 2 * 3  # drift (2 per task), spectra, serving (3 per rank)

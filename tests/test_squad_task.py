@@ -100,3 +100,100 @@ def test_evaluate_on_tiny_model_gives_official_keys(tiny_model, small_data):
     assert metrics["total"] == len(exs) == len(preds["predictions"])
     base = task.baselines(exs)["always_no_answer"]
     assert base["NoAns_exact"] == 100.0 and base["HasAns_exact"] == 0.0
+
+
+def _articles(specs):
+    """One paragraph per spec (answer text or None for unanswerable) in one article, official layout."""
+    paras = []
+    for i, ans in enumerate(specs):
+        ctx = f"Paragraph {i} mentions Beta{i}."
+        qa = {"id": f"q{i}", "question": f"What does paragraph {i} mention?", "is_impossible": ans is None,
+              "answers": [] if ans is None else [{"text": ans, "answer_start": ctx.index(ans)}]}
+        paras.append({"context": ctx, "qas": [qa]})
+    return [{"title": "t", "paragraphs": paras}]
+
+
+def test_best_threshold_picks_the_best_abstention_set():
+    from lorascope.tasks.squad_v2 import best_threshold, predictions_at
+
+    arts = _articles(["Beta0", None, None, "Beta3"])
+    answers = {"q0": "Beta0", "q1": "Beta1", "q2": "Beta2", "q3": "Beta3"}  # right, wrong, wrong, right
+    margins = {"q0": -2.0, "q1": -1.0, "q2": 0.5, "q3": 1.0}
+    got = best_threshold(margins, answers, arts)
+    # greedy (0) abstains on q2 and q3: 2 of 4 right; the best is to abstain on q1, q2, q3: 3 of 4
+    assert got["f1_at_0"] == pytest.approx(50.0)
+    assert got["f1"] == pytest.approx(75.0) and got["abstained"] == 3
+    assert -2.0 < got["threshold"] < -1.0
+    assert predictions_at(margins, answers, got["threshold"]) == {"q0": "Beta0", "q1": "", "q2": "", "q3": ""}
+    assert got["f1_always_no_answer"] == pytest.approx(50.0)
+    # equal F1 at several thresholds: the one nearest 0 (here: greedy's own decisions) wins
+    tie = best_threshold({"q0": -2.0, "q1": 1.0, "q2": 2.0, "q3": -1.0}, answers, arts)
+    assert tie["f1"] == pytest.approx(100.0) and -1.0 < tie["threshold"] < 1.0
+
+
+def test_no_answer_margin_reproduces_greedy_abstention(tiny_model, small_data):
+    import torch
+
+    from lorascope.models import load_model, load_tokenizer
+    from lorascope.tasks.base import prompt_ids
+    from lorascope.tasks.squad_v2 import no_answer_first_tokens, predictions_at
+
+    task = get_task("squad_v2")
+    exs = task.load_split("eval", DataConfig(dir=str(small_data)))[:12]
+    model, tok = load_model(str(tiny_model)), load_tokenizer(str(tiny_model))
+    na = no_answer_first_tokens(tok)
+    # make the no-answer token the greedy choice for every other prompt: an untied output row for it
+    # whose logit at each prompt's last position is the best other logit +-1
+    with torch.no_grad():
+        head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=False)
+        head.weight.copy_(model.lm_head.weight)
+        model.lm_head = head
+        last = torch.stack([model.model(input_ids=torch.tensor([prompt_ids(tok, e.prompt)])).last_hidden_state[0, -1]
+                            for e in exs])
+        logits = head(last)
+        logits[:, na] = float("-inf")
+        target = logits.max(1).values + torch.tensor([1.0, -1.0] * (len(exs) // 2))
+        head.weight[na[0]] = torch.linalg.lstsq(last, target[:, None]).solution[:, 0]
+    _, preds = task.evaluate(model, tok, exs, batch_size=4, max_new_tokens=3, max_len=512)
+    margins, answers = preds["no_answer_margin"], preds["answers"]
+    assert set(margins) == {e.id for e in exs}
+    assert preds["predictions"] == predictions_at(margins, answers, 0.0)
+    assert any(v > 0 for v in margins.values()) and any(v < 0 for v in margins.values())
+    for e in exs:  # plain greedy decoding, one prompt at a time: abstains exactly when the margin is positive
+        ids = torch.tensor([prompt_ids(tok, e.prompt)])
+        with torch.no_grad():
+            first = int(model(input_ids=ids).logits[0, -1].argmax())
+        assert (first in na) == (margins[e.id] > 0), e.id
+    assert all(p == "" for p in predictions_at(margins, answers, -1e9).values())
+    assert predictions_at(margins, answers, 1e9) == answers
+
+
+def test_eval_tunes_the_no_answer_threshold_on_disjoint_paragraphs(tiny_model, tmp_path):
+    from conftest import _squad_articles
+
+    from lorascope.config import load_config
+    from lorascope.evaluate import evaluate
+
+    d = tmp_path / "data" / "squad_v2"
+    d.mkdir(parents=True)
+    (d / "dev-v2.0.json").write_text(json.dumps(_squad_articles(30, 6)))
+    common = {"model.name": str(tiny_model), "data.dir": str(tmp_path / "data"), "eval.task": "squad_v2",
+              "data.max_eval_examples": 4}
+    cfg = load_config(None, ["eval.calibration_examples=20", "eval.max_new_tokens=3"],
+                      **common, **{"eval.output": str(tmp_path / "out.json")})
+    res = evaluate(cfg)
+    m = res["metrics"]
+    cal = m["calibration"]
+    assert cal["n"] == 20 and m["no_answer_threshold"] == cal["threshold"]
+    assert cal["f1"] >= max(cal["f1_at_0"], cal["f1_always_no_answer"]) - 1e-9
+    official = [k for k in m if k.split("_")[0] in ("exact", "f1", "total", "HasAns", "NoAns")]
+    assert list(m["greedy"]) == official and m["total"] == 4
+    task = get_task("squad_v2")
+    evaluated = task.examples("eval", cfg.data, limit=4)
+    calib = task.calibration_examples(cfg.data, evaluated, 20)
+    assert not {e.meta["context"] for e in calib} & {e.meta["context"] for e in evaluated}
+    assert not {e.id for e in calib} & {e.id for e in evaluated}
+    with pytest.raises(LorascopeError, match="share no paragraph"):
+        task.calibration_examples(cfg.data, evaluated, 1000)
+    with pytest.raises(LorascopeError, match="calibration_examples"):
+        load_config(None, ["eval.calibration_examples=5"], **common)

@@ -9,6 +9,7 @@ accepted, and unknown keys get a "did you mean".
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -160,6 +161,12 @@ class EvalArgs:
     output: str | None = field(default=None, metadata={"help": "metrics JSON path (default: CHECKPOINT/eval-TASK.json)"})
     batch_size: int = field(default=16, metadata={"help": "examples per forward pass"})
     max_new_tokens: int = field(default=32, metadata={"help": "longest generated answer (SQuAD)"})
+    no_answer_threshold: float = field(default=0.0, metadata={
+        "help": "SQuAD v2: abstain when the no-answer margin (logit of 'unanswerable' minus the best other first "
+                "token) exceeds this; 0 = greedy decoding's own choice"})
+    calibration_examples: int = field(default=0, metadata={
+        "help": "SQuAD v2: tune no_answer_threshold for the best F1 on this many held-out questions that share no "
+                "paragraph with the evaluated ones, then apply it (0 = off; other tasks ignore it)"})
 
     def problems(self) -> list[str]:
         from lorascope.tasks import TASKS
@@ -172,6 +179,11 @@ class EvalArgs:
             out.append(f"eval.split: got {self.split!r}; accepted: eval, train")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             out.append("eval.batch_size and eval.max_new_tokens: must be positive integers")
+        if self.calibration_examples < 0 or (0 < self.calibration_examples < 20):
+            out.append(f"eval.calibration_examples: got {self.calibration_examples}; accepted: 0 (off) or at "
+                       f"least 20 questions")
+        if not math.isfinite(self.no_answer_threshold):
+            out.append(f"eval.no_answer_threshold: got {self.no_answer_threshold}; accepted: a finite number")
         return out
 
 

@@ -23,6 +23,23 @@ def default_output(cfg: Config) -> Path:
     return Path(e.checkpoint) / f"eval-{e.task}-{e.split}.json"
 
 
+def calibrate_no_answer(task, model, tok, cfg: Config, examples, kwargs) -> dict:
+    """Tune the SQuAD v2 no-answer threshold on held-out questions disjoint from `examples`' paragraphs."""
+    from lorascope.tasks.squad_v2 import best_threshold, examples_to_articles
+
+    calib = task.calibration_examples(cfg.data, examples, cfg.eval.calibration_examples)
+    log.info("squad_v2: tuning the no-answer threshold on %d calibration questions", len(calib))
+    _, pred = task.evaluate(model, tok, calib, **kwargs)
+    kept = [x for x in calib if x.id in pred["answers"]]
+    out = best_threshold(pred["no_answer_margin"], pred["answers"], examples_to_articles(kept))
+    out["example_ids_sha256"] = hashlib.sha256("\n".join(x.id for x in kept).encode()).hexdigest()
+    out["rule"] = ("abstain when the no-answer margin exceeds the threshold; chosen for the best F1 on the "
+                   "calibration questions (held-out, sharing no paragraph with the evaluated questions)")
+    log.info("squad_v2: no-answer threshold %.3f (calibration F1 %.2f; %.2f at 0, greedy)", out["threshold"],
+             out["f1"], out["f1_at_0"])
+    return out
+
+
 def evaluate(cfg: Config) -> dict:
     """Evaluate cfg.eval.checkpoint on cfg.eval.task; write metrics and predictions JSON."""
     import torch
@@ -42,8 +59,26 @@ def evaluate(cfg: Config) -> dict:
     if torch.cuda.is_available():
         model = model.to("cuda")
     t0 = time.time()
-    metrics, predictions = task.evaluate(model, tok, examples, batch_size=e.batch_size,
-                                         max_new_tokens=e.max_new_tokens, max_len=cfg.data.eval_max_seq_len)
+    kwargs = dict(batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, max_len=cfg.data.eval_max_seq_len)
+    calibration = None
+    if e.task == "squad_v2":
+        threshold = e.no_answer_threshold
+        if e.calibration_examples:
+            calibration = calibrate_no_answer(task, model, tok, cfg, examples, kwargs)
+            threshold = calibration["threshold"]
+        kwargs["no_answer_threshold"] = threshold
+    elif e.calibration_examples or e.no_answer_threshold:
+        log.info("%s has no no-answer option: eval.calibration_examples and eval.no_answer_threshold are ignored",
+                 e.task)
+    metrics, predictions = task.evaluate(model, tok, examples, **kwargs)
+    if calibration is not None:
+        from lorascope.tasks.squad_v2 import examples_to_articles, predictions_at
+        from lorascope.tasks import squad_metric
+
+        kept = [x for x in examples if x.id in predictions["answers"]]
+        greedy = predictions_at(predictions["no_answer_margin"], predictions["answers"], 0.0)
+        metrics["greedy"] = dict(squad_metric.score_predictions(examples_to_articles(kept), greedy))
+        metrics["calibration"] = calibration
     seconds = time.time() - t0
     ids = "\n".join(x.id for x in examples)
     out = default_output(cfg)

@@ -29,9 +29,9 @@ Measures, per layer and pair (reference = the first model of the pair):
 
 Intervals (95 %): delete-a-group jackknife over groups of whole prompts (see
 :mod:`lorascope.drift.stats`): ``jackknife_groups`` groups (default 5) for the
-token-level measures, whose per-group accumulators cost
-``groups x pairs x (layers + 1) x 3 x hidden^2 x 8`` bytes (SmolLM2-135M, 3 models,
-5 groups: 3.7 GB); up to 100 groups (one prompt each when there are fewer) for the
+token-level measures, whose per-group co-moments cost
+``groups x (layers + 1) x (models + pairs) x hidden^2 x 8`` bytes (SmolLM2-135M, 3 models,
+5 groups: 2.5 GB); up to 100 groups (one prompt each when there are fewer) for the
 example-level CKA, computed from Gram matrices with exact downdates. Summary: drift =
 1 - CKA averaged over the layer states, per tuned model against the base, and the ratio
 lora drift / full drift, each with its jackknife interval.
@@ -64,7 +64,7 @@ import numpy as np
 from lorascope import LorascopeError
 from lorascope.drift import stats
 from lorascope.runinfo import atomic_path, provenance, write_json
-from lorascope.similarity import StreamingCKA, cosine_similarity_rows, linear_cka, relative_change
+from lorascope.similarity import StreamingCKA, linear_cka
 
 log = logging.getLogger(__name__)
 
@@ -188,16 +188,20 @@ def run_drift(task: str, base: str, tuned, output_dir: str | os.PathLike, *, max
     del models, captures
     t_loop = time.time()
 
-    acc = acc.gather(world, rank, pg)
+    gathered = acc.gather(world, rank, pg)
     if created:
         import torch.distributed as dist
 
         dist.destroy_process_group()
-    if rank != 0:
+    if gathered is None:
+        acc.close()
         return None
 
     layers = ["embedding"] + [f"layer_{i}" for i in range(n_states - 1)]
-    tables, loo = finalise(acc, names, pairs, layers, zscore, np.asarray(ex_group_of), ex_groups)
+    try:
+        tables, loo = finalise(acc, names, pairs, layers, zscore, np.asarray(ex_group_of), ex_groups)
+    finally:
+        acc.close()
     summary = summarise(tables, loo, names, infos, pairs)
     t_done = time.time()
 
@@ -345,17 +349,32 @@ def _distributed():
 
 
 class Accumulators:
-    """Everything kept between batches: per-group streaming CKA states, pooled states,
-    histograms and sums. Its size does not depend on the number of tokens; the pooled
-    states are ``examples x hidden`` float32 per model and layer state."""
+    """Everything kept between batches. Its size does not depend on the number of examples
+    or tokens:
+
+    - token-level co-moments per jackknife group and layer state, float64: each model's
+      running mean and centred self co-moment (shared by every pair the model is in) and
+      each pair's centred cross co-moment, folded batch by batch with the Chan et al.
+      update (the same arithmetic as :class:`~lorascope.similarity.StreamingCKA`);
+    - histograms and sums for cosine and relative change;
+    - the mean-pooled state of every example (for example-level CKA) is written to an
+      unnamed temporary file as batches go and read back by :meth:`pooled_states`.
+    """
 
     def __init__(self, n_models: int, pairs: list[tuple[int, int]], n_states: int, groups: int, n_examples: int,
                  hidden: int, float32_products: bool = False):
+        import tempfile
+
         self.pairs, self.n_states, self.groups = pairs, n_states, groups
+        self.n_models, self.n_examples, self.hidden = n_models, n_examples, hidden
         self.float32_products = float32_products
-        P, L, G, B = len(pairs), n_states, groups, stats.HIST_EDGES.size - 1
-        self.token = [[[StreamingCKA(hidden, hidden) for _ in range(L)] for _ in range(P)] for _ in range(G)]
-        self.pooled = [[np.zeros((n_examples, hidden), np.float32) for _ in range(L)] for _ in range(n_models)]
+        P, L, G, M, B, d = len(pairs), n_states, groups, n_models, stats.HIST_EDGES.size - 1, hidden
+        # np.zeros maps untouched pages lazily: a group's memory is used once it sees a batch
+        self.mean = np.zeros((G, L, M, d))
+        self.self_s = np.zeros((G, L, M, d, d))
+        self.cross_s = np.zeros((G, L, P, d, d))
+        self.fmin = np.full((G, L, M, d), np.inf)
+        self.fmax = np.full((G, L, M, d), -np.inf)
         self.seen = np.zeros(n_examples, bool)
         self.cos_hist = np.zeros((P, L, B), np.int64)  # of 1 - cosine
         self.rel_hist = np.zeros((P, L, B), np.int64)
@@ -364,30 +383,38 @@ class Accumulators:
         self.rel_sum = np.zeros((G, P, L))
         self.rel_n = np.zeros((G, P, L))
         self.n_tokens = np.zeros(G, np.int64)
+        self._spill = tempfile.TemporaryFile(prefix="lorascope-pooled-")
+        self._spilled: list[np.ndarray] = []  # example indices, in the order their rows were written
 
     def add(self, states: list[list[Any]], batch, counts: list[int], names: list[str]) -> None:
         g, idx = batch.group, np.asarray(batch.examples)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        self.n_tokens[g] += int(sum(counts))
-        self.seen[idx] = True
+        nb, na = int(sum(counts)), int(self.n_tokens[g])
+        pooled = np.empty((len(idx), self.n_models, self.n_states, self.hidden), np.float32)
         for layer in range(self.n_states):
-            xs, moments = [], []
+            xs, xcs, means, selfs, ext = [], [], [], [], []
             for m, per_model in enumerate(states):
                 x = per_model[layer].detach().cpu().numpy().astype(np.float64)
-                if not np.isfinite(x).all():
+                mean = x.mean(axis=0)
+                if not np.isfinite(mean).all():  # NaN and inf reach the mean
                     raise LorascopeError(f"drift: {names[m]} produced NaN or infinite hidden states at layer state "
                                          f"{layer}; the checkpoint is broken")
+                xc = x - mean
+                pooled[:, m, layer] = np.add.reduceat(x, starts, axis=0) / np.asarray(counts)[:, None]
                 xs.append(x)
-                self.pooled[m][layer][idx] = np.add.reduceat(x, starts, axis=0) / np.asarray(counts)[:, None]
-                moments.append(self._moments(x))
+                xcs.append(xc)
+                means.append(mean)
+                selfs.append(self._product(xc, xc))
+                ext.append((x.min(axis=0), x.max(axis=0)))
+            crosses = [self._product(xcs[a], xcs[b]) for a, b in self.pairs]
+            self._fold(g, layer, na, nb, means, selfs, crosses, ext)
+            sq = [np.einsum("ij,ij->i", x, x) for x in xs]  # squared row norms: float32 data cannot overflow here
             for p, (a, b) in enumerate(self.pairs):
-                ma, mb = moments[a], moments[b]
-                state = {"n": xs[a].shape[0], "dim_x": xs[a].shape[1], "dim_y": xs[b].shape[1], "mean_x": ma["mean"],
-                         "mean_y": mb["mean"], "sxx": ma["s"], "syy": mb["s"], "sxy": self._product(ma["xc"], mb["xc"]),
-                         "min_x": ma["min"], "max_x": ma["max"], "min_y": mb["min"], "max_y": mb["max"]}
-                self.token[g][p][layer].merge(StreamingCKA.from_state_dict(state))
-                cos = cosine_similarity_rows(xs[a], xs[b])
-                rel = relative_change(xs[a], xs[b])
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    den = np.sqrt(sq[a] * sq[b])
+                    cos = np.where(den > 0, np.clip(np.einsum("ij,ij->i", xs[a], xs[b]) / den, -1.0, 1.0), np.nan)
+                    diff = xs[b] - xs[a]
+                    rel = np.where(sq[a] > 0, np.sqrt(np.einsum("ij,ij->i", diff, diff) / sq[a]), np.nan)
                 ok_c, ok_r = np.isfinite(cos), np.isfinite(rel)
                 self.cos_sum[g, p, layer] += cos[ok_c].sum()
                 self.cos_n[g, p, layer] += ok_c.sum()
@@ -395,16 +422,63 @@ class Accumulators:
                 self.rel_n[g, p, layer] += ok_r.sum()
                 self.cos_hist[p, layer] += stats.histogram(np.clip(1.0 - cos, 0.0, None))
                 self.rel_hist[p, layer] += stats.histogram(rel)
+        self.n_tokens[g] += nb
+        self.seen[idx] = True
+        self._spill.write(np.ascontiguousarray(pooled).tobytes())
+        self._spilled.append(idx)
 
-    def _moments(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        mean = x.mean(axis=0)
-        xc = x - mean
-        return {"mean": mean, "xc": xc, "s": self._product(xc, xc), "min": x.min(axis=0), "max": x.max(axis=0)}
+    def _fold(self, g: int, layer: int, na: int, nb: int, means, selfs, crosses, ext) -> None:
+        """Chan et al. update of group `g`'s co-moments at `layer` (na rows so far) with nb new rows."""
+        if nb == 0:
+            return
+        n = na + nb
+        f = na * nb / n
+        deltas = [mb - self.mean[g, layer, m] for m, mb in enumerate(means)]
+        for m, (s, (lo, hi)) in enumerate(zip(selfs, ext)):
+            acc = self.self_s[g, layer, m]
+            acc += s
+            if na:
+                acc += np.outer(f * deltas[m], deltas[m])
+            self.mean[g, layer, m] += deltas[m] * (nb / n)
+            np.minimum(self.fmin[g, layer, m], lo, out=self.fmin[g, layer, m])
+            np.maximum(self.fmax[g, layer, m], hi, out=self.fmax[g, layer, m])
+        for p, ((a, b), c) in enumerate(zip(self.pairs, crosses)):
+            acc = self.cross_s[g, layer, p]
+            acc += c
+            if na:
+                acc += np.outer(f * deltas[a], deltas[b])
 
     def _product(self, xc: np.ndarray, yc: np.ndarray) -> np.ndarray:
         if self.float32_products:
             return (xc.astype(np.float32).T @ yc.astype(np.float32)).astype(np.float64)
         return xc.T @ yc
+
+    def token_state(self, g: int, p: int, layer: int) -> StreamingCKA:
+        """Group `g`'s token-level CKA accumulator of pair `p` at `layer`."""
+        a, b = self.pairs[p]
+        d = self.hidden
+        n = int(self.n_tokens[g])
+        if n == 0:
+            return StreamingCKA(d, d)
+        return StreamingCKA.from_state_dict({
+            "n": n, "dim_x": d, "dim_y": d, "mean_x": self.mean[g, layer, a], "mean_y": self.mean[g, layer, b],
+            "sxx": self.self_s[g, layer, a], "syy": self.self_s[g, layer, b], "sxy": self.cross_s[g, layer, p],
+            "min_x": self.fmin[g, layer, a], "max_x": self.fmax[g, layer, a], "min_y": self.fmin[g, layer, b],
+            "max_y": self.fmax[g, layer, b]})
+
+    def pooled_states(self) -> np.ndarray:
+        """(models, layer states, examples, hidden) float32: the mean-pooled states read back."""
+        out = np.zeros((self.n_models, self.n_states, self.n_examples, self.hidden), np.float32)
+        self._spill.flush()
+        self._spill.seek(0)
+        per_example = self.n_models * self.n_states * self.hidden
+        for idx in self._spilled:
+            rows = np.frombuffer(self._spill.read(4 * per_example * len(idx)), np.float32)
+            out[:, :, idx] = rows.reshape(len(idx), self.n_models, self.n_states, self.hidden).transpose(1, 2, 0, 3)
+        return out
+
+    def close(self) -> None:
+        self._spill.close()
 
     def gather(self, world: int, rank: int, pg) -> "Accumulators | None":
         """Merge every process's accumulators on rank 0 (returns None elsewhere)."""
@@ -417,30 +491,34 @@ class Accumulators:
             dist.gather_object(obj, got, dst=0, group=pg)
             return got
 
-        # one accumulator at a time: a whole set can be gigabytes
+        # one group and layer state at a time: a whole set can be gigabytes
         for g in range(self.groups):
-            for p in range(len(self.pairs)):
-                for layer in range(self.n_states):
-                    got = gather(self.token[g][p][layer].state_dict())
-                    if rank == 0:
-                        merged = StreamingCKA.from_state_dict(got[0])
-                        for sd in got[1:]:
-                            merged.merge(StreamingCKA.from_state_dict(sd))
-                        self.token[g][p][layer] = merged
+            n_here = int(self.n_tokens[g])
+            for layer in range(self.n_states):
+                got = gather((n_here, self.mean[g, layer], self.self_s[g, layer], self.cross_s[g, layer],
+                              self.fmin[g, layer], self.fmax[g, layer]))
+                if rank == 0:
+                    na = n_here
+                    for nb, means, selfs, crosses, lo, hi in got[1:]:
+                        # rank 0's own rows are already in; centred moments of the others fold in
+                        self._fold(g, layer, na, nb, list(means), list(selfs), list(crosses), list(zip(lo, hi)))
+                        na += nb
+        pooled = self.pooled_states()
         rows = np.flatnonzero(self.seen)
-        for m in range(len(self.pooled)):
-            got = gather((rows, [self.pooled[m][layer][rows] for layer in range(self.n_states)]))
-            if rank == 0:
-                for r, arrays in got[1:]:
-                    for layer in range(self.n_states):
-                        self.pooled[m][layer][r] = arrays[layer]
-                    self.seen[r] = True
+        got = gather((rows, pooled[:, :, rows]))
+        del pooled
         sums = ("cos_hist", "rel_hist", "cos_sum", "cos_n", "rel_sum", "rel_n", "n_tokens")
-        got = gather({k: getattr(self, k) for k in sums})
+        got_sums = gather({k: getattr(self, k) for k in sums})
         if rank != 0:
             return None
+        self._spill.seek(0, os.SEEK_END)
+        for r, arrays in got[1:]:
+            if len(r):
+                self._spill.write(np.ascontiguousarray(arrays.transpose(2, 0, 1, 3)).tobytes())
+                self._spilled.append(r)
+                self.seen[r] = True
         for k in sums:
-            setattr(self, k, sum(d[k] for d in got))
+            setattr(self, k, sum(d[k] for d in got_sums))
         return self
 
 
@@ -473,13 +551,14 @@ def finalise(acc: Accumulators, names, pairs, layers, zscore: bool, ex_group_of:
            for k in ("token_cka", "example_cka", "example_cka_debiased", "cosine", "relative_change")}
     value = {k: np.full((P, L), np.nan) for k in loo}
     w = stats.leave_group_out_weights(ex_group_of, ex_groups)
+    all_pooled = acc.pooled_states()
     for layer in range(L):
         for p in range(P):
-            parts = [acc.token[g][p][layer] for g in range(G)]
+            parts = [acc.token_state(g, p, layer) for g in range(G)]
             value["token_cka"][p, layer] = _token_cka(_merged(parts), zscore)
             for g in range(G):
                 loo["token_cka"][p, layer, g] = _token_cka(_merged(parts[:g] + parts[g + 1:]), zscore)
-        pooled = [acc.pooled[m][layer].astype(np.float64) for m in range(len(names))]
+        pooled = [all_pooled[m, layer].astype(np.float64) for m in range(len(names))]
         if zscore:
             pooled = [stats.zscore_columns(x) for x in pooled]
         grams = [stats.centred_gram(x) for x in pooled]

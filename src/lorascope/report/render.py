@@ -176,7 +176,7 @@ def render_report(run_dir: str | Path) -> Path:
     doc.h(2, "Accuracy")
     for task in tasks:
         cols = EVAL_COLUMNS.get(task, [(PRIMARY.get(task, ("accuracy",))[0], "score")])
-        rows = []
+        rows, calibrated, n_cal = [], [], None
         base_ev = None
         for f in sorted((run_dir / "eval" / task).glob("*.json")):
             if f.name.endswith(".predictions.json") or "." in f.stem:
@@ -185,12 +185,22 @@ def render_report(run_dir: str | Path) -> Path:
             if f.stem == "base":
                 base_ev = ev
             rows.append([f.stem] + [_f(ev["metrics"].get(k)) for k, _ in cols] + [str(ev["n_examples"])])
+            cal = ev["metrics"].get("calibration")
+            if cal:
+                n_cal = cal["n"]
+                calibrated.append(f"{f.stem} {cal['threshold']:+.2f} (F1 {_f(ev['metrics']['greedy'].get('f1'))} "
+                                  f"with greedy decoding's choice)")
         rows.sort(key=lambda r: (r[0] != "base", r[0]))
         if base_ev:
             for name, m in base_ev.get("baselines", {}).items():
                 rows.append([f"baseline: {name.replace('_', ' ')}"] + [_f(m.get(k)) for k, _ in cols] + [""])
         doc.h(3, task)
         doc.table(["model"] + [c for _, c in cols] + ["examples"], rows)
+        if calibrated:
+            doc.p(f"No-answer threshold per model, tuned for the best F1 on {n_cal} held-out questions that "
+                  f"share no paragraph with the evaluated ones (abstain when the logit margin of the no-answer "
+                  f"string over the best other first token exceeds it; 0 is greedy decoding): "
+                  + "; ".join(calibrated) + ".")
 
     doc.h(2, "Drift of the hidden states")
     for task in tasks:

@@ -36,6 +36,47 @@ def to_prediction(text: str) -> str:
     return "" if line.strip(" .\"'").lower() == NO_ANSWER else line
 
 
+def no_answer_first_tokens(tok) -> list[int]:
+    """First token ids of the no-answer string as the answer may start ("unanswerable", "Unanswerable", ...)."""
+    out = []
+    for text in (NO_ANSWER, NO_ANSWER.capitalize(), " " + NO_ANSWER, " " + NO_ANSWER.capitalize()):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        if ids and ids[0] not in out:
+            out.append(ids[0])
+    return out
+
+
+def predictions_at(margins: dict[str, float], answers: dict[str, str], threshold: float) -> dict[str, str]:
+    """Official predictions: no answer ('') where the no-answer margin exceeds `threshold`, else the answer."""
+    return {q: "" if margins[q] > threshold else answers[q] for q in answers}
+
+
+def best_threshold(margins: dict[str, float], answers: dict[str, str], articles: list[dict]) -> dict:
+    """The no-answer threshold with the best F1 on these questions (ties: the one nearest 0).
+
+    Abstaining on the k questions of largest margin, for every k: F1(k) is exact, so the
+    search is over every distinct decision, as in the official script's best_f1_thresh.
+    """
+    import numpy as np
+
+    _, f1_answer = squad_metric.raw_scores(articles, answers)
+    _, f1_abstain = squad_metric.raw_scores(articles, {q: "" for q in answers})
+    qs = sorted(answers, key=lambda q: -margins[q])
+    m = np.array([margins[q] for q in qs])
+    gain = np.array([f1_abstain[q] - f1_answer[q] for q in qs])  # of abstaining instead of answering
+    base = sum(f1_answer[q] for q in qs)
+    totals = base + np.concatenate([[0.0], np.cumsum(gain)])  # abstain on the first k, k = 0..n
+    # threshold for "abstain on the first k": between m[k-1] and m[k]; ends 1 beyond the extremes
+    cuts = np.concatenate([[m[0] + 1.0], (m[:-1] + m[1:]) / 2, [m[-1] - 1.0]])
+    distinct = np.concatenate([[True], m[:-1] != m[1:], [True]])  # ties in margin cannot be split
+    best = max(np.flatnonzero(distinct), key=lambda k: (round(totals[k], 9), -abs(cuts[k])))
+    greedy = predictions_at(margins, answers, 0.0)
+    _, f1_greedy = squad_metric.raw_scores(articles, greedy)
+    return {"threshold": float(cuts[best]), "n": len(qs), "abstained": int(best),
+            "f1": 100.0 * totals[best] / len(qs), "f1_at_0": 100.0 * sum(f1_greedy.values()) / len(qs),
+            "f1_always_no_answer": 100.0 * sum(f1_abstain.values()) / len(qs)}
+
+
 def split_articles(articles: list[dict], eval_share: float) -> tuple[list[dict], list[dict]]:
     """Deterministic split of one file's articles into (train, eval) by article.
 
@@ -173,7 +214,19 @@ class SquadV2(Task):
                 return p
         return None
 
-    def evaluate(self, model, tok, examples, *, batch_size, max_new_tokens=32, max_len=1024):
+    def evaluate(self, model, tok, examples, *, batch_size, max_new_tokens=32, max_len=1024,
+                 no_answer_threshold: float = 0.0):
+        """Greedy answers, each question's no-answer margin, and the official metrics.
+
+        One generation pass per batch with the first token of the no-answer string
+        suppressed at the first step, so every question gets an answer span; the raw
+        first-step logits (before the suppression) give the no-answer margin
+        ``logit(no-answer first token) - max(logit of any other token)``. The prediction
+        is empty when the margin exceeds `no_answer_threshold`. With the default 0 that is
+        exactly greedy decoding's choice between abstaining and answering (the answer is
+        greedy's), so a threshold tuned elsewhere (:func:`best_threshold`) only moves this
+        one decision, like the null-score threshold of extractive SQuAD v2 systems.
+        """
         import torch
         from tqdm.auto import tqdm
 
@@ -188,8 +241,10 @@ class SquadV2(Task):
         nl = tok("\n", add_special_tokens=False)["input_ids"]
         if len(nl) == 1:
             stop.append(nl[0])
+        na_first = no_answer_first_tokens(tok)
         order = sorted(kept, key=lambda e: len(prompts[e.id]))
         raw: dict[str, str] = {}
+        margins: dict[str, float] = {}
         model.eval()
         with torch.inference_mode():
             for start in tqdm(range(0, len(order), batch_size), desc="squad_v2 eval", unit="batch"):
@@ -200,15 +255,44 @@ class SquadV2(Task):
                 mask = torch.tensor([[0] * (width - len(prompts[e.id])) + [1] * len(prompts[e.id])
                                      for e in batch], device=device)
                 gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     do_sample=False, eos_token_id=stop, pad_token_id=tok.pad_token_id)
-                for e, row in zip(batch, gen[:, width:]):
+                                     do_sample=False, eos_token_id=stop, pad_token_id=tok.pad_token_id,
+                                     begin_suppress_tokens=na_first, output_logits=True,
+                                     return_dict_in_generate=True)
+                first = gen.logits[0].float()
+                na = first[:, na_first].max(dim=1).values
+                other = first.clone()
+                other[:, na_first] = float("-inf")
+                margin = (na - other.max(dim=1).values).tolist()
+                for e, row, m in zip(batch, gen.sequences[:, width:], margin):
                     raw[e.id] = tok.decode(row, skip_special_tokens=True)
-        preds = {e.id: to_prediction(raw[e.id]) for e in kept}
+                    margins[e.id] = float(m)
+        answers = {e.id: to_prediction(raw[e.id]) for e in kept}
+        preds = predictions_at(margins, answers, no_answer_threshold)
         arts = examples_to_articles(kept)
         metrics = dict(squad_metric.score_predictions(arts, preds))
         metrics["skipped_too_long"] = skipped
+        metrics["no_answer_threshold"] = no_answer_threshold
         _, f1 = squad_metric.raw_scores(arts, preds)  # per question, for paired comparisons of models
-        return metrics, {"predictions": preds, "generated": raw, "scores": f1}
+        return metrics, {"predictions": preds, "generated": raw, "answers": answers, "no_answer_margin": margins,
+                         "no_answer_threshold": no_answer_threshold, "scores": f1}
+
+    def calibration_examples(self, data, evaluated: list[Example], n: int) -> list[Example]:
+        """`n` held-out questions for tuning the no-answer threshold, sharing no paragraph with `evaluated`.
+
+        Drawn (seeded by data.subset_seed) from the eval side's questions whose context
+        paragraph holds none of the evaluated questions: never trained on, and no
+        context in common with the questions the metrics are reported on.
+        """
+        import random
+
+        used = {e.meta["context"] for e in evaluated}
+        pool = [e for e in self.load_split("eval", data) if e.meta["context"] not in used]
+        if len(pool) < n:
+            raise LorascopeError(f"eval.calibration_examples: {n} asked for, but only {len(pool)} held-out "
+                                 f"questions share no paragraph with the {len(evaluated)} evaluated ones; "
+                                 f"lower eval.calibration_examples or data.max_eval_examples")
+        keep = sorted(random.Random(f"{data.subset_seed}-squad_v2-calibration").sample(range(len(pool)), n))
+        return [pool[i] for i in keep]
 
     def baselines(self, examples):
         arts = examples_to_articles(examples)
