@@ -184,7 +184,7 @@ def test_eval_tunes_the_no_answer_threshold_on_disjoint_paragraphs(tiny_model, t
     res = evaluate(cfg)
     m = res["metrics"]
     cal = m["calibration"]
-    assert cal["n"] == 20 and m["no_answer_threshold"] == cal["threshold"]
+    assert cal["n"] == cal["asked"] == 20 and m["no_answer_threshold"] == cal["threshold"]
     assert cal["f1"] >= max(cal["f1_at_0"], cal["f1_always_no_answer"]) - 1e-9
     official = [k for k in m if k.split("_")[0] in ("exact", "f1", "total", "HasAns", "NoAns")]
     assert list(m["greedy"]) == official and m["total"] == 4

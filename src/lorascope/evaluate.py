@@ -32,6 +32,7 @@ def calibrate_no_answer(task, model, tok, cfg: Config, examples, kwargs) -> dict
     _, pred = task.evaluate(model, tok, calib, **kwargs)
     kept = [x for x in calib if x.id in pred["answers"]]
     out = best_threshold(pred["no_answer_margin"], pred["answers"], examples_to_articles(kept))
+    out["asked"], out["skipped_too_long"] = len(calib), len(calib) - len(kept)
     out["example_ids_sha256"] = hashlib.sha256("\n".join(x.id for x in kept).encode()).hexdigest()
     out["rule"] = ("abstain when the no-answer margin exceeds the threshold; chosen for the best F1 on the "
                    "calibration questions (held-out, sharing no paragraph with the evaluated questions)")
