@@ -223,9 +223,10 @@ class SquadV2(Task):
         first-step logits (before the suppression) give the no-answer margin
         ``logit(no-answer first token) - max(logit of any other token)``. The prediction
         is empty when the margin exceeds `no_answer_threshold`. With the default 0 that is
-        exactly greedy decoding's choice between abstaining and answering (the answer is
-        greedy's), so a threshold tuned elsewhere (:func:`best_threshold`) only moves this
-        one decision, like the null-score threshold of extractive SQuAD v2 systems.
+        greedy decoding's own choice: abstain when greedy would begin the no-answer string
+        (one of :func:`no_answer_first_tokens`), otherwise greedy's answer. A threshold tuned
+        elsewhere (:func:`best_threshold`) only moves this one decision, like the
+        null-score threshold of extractive SQuAD v2 systems.
         """
         import torch
         from tqdm.auto import tqdm
