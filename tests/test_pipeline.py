@@ -68,7 +68,12 @@ def test_smoke_study_writes_every_stage_and_the_report(smoke_run):
     cal = ev["metrics"]["calibration"]
     assert cal["asked"] == 20 and cal["n"] + cal["skipped_too_long"] == 20 and cal["n"] >= 10
     assert ev["metrics"]["no_answer_threshold"] == cal["threshold"]
-    assert f"lora_r8_s0 {cal['threshold']:+.2f} (F1 {ev['metrics']['greedy']['f1']:.1f}" in md
+    # smoke.yaml lets the calibration questions choose the signal too; the one chosen is applied and named
+    assert set(cal["per_signal"]) == {"first_token", "answer_nll"}
+    assert cal["f1"] == max(c["f1"] for c in cal["per_signal"].values())
+    assert ev["metrics"]["no_answer_signal"] == cal["signal"]
+    words = {"first_token": "no-answer margin", "answer_nll": "answer NLL"}[cal["signal"]]
+    assert f"lora_r8_s0: {words} > {cal['threshold']:+.2f} (F1 {ev['metrics']['greedy']['f1']:.1f}" in md
     # figures: copied beside the Markdown, embedded in the HTML (self-contained: no external source)
     figs = list((run_dir / "report" / "figures").glob("*.png"))
     assert len(figs) >= 2 * 3 + 2 * 3  # drift (2 per task), spectra, serving (3 per rank)

@@ -168,6 +168,62 @@ def test_no_answer_margin_reproduces_greedy_abstention(tiny_model, small_data):
     assert predictions_at(margins, answers, 1e9) == answers
 
 
+def test_answer_nll_is_the_likelihood_of_the_answer_greedy_gives(tiny_model, small_data):
+    """answer_nll, from the batched (left-padded) generation, equals a one-prompt-at-a-time recomputation:
+    greedy decoding with the no-answer first token barred at step 1, scored under the unbarred model."""
+    import torch
+
+    from lorascope.models import load_model, load_tokenizer
+    from lorascope.tasks.base import prompt_ids
+    from lorascope.tasks.squad_v2 import no_answer_first_tokens, predictions_at
+
+    task = get_task("squad_v2")
+    exs = task.load_split("eval", DataConfig(dir=str(small_data)))[:6]
+    model, tok = load_model(str(tiny_model)), load_tokenizer(str(tiny_model))
+    na = no_answer_first_tokens(tok)
+    stop = {tok.eos_token_id}
+    nl = tok("\n", add_special_tokens=False)["input_ids"]
+    if len(nl) == 1:
+        stop.add(nl[0])
+    # raise the end-of-sequence logit so that greedy stops at once on about half the prompts
+    with torch.no_grad():
+        head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        logits = torch.stack([model(input_ids=torch.tensor([prompt_ids(tok, e.prompt)])).logits[0, -1] for e in exs])
+        logits[:, na] = float("-inf")
+        gap = logits.max(1).values - logits[:, tok.eos_token_id]
+        head.bias[tok.eos_token_id] = gap.median() + 1e-3
+        model.lm_head = head
+    _, preds = task.evaluate(model, tok, exs, batch_size=4, max_new_tokens=4, max_len=512,
+                             no_answer_signal="answer_nll", no_answer_threshold=5.0)
+    nll = preds["answer_nll"]
+    assert preds["no_answer_signal"] == "answer_nll" and set(nll) == {e.id for e in exs}
+    assert preds["predictions"] == predictions_at(nll, preds["answers"], 5.0)
+    lengths = []
+    for e in exs:
+        ids = prompt_ids(tok, e.prompt)
+        want, out = 0.0, []
+        with torch.no_grad():
+            for step in range(4):
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ids + out])).logits[0, -1].float(), -1)
+                choice = logp.clone()
+                if step == 0:
+                    choice[na] = float("-inf")
+                nxt = int(choice.argmax())
+                want -= float(logp[nxt])
+                out.append(nxt)
+                if nxt in stop:
+                    break
+        assert preds["generated"][e.id] == tok.decode(out, skip_special_tokens=True), e.id
+        assert nll[e.id] == pytest.approx(want, abs=1e-3), e.id
+        assert nll[e.id] > 0
+        lengths.append(len(out))
+    assert 1 in lengths and max(lengths) > 1  # the stop token's own probability is part of the NLL
+    with pytest.raises(LorascopeError, match="no_answer_signal"):
+        task.evaluate(model, tok, exs, batch_size=4, no_answer_signal="nll")
+
+
 def test_eval_tunes_the_no_answer_threshold_on_disjoint_paragraphs(tiny_model, tmp_path):
     from conftest import _squad_articles
 
@@ -197,3 +253,17 @@ def test_eval_tunes_the_no_answer_threshold_on_disjoint_paragraphs(tiny_model, t
         task.calibration_examples(cfg.data, evaluated, 1000)
     with pytest.raises(LorascopeError, match="calibration_examples"):
         load_config(None, ["eval.calibration_examples=5"], **common)
+    # the signal: named, or chosen on the calibration questions ('best'), never on the evaluated ones
+    assert cal["signal"] == m["no_answer_signal"] == "first_token" and "per_signal" not in cal
+    best = evaluate(load_config(None, ["eval.calibration_examples=20", "eval.max_new_tokens=3",
+                                       "eval.no_answer_signal=best"],
+                                **common, **{"eval.output": str(tmp_path / "best.json")}))["metrics"]
+    per = best["calibration"]["per_signal"]
+    assert per["first_token"] == {k: cal[k] for k in per["first_token"]}  # same questions, same answers
+    assert best["calibration"]["f1"] == max(p["f1"] for p in per.values())
+    assert best["calibration"]["f1_greedy"] == cal["f1_greedy"] == cal["f1_at_0"]  # greedy: first_token at 0
+    assert best["no_answer_signal"] == best["calibration"]["signal"] in per
+    with pytest.raises(LorascopeError, match="no_answer_signal: 'best'"):
+        load_config(None, ["eval.no_answer_signal=best"], **common)
+    with pytest.raises(LorascopeError, match="accepted: first_token, answer_nll, best"):
+        load_config(None, ["eval.no_answer_signal=margin"], **common)

@@ -161,12 +161,17 @@ class EvalArgs:
     output: str | None = field(default=None, metadata={"help": "metrics JSON path (default: CHECKPOINT/eval-TASK.json)"})
     batch_size: int = field(default=16, metadata={"help": "examples per forward pass"})
     max_new_tokens: int = field(default=32, metadata={"help": "longest generated answer (SQuAD)"})
+    no_answer_signal: str = field(default="first_token", metadata={
+        "help": "SQuAD v2: the score that decides abstention: first_token (logit of 'unanswerable' minus the best "
+                "other first token), answer_nll (negative log-likelihood of the model's own answer, in nats), or "
+                "best (whichever gives the better F1 on the calibration questions; needs calibration_examples)"})
     no_answer_threshold: float = field(default=0.0, metadata={
-        "help": "SQuAD v2: abstain when the no-answer margin (logit of 'unanswerable' minus the best other first "
-                "token) exceeds this; 0 = greedy decoding's own choice"})
+        "help": "SQuAD v2: abstain when the no_answer_signal score exceeds this; 0 with first_token = greedy "
+                "decoding's own choice"})
     calibration_examples: int = field(default=0, metadata={
-        "help": "SQuAD v2: tune no_answer_threshold for the best F1 on this many held-out questions that share no "
-                "paragraph with the evaluated ones, then apply it (0 = off; other tasks ignore it)"})
+        "help": "SQuAD v2: tune no_answer_threshold (and, with signal best, the signal) for the best F1 on this many "
+                "held-out questions that share no paragraph with the evaluated ones, then apply it (0 = off; other "
+                "tasks ignore it)"})
 
     def problems(self) -> list[str]:
         from lorascope.tasks import TASKS
@@ -182,6 +187,12 @@ class EvalArgs:
         if self.calibration_examples < 0 or (0 < self.calibration_examples < 20):
             out.append(f"eval.calibration_examples: got {self.calibration_examples}; accepted: 0 (off) or at "
                        f"least 20 questions")
+        signals = ("first_token", "answer_nll", "best")
+        if self.no_answer_signal not in signals:
+            out.append(f"eval.no_answer_signal: got {self.no_answer_signal!r}; accepted: {', '.join(signals)}")
+        elif self.no_answer_signal == "best" and not self.calibration_examples:
+            out.append("eval.no_answer_signal: 'best' is chosen on calibration questions; set "
+                       "eval.calibration_examples (at least 20) or name the signal (first_token, answer_nll)")
         if not math.isfinite(self.no_answer_threshold):
             out.append(f"eval.no_answer_threshold: got {self.no_answer_threshold}; accepted: a finite number")
         return out

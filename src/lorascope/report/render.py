@@ -19,6 +19,7 @@ from lorascope.runinfo import atomic_path
 
 EVAL_COLUMNS = {"mrpc": [("accuracy", "accuracy"), ("f1", "F1")],
                 "squad_v2": [("exact", "exact"), ("f1", "F1"), ("HasAns_f1", "HasAns F1"), ("NoAns_f1", "NoAns F1")]}
+_SIGNAL_WORDS = {"first_token": "no-answer margin", "answer_nll": "answer NLL"}
 
 
 def _load(p: Path) -> Any:
@@ -188,8 +189,9 @@ def render_report(run_dir: str | Path) -> Path:
             cal = ev["metrics"].get("calibration")
             if cal:
                 n_cal = cal["n"]
-                calibrated.append(f"{f.stem} {cal['threshold']:+.2f} (F1 {_f(ev['metrics']['greedy'].get('f1'))} "
-                                  f"with greedy decoding's choice)")
+                signal = cal.get("signal", "first_token")
+                calibrated.append(f"{f.stem}: {_SIGNAL_WORDS.get(signal, signal)} > {cal['threshold']:+.2f} "
+                                  f"(F1 {_f(ev['metrics']['greedy'].get('f1'))} with greedy decoding's choice)")
         rows.sort(key=lambda r: (r[0] != "base", r[0]))
         if base_ev:
             for name, m in base_ev.get("baselines", {}).items():
@@ -197,9 +199,10 @@ def render_report(run_dir: str | Path) -> Path:
         doc.h(3, task)
         doc.table(["model"] + [c for _, c in cols] + ["examples"], rows)
         if calibrated:
-            doc.p(f"No-answer threshold per model, tuned for the best F1 on {n_cal} held-out questions that "
-                  f"share no paragraph with the evaluated ones (abstain when the logit margin of the no-answer "
-                  f"string over the best other first token exceeds it; 0 is greedy decoding): "
+            doc.p(f"When each model abstains, tuned for the best F1 on {n_cal} held-out questions that share "
+                  f"no paragraph with the evaluated ones (margin: logit of the no-answer string's first token "
+                  f"over the best other first token, where 0 is greedy decoding's own choice; answer NLL: "
+                  f"negative log-likelihood of the model's own answer, in nats): "
                   + "; ".join(calibrated) + ".")
 
     doc.h(2, "Drift of the hidden states")

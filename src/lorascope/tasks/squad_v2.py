@@ -46,8 +46,18 @@ def no_answer_first_tokens(tok) -> list[int]:
     return out
 
 
+# Per-question scores that say how much the model leans to "no answer" (higher: abstain sooner).
+#   first_token: logit of the no-answer string's first token minus the best other first token
+#                (> 0 exactly when greedy decoding would begin the no-answer string)
+#   answer_nll:  negative log-likelihood (nats) of the model's own answer span, stop token
+#                included, under the model's unsuppressed distribution: low confidence in the
+#                answer it would give (the generative counterpart of extractive systems'
+#                span score)
+NO_ANSWER_SIGNALS = {"first_token": "no_answer_margin", "answer_nll": "answer_nll"}
+
+
 def predictions_at(margins: dict[str, float], answers: dict[str, str], threshold: float) -> dict[str, str]:
-    """Official predictions: no answer ('') where the no-answer margin exceeds `threshold`, else the answer."""
+    """Official predictions: no answer ('') where the no-answer score exceeds `threshold`, else the answer."""
     return {q: "" if margins[q] > threshold else answers[q] for q in answers}
 
 
@@ -215,19 +225,24 @@ class SquadV2(Task):
         return None
 
     def evaluate(self, model, tok, examples, *, batch_size, max_new_tokens=32, max_len=1024,
-                 no_answer_threshold: float = 0.0):
-        """Greedy answers, each question's no-answer margin, and the official metrics.
+                 no_answer_threshold: float = 0.0, no_answer_signal: str = "first_token"):
+        """Greedy answers, each question's no-answer scores, and the official metrics.
 
         One generation pass per batch with the first token of the no-answer string
-        suppressed at the first step, so every question gets an answer span; the raw
-        first-step logits (before the suppression) give the no-answer margin
-        ``logit(no-answer first token) - max(logit of any other token)``. The prediction
-        is empty when the margin exceeds `no_answer_threshold`. With the default 0 that is
-        greedy decoding's own choice: abstain when greedy would begin the no-answer string
-        (one of :func:`no_answer_first_tokens`), otherwise greedy's answer. A threshold tuned
+        suppressed at the first step, so every question gets an answer span. The raw
+        logits (before the suppression) give two scores per question (see
+        NO_ANSWER_SIGNALS): the first-token margin
+        ``logit(no-answer first token) - max(logit of any other token)`` and the answer's
+        negative log-likelihood. The prediction is empty when the `no_answer_signal` score
+        exceeds `no_answer_threshold`. With first_token and the default 0 that is greedy
+        decoding's own choice: abstain when greedy would begin the no-answer string (one of
+        :func:`no_answer_first_tokens`), otherwise greedy's answer. A threshold tuned
         elsewhere (:func:`best_threshold`) only moves this one decision, like the
         null-score threshold of extractive SQuAD v2 systems.
         """
+        if no_answer_signal not in NO_ANSWER_SIGNALS:
+            raise LorascopeError(f"no_answer_signal: got {no_answer_signal!r}; accepted: "
+                                 + ", ".join(NO_ANSWER_SIGNALS))
         import torch
         from tqdm.auto import tqdm
 
@@ -246,6 +261,7 @@ class SquadV2(Task):
         order = sorted(kept, key=lambda e: len(prompts[e.id]))
         raw: dict[str, str] = {}
         margins: dict[str, float] = {}
+        nll: dict[str, float] = {}
         model.eval()
         with torch.inference_mode():
             for start in tqdm(range(0, len(order), batch_size), desc="squad_v2 eval", unit="batch"):
@@ -264,17 +280,26 @@ class SquadV2(Task):
                 other = first.clone()
                 other[:, na_first] = float("-inf")
                 margin = (na - other.max(dim=1).values).tolist()
-                for e, row, m in zip(batch, gen.sequences[:, width:], margin):
+                new = gen.sequences[:, width:]
+                # log-probability of each generated token under the raw (unsuppressed) logits
+                token_lp = torch.stack([torch.log_softmax(step.float(), dim=-1).gather(1, new[:, t:t + 1])[:, 0]
+                                        for t, step in enumerate(gen.logits)], dim=1)
+                for i, (e, row, m) in enumerate(zip(batch, new.tolist(), margin)):
+                    end = next((t + 1 for t, x in enumerate(row) if x in stop), len(row))  # stop token counts
                     raw[e.id] = tok.decode(row, skip_special_tokens=True)
                     margins[e.id] = float(m)
+                    nll[e.id] = -float(token_lp[i, :end].sum())
         answers = {e.id: to_prediction(raw[e.id]) for e in kept}
-        preds = predictions_at(margins, answers, no_answer_threshold)
+        scores = {"first_token": margins, "answer_nll": nll}
+        preds = predictions_at(scores[no_answer_signal], answers, no_answer_threshold)
         arts = examples_to_articles(kept)
         metrics = dict(squad_metric.score_predictions(arts, preds))
         metrics["skipped_too_long"] = skipped
+        metrics["no_answer_signal"] = no_answer_signal
         metrics["no_answer_threshold"] = no_answer_threshold
         _, f1 = squad_metric.raw_scores(arts, preds)  # per question, for paired comparisons of models
         return metrics, {"predictions": preds, "generated": raw, "answers": answers, "no_answer_margin": margins,
+                         "answer_nll": nll, "no_answer_signal": no_answer_signal,
                          "no_answer_threshold": no_answer_threshold, "scores": f1}
 
     def calibration_examples(self, data, evaluated: list[Example], n: int) -> list[Example]:
