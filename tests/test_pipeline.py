@@ -57,12 +57,14 @@ def test_smoke_study_writes_every_stage_and_the_report(smoke_run):
     assert md.index("## Verdict") < md.index("## Accuracy") < md.index("## Drift") < md.index("## Serving")
     for task in ("mrpc", "squad_v2"):
         t = verdict["tasks"][task]
-        assert {"accuracy", "drift", "serving"} <= set(t) and t["verdict"] != "incomplete"
+        assert {"accuracy", "drift", "serving"} <= set(t)
         acc = t["accuracy"]
         assert acc["bootstrap"]["ci_low"] <= acc["diff"] <= acc["bootstrap"]["ci_high"]
         assert f"LoRA {acc['lora']:.1f} vs full {acc['full']:.1f}" in md
     assert "(2a) LoRA drift" in md and "(2b) unmerged serving overhead" in md and "## Rank sweep" in md
-    assert "Forgetting" in md and "## Environment" in md and "Recommendation: LoRA r=8" in md
+    assert "Forgetting" in md and "## Environment" in md and "Recommendation: " in md
+    assert verdict["tasks"]["squad_v2"]["accuracy"]["unit"] == "paragraph"  # SQuAD questions cluster by paragraph
+    assert "a tiny random Llama" in md  # the base model is named for what it is
     # SQuAD v2: each model's no-answer threshold tuned on 20 held-out questions (smoke.yaml), and reported
     ev = json.loads((run_dir / "eval" / "squad_v2" / "lora_r8_s0.json").read_text())
     cal = ev["metrics"]["calibration"]
@@ -82,6 +84,23 @@ def test_smoke_study_writes_every_stage_and_the_report(smoke_run):
     out = json.loads(r.stdout)
     assert out["report"].endswith("index.html") and set(out["tasks"]) == {"mrpc", "squad_v2"}
     assert "[1/" in (run_dir / "run.log").read_text()
+
+
+def test_smoke_study_is_inconclusive_on_both_tasks_and_says_why(smoke_run):
+    """A random tiny model learns nothing: no criterion may be decided, and the first line says so."""
+    run_dir, _, _ = smoke_run
+    verdict = json.loads((run_dir / "report" / "verdict.json").read_text())
+    md = (run_dir / "report" / "report.md").read_text()
+    first = md.splitlines()[0]
+    assert first.startswith("Verdict: mrpc INCONCLUSIVE") and "squad_v2 INCONCLUSIVE" in first
+    assert "have not learned the task" in first and "To decide, run:" in first and "reference.yaml" in first
+    for task in ("mrpc", "squad_v2"):
+        t = verdict["tasks"][task]
+        assert t["verdict"] == "INCONCLUSIVE" and t["accuracy"]["status"] == "INCONCLUSIVE"
+        assert t["drift"]["status"] == "INCONCLUSIVE" and "learned" in t["drift"]["reason"]
+        assert not all(m["learned"] for m in t["accuracy"]["learned"].values())
+    assert "no recommendation on accuracy or drift for mrpc, squad_v2" in verdict["recommendation"]
+    assert "less forgetting" not in md and "moves the hidden states" not in md
 
 
 def test_rerun_skips_everything_and_report_rerenders(smoke_run):
@@ -164,56 +183,6 @@ def test_study_config_errors(tmp_path):
 def test_unknown_stage_name(tmp_path):
     r = run_cli("run", "configs/smoke.yaml", "--run-dir", str(tmp_path / "r"), "--only", "trian")
     assert r.returncode == 2 and "stage 'trian': no such stage" in r.stderr
-
-
-def _fake_run(tmp_path: Path, *, lora_acc: float, ratio: float, overhead: float) -> Path:
-    run = tmp_path / "run"
-    (run / "eval" / "mrpc").mkdir(parents=True)
-    (run / "drift" / "mrpc").mkdir(parents=True)
-    (run / "serve" / "r8").mkdir(parents=True)
-    from lorascope.pipeline import StudyArgs
-    import dataclasses
-
-    cfg = dataclasses.asdict(StudyArgs(tasks=["mrpc"]))
-    (run / "study.json").write_text(json.dumps({"config": cfg, "primary_rank": 8, "seeds": [0], "ranks": [8]}))
-    for name, acc in (("full_s0", 80.0), ("lora_r8_s0", lora_acc)):
-        (run / "eval" / "mrpc" / f"{name}.json").write_text(json.dumps({"metrics": {"accuracy": acc}}))
-    ci = {"value": ratio, "ci_low": ratio - 0.01, "ci_high": ratio + 0.01}
-    (run / "drift" / "mrpc" / "drift.json").write_text(json.dumps({"summary": {
-        "ratios": [{"lora": "lora_r8_s0", "full": "full_s0", "token_cka": ci}],
-        "per_model": {"full_s0": {"token_cka_drift": {"value": 0.01}},
-                      "lora_r8_s0": {"token_cka_drift": {"value": 0.01 * ratio}}}}}))
-    (run / "serve" / "r8" / "serve.json").write_text(json.dumps({"settings": {"engine": "vllm"}, "summary": {"rows": [
-        {"config": "unmerged:mrpc", "batch_size": b, "overhead": overhead * (b / 4), "expected_overhead_flops": 0.02}
-        for b in (1, 4)]}}))
-    return run
-
-
-@pytest.mark.parametrize("lora_acc,ratio,overhead,expected", [
-    (78.0, 0.5, 2.0, "meets the criteria"),  # accuracy and drift
-    (78.0, 0.9, 0.3, "meets the criteria"),  # accuracy and serving (worst batch: 0.3 <= 0.3)
-    (78.0, 0.9, 0.4, "does not meet the criteria"),  # neither drift nor serving
-    (76.0, 0.5, 0.1, "does not meet the criteria"),  # 4 points below full
-])
-def test_verdict_logic(tmp_path, lora_acc, ratio, overhead, expected):
-    from lorascope.report import judge
-
-    v = judge(_fake_run(tmp_path, lora_acc=lora_acc, ratio=ratio, overhead=overhead))
-    t = v["tasks"]["mrpc"]
-    assert t["verdict"] == expected
-    assert t["accuracy"]["diff"] == pytest.approx(lora_acc - 80.0)
-    assert t["serving"]["max"] == pytest.approx(overhead) and t["serving"]["max_at_batch"] == 4
-
-
-def test_paired_bootstrap_interval():
-    from lorascope.report.verdict import paired_bootstrap
-
-    a = {str(i): 100.0 * (i % 2) for i in range(400)}
-    b = {str(i): 0.0 for i in range(400)}
-    r = paired_bootstrap(a, b)
-    assert r["value"] == pytest.approx(50.0) and r["ci_low"] < 50.0 < r["ci_high"] and r["ci_high"] - r["ci_low"] < 15
-    same = paired_bootstrap(a, a)
-    assert same["value"] == same["ci_low"] == same["ci_high"] == 0.0
 
 
 def test_report_page_renders_in_headless_chromium(smoke_run, tmp_path):

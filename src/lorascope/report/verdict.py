@@ -1,29 +1,52 @@
 """The proposal's success criteria, judged from a run directory's result files.
 
+Every criterion, and every task's overall verdict, is PASS, FAIL or INCONCLUSIVE, and
+each comes with its reason. A criterion is decided by its 95 % interval, never by a point
+value alone: PASS when the whole interval is on the good side of the threshold, FAIL when
+it is all on the bad side, INCONCLUSIVE when it straddles it or cannot be computed.
+
+0. Learned: a tuned model has learned a task when it beats both the best trivial baseline
+   (MRPC: the majority class; SQuAD v2: always answering "no answer") and the zero-shot base
+   model, with the interval of each difference excluding 0. Comparisons of models that
+   have not learned the task say nothing about the methods, so:
 1. Accuracy: LoRA (the primary rank) within `accuracy_margin` points of full fine-tuning
-   on each task's primary metric (MRPC accuracy, SQuAD v2 F1), mean over seeds, with a
-   95 % paired bootstrap interval over evaluation examples.
+   on the task's primary metric (MRPC accuracy, SQuAD v2 F1), mean over seeds.
+   INCONCLUSIVE unless both methods learned the task.
 2a. Drift: LoRA's drift (1 - token-level CKA averaged over layers) at least
-    `drift_reduction` below full fine-tuning's (ratio <= 1 - drift_reduction), with its
-    jackknife interval.
+    `drift_reduction` below full fine-tuning's (ratio <= 1 - drift_reduction). Judged only
+    between models that learned the task (INCONCLUSIVE otherwise).
 2b. Serving: the unmerged adapter's overhead over merged serving at most
-    `max_serving_overhead` at every batch size measured.
-Overall: 1 and (2a or 2b), per task.
+    `max_serving_overhead` at every batch size measured (median of paired repetitions).
+Overall, per task: (1) and ((2a) or (2b)) in three-valued (Kleene) logic: FAIL wins an
+"and", PASS wins an "or", INCONCLUSIVE otherwise.
+
+Accuracy intervals come from a hierarchical bootstrap: each resample draws the seeds of
+each method with replacement, then the evaluation clusters with replacement (MRPC: single
+sentence pairs; SQuAD v2: whole context paragraphs, since questions on one paragraph are
+not independent), so they cover seed variance as well as the choice of examples.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import statistics
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 PRIMARY = {"mrpc": ("accuracy", "MRPC accuracy"), "squad_v2": ("f1", "SQuAD v2 F1")}
+PASS, FAIL, INCONCLUSIVE = "PASS", "FAIL", "INCONCLUSIVE"
+RESAMPLES = 2000
+REFERENCE_PRESET = "configs/reference.yaml"
 
 
 def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ---------------------------------------------------------------------------------------
+# per-example scores and clusters
 
 
 def per_example_scores(task: str, eval_file: Path) -> dict[str, float] | None:
@@ -38,14 +61,202 @@ def per_example_scores(task: str, eval_file: Path) -> dict[str, float] | None:
     return None
 
 
-def paired_bootstrap(a: dict[str, float], b: dict[str, float], *, n: int = 2000, seed: int = 0) -> dict[str, float]:
-    """Mean of a - b over shared examples, with a 95 % percentile bootstrap interval."""
-    keys = sorted(set(a) & set(b))
-    diffs = [a[k] - b[k] for k in keys]
-    rng = random.Random(seed)
-    means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(n))
-    return {"value": statistics.fmean(diffs), "ci_low": means[int(0.025 * n)], "ci_high": means[int(0.975 * n) - 1],
-            "n": len(keys)}
+def clusters(task: str, eval_file: Path) -> tuple[dict[str, str] | None, str]:
+    """Example id -> the unit the bootstrap resamples, and that unit's name.
+
+    SQuAD v2 questions are clustered by context paragraph (recorded by the evaluation);
+    MRPC pairs are their own clusters.
+    """
+    pred = _load(eval_file.with_suffix(".predictions.json")) or {}
+    if task == "squad_v2":
+        if "paragraph" in pred:
+            return pred["paragraph"], "paragraph"
+        return None, "question (this evaluation recorded no paragraphs: the interval is too narrow)"
+    return None, "example"
+
+
+def baseline_scores(task: str, eval_file: Path) -> dict[str, dict[str, float]]:
+    """Per-example scores of the task's trivial baselines, recomputed from the gold labels."""
+    pred = _load(eval_file.with_suffix(".predictions.json"))
+    if pred is None:
+        return {}
+    if task == "mrpc":
+        labels = {k: v["label"] for k, v in pred.items() if v.get("label") is not None}
+        if not labels:
+            return {}
+        majority = int(sum(labels.values()) * 2 >= len(labels))  # the rule of MRPC.baselines
+        return {f"majority_class ({'yes' if majority else 'no'})":
+                {k: 100.0 * (y == majority) for k, y in labels.items()}}
+    if task == "squad_v2" and "has_answer" in pred:
+        # the official F1 of an empty prediction: 1 on unanswerable questions, 0 on answerable ones
+        return {"always_no_answer": {k: 0.0 if has else 100.0 for k, has in pred["has_answer"].items()}}
+    return {}
+
+
+def hierarchical_bootstrap(a: list[dict[str, float]], b: list[dict[str, float]], *,
+                           groups: dict[str, str] | None = None, n: int = RESAMPLES, seed: int = 0) -> dict[str, Any]:
+    """Mean difference A - B over shared examples, with a 95 % percentile interval over seeds and clusters.
+
+    a, b: one {example id: score} per seed (a baseline or the base model is one "seed").
+    Each resample draws A's seeds and B's seeds with replacement, then the clusters of
+    `groups` (default: each example its own) with replacement, and takes
+    mean_seeds(A) - mean_seeds(B) averaged over the drawn examples.
+    """
+    keys = sorted(set.intersection(*(set(x) for x in a + b)))
+    if not keys:
+        return {"value": None, "ci_low": None, "ci_high": None, "n": 0, "clusters": 0, "seeds": [len(a), len(b)]}
+    A = np.array([[x[k] for k in keys] for x in a], dtype=np.float64)  # seeds x examples
+    B = np.array([[x[k] for k in keys] for x in b], dtype=np.float64)
+    labels = [groups.get(k, k) for k in keys] if groups else keys
+    uniq = {g: i for i, g in enumerate(dict.fromkeys(labels))}
+    gidx = np.array([uniq[g] for g in labels])
+    n_cl = len(uniq)
+    rng = np.random.default_rng(seed)
+    cl_counts = rng.multinomial(n_cl, np.full(n_cl, 1.0 / n_cl), size=n)  # resamples x clusters
+    w = cl_counts[:, gidx].astype(np.float64)  # resamples x examples
+    wa = rng.multinomial(len(a), np.full(len(a), 1.0 / len(a)), size=n) / len(a)  # resamples x seeds
+    wb = rng.multinomial(len(b), np.full(len(b), 1.0 / len(b)), size=n) / len(b)
+    per_seed_a = (w @ A.T) / w.sum(1, keepdims=True)  # resamples x seeds: each seed's weighted mean
+    per_seed_b = (w @ B.T) / w.sum(1, keepdims=True)
+    diffs = np.sort((wa * per_seed_a).sum(1) - (wb * per_seed_b).sum(1))
+    return {"value": float(A.mean() - B.mean()), "ci_low": float(diffs[int(0.025 * n)]),
+            "ci_high": float(diffs[int(0.975 * n) - 1]), "n": len(keys), "clusters": n_cl,
+            "seeds": [len(a), len(b)], "resamples": n}
+
+
+def paired_bootstrap(a: dict[str, float], b: dict[str, float], *, n: int = RESAMPLES, seed: int = 0) -> dict[str, Any]:
+    """Mean of a - b over shared examples, with a 95 % percentile bootstrap interval over examples."""
+    return hierarchical_bootstrap([a], [b], n=n, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------
+# criteria
+
+
+def _interval(ci: dict, fmt: str = "+.1f") -> str:
+    return f"{ci['value']:{fmt}} [{ci['ci_low']:{fmt}}, {ci['ci_high']:{fmt}}]"
+
+
+def accuracy_criterion(task: str, run_dir: Path, seeds: list[int], rank: int, margin: float) -> dict[str, Any] | None:
+    """Criterion (1) with the 'learned' check (0); None when no tuned model has been evaluated."""
+    metric, _ = PRIMARY.get(task, ("accuracy", task))
+    d = run_dir / "eval" / task
+    files = {"full": [d / f"full_s{s}.json" for s in seeds], "lora": [d / f"lora_r{rank}_s{s}.json" for s in seeds]}
+    evs = {m: [_load(f) for f in fs] for m, fs in files.items()}
+    if not any(e for es in evs.values() for e in es):
+        return None
+    acc: dict[str, Any] = {"seeds": {m: sum(1 for e in es if e) for m, es in evs.items()}}
+    missing = [f.stem for m in files for f, e in zip(files[m], evs[m]) if e is None]
+    for m in ("full", "lora"):
+        vals = [e["metrics"][metric] for e in evs[m] if e]
+        acc[m] = statistics.fmean(vals) if vals else None
+        acc[f"{m}_per_seed"] = vals
+    if missing:
+        acc.update(status=INCONCLUSIVE, reason=f"evaluations missing: {', '.join(missing)}",
+                   next="rerun `lorascope run` with the same config to finish the missing stages")
+        return acc
+    acc["diff"] = acc["lora"] - acc["full"]
+    scores = {m: [per_example_scores(task, f) for f in files[m]] for m in files}
+    if not all(s for ss in scores.values() for s in ss):
+        acc.update(status=INCONCLUSIVE, reason="per-example predictions missing: no interval can be computed",
+                   next="rerun the eval stages (`lorascope run CONFIG --force eval`)")
+        return acc
+    groups, unit = clusters(task, files["full"][0])
+    acc["unit"] = unit
+    acc["bootstrap"] = hierarchical_bootstrap(scores["lora"], scores["full"], groups=groups)
+
+    # (0) did each method learn the task?
+    base_file = d / "base.json"
+    refs: dict[str, dict[str, float]] = {}
+    bl = baseline_scores(task, files["full"][0])
+    if bl:
+        ev_bl = (_load(base_file) or {}).get("baselines", {})
+        name = max(bl, key=lambda k: ev_bl.get(k, {}).get(metric, statistics.fmean(bl[k].values())))
+        refs[f"baseline: {name.replace('_', ' ')}"] = bl[name]
+        acc["best_baseline"] = {"name": name.replace("_", " "), "value": statistics.fmean(bl[name].values())}
+    base_scores = per_example_scores(task, base_file)
+    if base_scores:
+        refs["zero-shot base model"] = base_scores
+        acc["base"] = _load(base_file)["metrics"][metric]
+    learned: dict[str, Any] = {}
+    for m in ("full", "lora"):
+        learned[m] = {"vs": {ref: hierarchical_bootstrap(scores[m], [s], groups=groups, seed=1)
+                             for ref, s in refs.items()}}
+        learned[m]["learned"] = (len(refs) == 2 and all(c["ci_low"] is not None and c["ci_low"] > 0
+                                                        for c in learned[m]["vs"].values()))
+    acc["learned"] = learned
+    acc["beats_baseline"] = {m: learned[m]["learned"] for m in learned}  # kept for older readers
+    not_learned = []
+    for m in ("full", "lora"):
+        if learned[m]["learned"]:
+            continue
+        if len(refs) < 2:
+            not_learned.append(f"{m}: no {'baseline' if not bl else 'zero-shot base'} scores to compare with")
+            continue
+        worst = min(learned[m]["vs"].items(), key=lambda kv: kv[1]["ci_low"])
+        who = "full fine-tuning" if m == "full" else f"LoRA r={rank}"
+        not_learned.append(f"{who} does not beat the {worst[0]} (difference {_interval(worst[1])} points)")
+    n_seeds = len(seeds)
+    if not_learned:
+        acc.update(status=INCONCLUSIVE, reason="; ".join(not_learned) + ": the models have not learned the task",
+                   next=f"tune the learning rate and train on more examples and seeds ({REFERENCE_PRESET} does)")
+        return acc
+    ci = acc["bootstrap"]
+    if ci["ci_low"] >= -margin:
+        acc.update(status=PASS, reason=f"LoRA - full = {_interval(ci)}, all above -{margin:g}")
+    elif ci["ci_high"] < -margin:
+        acc.update(status=FAIL, reason=f"LoRA - full = {_interval(ci)}, all below -{margin:g}")
+    else:
+        acc.update(status=INCONCLUSIVE, reason=f"LoRA - full = {_interval(ci)} straddles -{margin:g}",
+                   next="more evaluation examples (data.max_eval_examples) and seeds (train.seed)")
+    if n_seeds < 2:
+        acc["reason"] += " (1 seed: the interval covers evaluation examples only, not seed variance)"
+    return acc
+
+
+def drift_2a(drift_summary: dict[str, Any], *, lora: str, full: str, reduction: float) -> tuple[str, str, str]:
+    """Criterion 2a from a drift.json summary: (status, reason, measured text).
+
+    The one place 2a is computed: swap this function to change how drift is judged.
+    """
+    rows = [r for r in drift_summary.get("ratios", []) if r["lora"] == lora and r["full"] == full]
+    if not rows or rows[0]["token_cka"].get("value") is None:
+        return INCONCLUSIVE, f"no drift ratio {lora} / {full} was measured", "-"
+    r = rows[0]["token_cka"]
+    per = drift_summary.get("per_model", {})
+    dl = per.get(lora, {}).get("token_cka_drift", {}).get("value")
+    df = per.get(full, {}).get("token_cka_drift", {}).get("value")
+    drifts = f" (drift {dl:.2e} vs {df:.2e})" if dl is not None and df is not None else ""
+    limit = 1 - reduction
+    if r.get("ci_low") is None or r.get("ci_high") is None:
+        return INCONCLUSIVE, "the ratio's interval is undefined", f"ratio {r['value']:.3f} [undefined]{drifts}"
+    measured = f"ratio {r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]{drifts}"
+    if r["ci_high"] <= limit:
+        return PASS, f"interval at or below {limit:.2f}", measured
+    if r["ci_low"] > limit:
+        return FAIL, f"interval above {limit:.2f}", measured
+    return INCONCLUSIVE, f"interval straddles {limit:.2f}", measured
+
+
+def serving_2b(serve: dict[str, Any], task: str, max_overhead: float) -> dict[str, Any] | None:
+    rows = [x for x in serve["summary"]["rows"] if x["config"] == f"unmerged:{task}" and x["overhead"] is not None]
+    if not rows:
+        return None
+    worst = max(rows, key=lambda x: x["overhead"])
+    ok = worst["overhead"] <= max_overhead
+    return {"engine": serve["settings"]["engine"], "overheads": {x["batch_size"]: x["overhead"] for x in rows},
+            "max": worst["overhead"], "max_at_batch": worst["batch_size"], "min": min(x["overhead"] for x in rows),
+            "flop_limit": worst["expected_overhead_flops"], "pass": ok, "status": PASS if ok else FAIL,
+            "reason": f"worst overhead {worst['overhead']:+.0%} at batch {worst['batch_size']} "
+                      f"{'within' if ok else 'above'} {max_overhead:.0%}"}
+
+
+def and3(*xs: str) -> str:
+    return FAIL if FAIL in xs else (PASS if all(x == PASS for x in xs) else INCONCLUSIVE)
+
+
+def or3(*xs: str) -> str:
+    return PASS if PASS in xs else (FAIL if xs and all(x == FAIL for x in xs) else INCONCLUSIVE)
 
 
 def judge(run_dir: str | Path) -> dict[str, Any]:
@@ -59,90 +270,86 @@ def judge(run_dir: str | Path) -> dict[str, Any]:
     for task in cfg["tasks"]:
         metric, label = PRIMARY.get(task, ("accuracy", task))
         t: dict[str, Any] = {"metric": metric, "label": label}
-        full = [_load(run_dir / "eval" / task / f"full_s{s}.json") for s in seeds]
-        lora = [_load(run_dir / "eval" / task / f"lora_r{rank}_s{s}.json") for s in seeds]
-        if all(full) and all(lora):
-            fv = statistics.fmean(f["metrics"][metric] for f in full)
-            lv = statistics.fmean(x["metrics"][metric] for x in lora)
-            acc: dict[str, Any] = {"full": fv, "lora": lv, "diff": lv - fv, "seeds": len(seeds)}
-            fs = [per_example_scores(task, run_dir / "eval" / task / f"full_s{s}.json") for s in seeds]
-            ls = [per_example_scores(task, run_dir / "eval" / task / f"lora_r{rank}_s{s}.json") for s in seeds]
-            if all(fs) and all(ls):
-                keys = set.intersection(*(set(x) for x in fs + ls))
-                fa = {k: statistics.fmean(x[k] for x in fs) for k in keys}
-                la = {k: statistics.fmean(x[k] for x in ls) for k in keys}
-                acc["bootstrap"] = paired_bootstrap(la, fa)
-            base_ev = _load(run_dir / "eval" / task / "base.json")
-            if base_ev and base_ev.get("baselines"):
-                name, m = max(base_ev["baselines"].items(), key=lambda kv: kv[1].get(metric, float("-inf")))
-                acc["best_baseline"] = {"name": name.replace("_", " "), "value": m.get(metric)}
-                acc["beats_baseline"] = {"full": fv > m.get(metric, float("inf")),
-                                         "lora": lv > m.get(metric, float("inf"))}
-            acc["pass"] = acc["diff"] >= -cfg["accuracy_margin"]
-            acc["confident"] = acc.get("bootstrap", {}).get("ci_low", -1e9) >= -cfg["accuracy_margin"]
+        acc = accuracy_criterion(task, run_dir, seeds, rank, cfg["accuracy_margin"])
+        if acc is not None:
             t["accuracy"] = acc
+        both_learned = bool(acc and acc.get("learned") and all(v["learned"] for v in acc["learned"].values()))
         drift = _load(run_dir / "drift" / task / "drift.json")
         if drift:
-            ratios = [r for r in drift["summary"]["ratios"]
-                      if r["lora"] == f"lora_r{rank}_s{seeds[0]}" and r["full"] == f"full_s{seeds[0]}"]
-            if ratios and ratios[0]["token_cka"]["value"] is not None:
-                r = ratios[0]["token_cka"]
-                t["drift"] = {"ratio": r["value"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
-                              "full": drift["summary"]["per_model"][f"full_s{seeds[0]}"]["token_cka_drift"]["value"],
-                              "lora": drift["summary"]["per_model"][f"lora_r{rank}_s{seeds[0]}"]["token_cka_drift"]["value"],
-                              "pass": r["value"] <= 1 - cfg["drift_reduction"],
-                              "confident": r["ci_high"] <= 1 - cfg["drift_reduction"]}
+            status, reason, measured = drift_2a(drift["summary"], lora=f"lora_r{rank}_s{seeds[0]}",
+                                                full=f"full_s{seeds[0]}", reduction=cfg["drift_reduction"])
+            if not both_learned:
+                status, reason = INCONCLUSIVE, ("drift is judged only between models that learned the task "
+                                                "(see criterion 1)")
+            t["drift"] = {"status": status, "reason": reason, "measured": measured, "seeds": 1}
         serve = _load(run_dir / "serve" / f"r{rank}" / "serve.json")
         if serve:
-            rows = [x for x in serve["summary"]["rows"] if x["config"] == f"unmerged:{task}" and x["overhead"] is not None]
-            if rows:
-                worst = max(rows, key=lambda x: x["overhead"])
-                t["serving"] = {"engine": serve["settings"]["engine"],
-                                "overheads": {x["batch_size"]: x["overhead"] for x in rows},
-                                "max": worst["overhead"], "max_at_batch": worst["batch_size"],
-                                "min": min(x["overhead"] for x in rows),
-                                "flop_limit": worst["expected_overhead_flops"],
-                                "pass": worst["overhead"] <= cfg["max_serving_overhead"]}
-        acc_ok = t.get("accuracy", {}).get("pass")
-        alt = [t[k]["pass"] for k in ("drift", "serving") if k in t]
-        if acc_ok is None or not alt:
-            t["verdict"] = "incomplete"
-        else:
-            t["verdict"] = "meets the criteria" if acc_ok and any(alt) else "does not meet the criteria"
+            sv = serving_2b(serve, task, cfg["max_serving_overhead"])
+            if sv:
+                t["serving"] = sv
+        c1 = t.get("accuracy", {}).get("status", INCONCLUSIVE)
+        alt = [t[k]["status"] for k in ("drift", "serving") if k in t]
+        t["verdict"] = and3(c1, or3(*alt)) if alt else INCONCLUSIVE
+        t["reason"], t["next"] = _task_reason(t)
         tasks[task] = t
-    verdicts = [t["verdict"] for t in tasks.values()]
-    if all(v == "meets the criteria" for v in verdicts):
-        overall = "LoRA meets the proposal's success criteria on every task"
-    elif "incomplete" in verdicts:
-        overall = "incomplete: some results are missing (see the tables)"
-    else:
-        failed = [k for k, t in tasks.items() if t["verdict"] != "meets the criteria"]
-        overall = f"LoRA does not meet the criteria on {', '.join(failed)}"
-    return {"tasks": tasks, "overall": overall, "recommendation": recommend(tasks, rank, cfg), "rank": rank,
+    return {"tasks": tasks, "overall": headline(tasks), "recommendation": recommend(tasks, rank, cfg), "rank": rank,
             "seeds": seeds, "criteria": {
         "accuracy_margin": cfg["accuracy_margin"], "drift_reduction": cfg["drift_reduction"],
         "max_serving_overhead": cfg["max_serving_overhead"]}}
 
 
+def _task_reason(t: dict[str, Any]) -> tuple[str, str | None]:
+    acc = t.get("accuracy")
+    if acc is None:
+        return "no evaluation of the tuned models", "rerun `lorascope run` with the same config"
+    if "drift" not in t and "serving" not in t:
+        return "neither drift (2a) nor serving (2b) was measured", "rerun with study.drift or study.serve on"
+    if t["verdict"] == INCONCLUSIVE:
+        if acc["status"] == INCONCLUSIVE:
+            return f"(1) {acc['reason']}", acc.get("next")
+        return "(2a) " + t.get("drift", {}).get("reason", "not measured"), "more drift prompts (study.drift_examples)"
+    parts = [f"(1) {acc['status']}"] + [f"({k}) {t[n]['status']}" for k, n in (("2a", "drift"), ("2b", "serving"))
+                                         if n in t]
+    return ", ".join(parts), None
+
+
+def headline(tasks: dict[str, Any]) -> str:
+    """One line: each task's verdict, why, and what to run when it is INCONCLUSIVE."""
+    parts, nexts = [], []
+    for name, t in tasks.items():
+        if t["verdict"] == PASS:
+            parts.append(f"{name} PASS (LoRA meets the criteria: {t['reason']})")
+        elif t["verdict"] == FAIL:
+            parts.append(f"{name} FAIL (LoRA does not meet the criteria: {t['reason']})")
+        else:
+            parts.append(f"{name} INCONCLUSIVE ({t['reason']})")
+            if t.get("next") and t["next"] not in nexts:
+                nexts.append(t["next"])
+    line = "; ".join(parts)
+    return line + (f". To decide, run: {'; '.join(nexts)}" if nexts else "")
+
+
 def recommend(tasks: dict[str, Any], rank: int, cfg: dict[str, Any]) -> str:
-    """A plain-language recommendation that follows from the measured criteria (not a fixed text)."""
+    """A plain-language recommendation that claims no more than the criteria decided."""
     parts = []
-    acc = {k: t["accuracy"] for k, t in tasks.items() if "accuracy" in t}
-    if acc:
-        behind = [k for k, a in acc.items() if not a["pass"]]
-        if behind:
-            parts.append(f"LoRA r={rank} falls more than {cfg['accuracy_margin']:g} points behind full fine-tuning on "
-                         f"{', '.join(behind)}: prefer full fine-tuning there, or try a higher rank")
-        else:
-            parts.append(f"LoRA r={rank} is within {cfg['accuracy_margin']:g} points of full fine-tuning on every task")
-    drift = {k: t["drift"] for k, t in tasks.items() if "drift" in t}
-    if drift:
-        ratios = ", ".join(f"{k} {d['ratio']:.2f}" for k, d in drift.items())
-        if all(d["pass"] for d in drift.values()):
-            parts.append(f"it moves the hidden states much less (drift ratio LoRA / full: {ratios}), so less "
-                         f"forgetting is expected")
-        else:
-            parts.append(f"its drift is not clearly lower than full fine-tuning's (ratio LoRA / full: {ratios})")
+    undecided = [k for k, t in tasks.items() if t.get("accuracy", {}).get("status", INCONCLUSIVE) == INCONCLUSIVE]
+    if undecided:
+        parts.append(f"no recommendation on accuracy or drift for {', '.join(undecided)}: criterion (1) is "
+                     f"INCONCLUSIVE there")
+    passed = [k for k, t in tasks.items() if t.get("accuracy", {}).get("status") == PASS]
+    failed = [k for k, t in tasks.items() if t.get("accuracy", {}).get("status") == FAIL]
+    if passed:
+        parts.append(f"LoRA r={rank} is within {cfg['accuracy_margin']:g} points of full fine-tuning on "
+                     f"{', '.join(passed)}")
+    if failed:
+        parts.append(f"LoRA r={rank} falls more than {cfg['accuracy_margin']:g} points behind full fine-tuning on "
+                     f"{', '.join(failed)}: prefer full fine-tuning there, or try a higher rank")
+    for status, words in ((PASS, "it moves the hidden states much less than full fine-tuning"),
+                          (FAIL, "its drift is not clearly lower than full fine-tuning's")):
+        ks = [k for k, t in tasks.items() if t.get("drift", {}).get("status") == status]
+        if ks:
+            parts.append(f"on {', '.join(ks)} {words} ("
+                         + ", ".join(f"{k} {tasks[k]['drift']['measured'].split(' (')[0]}" for k in ks) + ")")
     serving = {k: t["serving"] for k, t in tasks.items() if "serving" in t}
     if serving:
         worst = max(s["max"] for s in serving.values())
@@ -155,3 +362,4 @@ def recommend(tasks: dict[str, Any], rank: int, cfg: dict[str, Any]) -> str:
                          f"where latency or throughput matters, and keep them unmerged only where one model copy per "
                          f"task does not fit in memory")
     return "; ".join(parts) + "." if parts else "not enough results for a recommendation."
+

@@ -87,6 +87,11 @@ def best_threshold(margins: dict[str, float], answers: dict[str, str], articles:
             "f1_always_no_answer": 100.0 * sum(f1_abstain.values()) / len(qs)}
 
 
+def paragraph_key(context: str) -> str:
+    """A short stable id of a context paragraph (the unit a bootstrap over SQuAD questions resamples)."""
+    return hashlib.sha256(context.encode()).hexdigest()[:16]
+
+
 def split_articles(articles: list[dict], eval_share: float) -> tuple[list[dict], list[dict]]:
     """Deterministic split of one file's articles into (train, eval) by article.
 
@@ -300,7 +305,11 @@ class SquadV2(Task):
         _, f1 = squad_metric.raw_scores(arts, preds)  # per question, for paired comparisons of models
         return metrics, {"predictions": preds, "generated": raw, "answers": answers, "no_answer_margin": margins,
                          "answer_nll": nll, "no_answer_signal": no_answer_signal,
-                         "no_answer_threshold": no_answer_threshold, "scores": f1}
+                         "no_answer_threshold": no_answer_threshold, "scores": f1,
+                         # for intervals: questions cluster by paragraph; the always-no-answer baseline per question
+                         "paragraph": {e.id: paragraph_key(e.meta["context"]) for e in kept},
+                         "article": {e.id: e.meta.get("title", "") for e in kept},
+                         "has_answer": {e.id: bool(e.meta["answers"]) for e in kept}}
 
     def calibration_examples(self, data, evaluated: list[Example], n: int) -> list[Example]:
         """`n` held-out questions for tuning the no-answer threshold, sharing no paragraph with `evaluated`.

@@ -1,0 +1,185 @@
+"""The verdict: PASS / FAIL / INCONCLUSIVE per criterion and task, intervals over seeds and clusters."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+N = 300  # MRPC-like evaluation pairs; 60 % paraphrases
+
+
+def _labels() -> list[int]:
+    return [int(i % 5 < 3) for i in range(N)]
+
+
+def _write_mrpc_eval(d: Path, name: str, correct: list[bool], metric: float | None = None) -> None:
+    labels = _labels()
+    preds = {str(i): {"label": y, "pred": y if c else 1 - y} for i, (y, c) in enumerate(zip(labels, correct))}
+    acc = 100.0 * sum(correct) / len(correct)
+    ev = {"metrics": {"accuracy": acc if metric is None else metric},
+          "baselines": {"majority_class (yes)": {"accuracy": 60.0}}}
+    (d / f"{name}.predictions.json").write_text(json.dumps(preds))
+    (d / f"{name}.json").write_text(json.dumps(ev))
+
+
+def _correct(rate: float, seed: int) -> list[bool]:
+    rng = random.Random(seed)
+    return [rng.random() < rate for _ in range(N)]
+
+
+def fake_run(tmp_path: Path, *, full: list[float], lora: list[float], base: float = 0.60, ratio: float = 0.5,
+             ratio_ci: tuple | None = None, overhead: float = 0.1, drift: bool = True) -> Path:
+    """A run directory with MRPC evaluations of len(full) seeds, a drift ratio and a serving overhead."""
+    from lorascope.pipeline import StudyArgs
+
+    run = tmp_path / "run"
+    d = run / "eval" / "mrpc"
+    d.mkdir(parents=True)
+    seeds = list(range(len(full)))
+    cfg = dataclasses.asdict(StudyArgs(tasks=["mrpc"]))
+    (run / "study.json").write_text(json.dumps({"config": cfg, "primary_rank": 8, "seeds": seeds, "ranks": [8]}))
+    labels = _labels()
+    _write_mrpc_eval(d, "base", [y == 1 for y in labels] if base == 0.60 else _correct(base, 99))
+    for s, (f, l_) in enumerate(zip(full, lora)):
+        _write_mrpc_eval(d, f"full_s{s}", _correct(f, 10 + s))
+        _write_mrpc_eval(d, f"lora_r8_s{s}", _correct(l_, 10 + s))  # coupled with full
+    if drift:
+        lo, hi = ratio_ci if ratio_ci is not None else (ratio - 0.01, ratio + 0.01)
+        (run / "drift" / "mrpc").mkdir(parents=True)
+        (run / "drift" / "mrpc" / "drift.json").write_text(json.dumps({"summary": {
+            "ratios": [{"lora": "lora_r8_s0", "full": "full_s0",
+                        "token_cka": {"value": ratio, "ci_low": lo, "ci_high": hi}}],
+            "per_model": {"full_s0": {"token_cka_drift": {"value": 0.01}},
+                          "lora_r8_s0": {"token_cka_drift": {"value": 0.01 * ratio}}}}}))
+    (run / "serve" / "r8").mkdir(parents=True)
+    (run / "serve" / "r8" / "serve.json").write_text(json.dumps({"settings": {"engine": "vllm"}, "summary": {"rows": [
+        {"config": "unmerged:mrpc", "batch_size": b, "overhead": overhead * (b / 4), "expected_overhead_flops": 0.02}
+        for b in (1, 4)]}}))
+    return run
+
+
+@pytest.mark.parametrize("full,lora,ratio,overhead,expected", [
+    ([0.90], [0.90], 0.5, 2.0, "PASS"),  # both learned, equal, drift clearly lower
+    ([0.90], [0.90], 0.9, 0.3, "PASS"),  # (2a) fails, serving passes (worst batch 0.3 <= 0.3)
+    ([0.90], [0.90], 0.9, 0.4, "FAIL"),  # neither drift nor serving
+    ([0.92], [0.75], 0.5, 0.1, "FAIL"),  # LoRA far more than 3 points behind, and learned
+    ([0.60], [0.60], 0.5, 0.1, "INCONCLUSIVE"),  # nobody beats the majority class
+    ([0.90], [0.61], 0.5, 0.1, "INCONCLUSIVE"),  # LoRA has not learned
+])
+def test_verdict_logic(tmp_path, full, lora, ratio, overhead, expected):
+    from lorascope.report import judge
+
+    v = judge(fake_run(tmp_path, full=full, lora=lora, ratio=ratio, overhead=overhead))
+    t = v["tasks"]["mrpc"]
+    assert t["verdict"] == expected, t["reason"]
+    assert t["serving"]["max"] == pytest.approx(overhead) and t["serving"]["max_at_batch"] == 4
+    if expected == "INCONCLUSIVE":
+        assert t["accuracy"]["status"] == "INCONCLUSIVE" and "not learned" in t["accuracy"]["reason"]
+        # drift is not judged between models that did not learn, however low the ratio
+        assert t["drift"]["status"] == "INCONCLUSIVE" and "learned" in t["drift"]["reason"]
+        assert v["overall"].startswith("mrpc INCONCLUSIVE") and "To decide, run:" in v["overall"]
+        assert "no recommendation on accuracy or drift for mrpc" in v["recommendation"]
+        assert "moves the hidden states" not in v["recommendation"]
+    else:
+        assert all(x["learned"] for x in t["accuracy"]["learned"].values())
+
+
+def test_undefined_drift_interval_is_inconclusive_not_a_crash(tmp_path):
+    from lorascope.report import judge
+    from lorascope.report.verdict import drift_2a
+
+    run = fake_run(tmp_path, full=[0.9], lora=[0.9], ratio=0.5, ratio_ci=(None, None), overhead=0.5)
+    t = judge(run)["tasks"]["mrpc"]
+    assert t["drift"]["status"] == "INCONCLUSIVE" and "undefined" in t["drift"]["reason"]
+    assert t["verdict"] == "INCONCLUSIVE"  # (1) PASS and ((2a) ? or (2b) FAIL)
+    status, reason, _ = drift_2a({"ratios": []}, lora="lora_r8_s0", full="full_s0", reduction=0.2)
+    assert status == "INCONCLUSIVE" and "no drift ratio" in reason
+    s = {"ratios": [{"lora": "a", "full": "b", "token_cka": {"value": 0.79, "ci_low": 0.7, "ci_high": 0.85}}]}
+    assert drift_2a(s, lora="a", full="b", reduction=0.2)[0] == "INCONCLUSIVE"  # straddles 0.8
+
+
+def test_accuracy_interval_straddling_the_margin_is_inconclusive(tmp_path):
+    from lorascope.report import judge
+
+    acc = judge(fake_run(tmp_path, full=[0.90], lora=[0.87], ratio=0.5))["tasks"]["mrpc"]["accuracy"]
+    ci = acc["bootstrap"]
+    assert ci["ci_low"] < -3 < ci["ci_high"]
+    assert acc["status"] == "INCONCLUSIVE" and "straddles -3" in acc["reason"]
+    assert "1 seed" in acc["reason"]
+
+
+def test_three_valued_logic():
+    from lorascope.report.verdict import and3, or3
+
+    P, F, I = "PASS", "FAIL", "INCONCLUSIVE"
+    assert and3(P, P) == P and and3(P, I) == I and and3(I, F) == F
+    assert or3(F, P) == P and or3(F, I) == I and or3(F, F) == F and or3() == I
+
+
+def _loop_diff(a_seeds, b_seeds, keys):
+    tot = 0.0
+    for k in keys:
+        tot += sum(float(s[k]) for s in a_seeds) / len(a_seeds) - sum(float(s[k]) for s in b_seeds) / len(b_seeds)
+    return tot / len(keys)
+
+
+def test_hierarchical_bootstrap_value_matches_a_plain_loop_and_widens_with_seeds_and_clusters():
+    from lorascope.report.verdict import hierarchical_bootstrap
+
+    rng = random.Random(0)
+    keys = [str(i) for i in range(400)]
+    a = [{k: 100.0 * (rng.random() < 0.7) for k in keys} for _ in range(3)]
+    b = [{k: 100.0 * (rng.random() < 0.6) for k in keys}]
+    r = hierarchical_bootstrap(a, b)
+    assert r["value"] == pytest.approx(_loop_diff(a, b, keys), abs=1e-9)
+    assert r["ci_low"] < r["value"] < r["ci_high"] and r["seeds"] == [3, 1] and r["clusters"] == 400
+
+    # seeds that disagree (one shifted by +20 points) widen the interval beyond the examples-only one
+    shifted = [a[0], {k: v + 20 for k, v in a[0].items()}]
+    one = hierarchical_bootstrap([a[0]], b)
+    two = hierarchical_bootstrap(shifted, b)
+    assert (two["ci_high"] - two["ci_low"]) > 1.5 * (one["ci_high"] - one["ci_low"])
+
+    # 40 clusters of 10 identical questions: the interval is about sqrt(10) times wider than
+    # an (invalid) bootstrap over questions
+    groups = {k: str(int(k) // 10) for k in keys}
+    clustered_a = {k: 100.0 * (int(k) // 10 % 3 == 0) for k in keys}
+    zero = {k: 0.0 for k in keys}
+    naive = hierarchical_bootstrap([clustered_a], [zero])
+    by_cluster = hierarchical_bootstrap([clustered_a], [zero], groups=groups)
+    ratio = (by_cluster["ci_high"] - by_cluster["ci_low"]) / (naive["ci_high"] - naive["ci_low"])
+    assert 2.3 < ratio < 4.3 and by_cluster["clusters"] == 40
+    # the cluster bootstrap equals a bootstrap over the 40 cluster means (computed independently)
+    means = np.array([100.0 * (c % 3 == 0) for c in range(40)])
+    g = np.random.default_rng(5)
+    boot = np.sort([means[g.integers(0, 40, 40)].mean() for _ in range(4000)])
+    assert by_cluster["ci_low"] == pytest.approx(boot[100], abs=4.0)
+    assert by_cluster["ci_high"] == pytest.approx(boot[3899], abs=4.0)
+
+
+def test_paired_bootstrap_interval():
+    from lorascope.report.verdict import paired_bootstrap
+
+    a = {str(i): 100.0 * (i % 2) for i in range(400)}
+    b = {str(i): 0.0 for i in range(400)}
+    r = paired_bootstrap(a, b)
+    assert r["value"] == pytest.approx(50.0) and r["ci_low"] < 50.0 < r["ci_high"] and r["ci_high"] - r["ci_low"] < 15
+    same = paired_bootstrap(a, a)
+    assert same["value"] == same["ci_low"] == same["ci_high"] == 0.0
+
+
+def test_squad_baseline_and_clusters_come_from_the_predictions(tmp_path):
+    from lorascope.report.verdict import baseline_scores, clusters
+
+    f = tmp_path / "full_s0.json"
+    f.with_suffix(".predictions.json").write_text(json.dumps({
+        "scores": {"a": 1.0, "b": 0.5, "c": 0.0}, "has_answer": {"a": True, "b": False, "c": True},
+        "paragraph": {"a": "p1", "b": "p1", "c": "p2"}}))
+    assert baseline_scores("squad_v2", f) == {"always_no_answer": {"a": 0.0, "b": 100.0, "c": 0.0}}
+    groups, unit = clusters("squad_v2", f)
+    assert unit == "paragraph" and groups == {"a": "p1", "b": "p1", "c": "p2"}
