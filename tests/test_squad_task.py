@@ -267,3 +267,50 @@ def test_eval_tunes_the_no_answer_threshold_on_disjoint_paragraphs(tiny_model, t
         load_config(None, ["eval.no_answer_signal=best"], **common)
     with pytest.raises(LorascopeError, match="accepted: first_token, answer_nll, best"):
         load_config(None, ["eval.no_answer_signal=margin"], **common)
+
+
+def test_window_keeps_the_answer_or_plausible_answer_at_random_offsets(tiny_model):
+    from lorascope.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    task = get_task("squad_v2")
+    starts = set()
+    for i in range(12):
+        ex = _long_example(False)
+        ex.id = f"q{i}"
+        [feat] = task.features(tok, [ex], max_len=200)
+        assert "Gondor" in tok.decode(feat.input_ids[:feat.answer_start])
+        starts.add(task.window_start(tok, ex, 200 - 3)[0])
+    assert len(starts) > 3  # not always the same window
+    # unanswerable: the plausible answer decides where the window may lie, by the same rule
+    ex = _long_example(False, answerable=False)
+    ex.meta["plausible_answers"] = [{"text": "Gondor", "answer_start": ex.meta["context"].index("Gondor")}]
+    [feat] = task.features(tok, [ex], max_len=200)
+    assert "Gondor" in tok.decode(feat.input_ids[:feat.answer_start])
+
+
+def test_window_start_says_nothing_about_answerability(tiny_model, real_data):
+    """On real SQuAD v2 questions with long contexts, where the training window starts is
+    distributed alike for answerable and unanswerable questions (two-sample KS test)."""
+    from lorascope.config import DataConfig
+    from lorascope.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))  # spells words out: most contexts need a window
+    task = get_task("squad_v2")
+    exs = task.examples("train", DataConfig(dir=str(real_data)), limit=500)
+    rel = {True: [], False: []}
+    for ex in exs:
+        n = len(tok(ex.meta["context"], add_special_tokens=False)["input_ids"])
+        win = task.window_start(tok, ex, 400)
+        if win is None or win[1] >= n:
+            continue
+        lo, keep = win
+        rel[bool(ex.meta["answers"])].append(lo / (n - keep))
+    ans, una = rel[True], rel[False]
+    assert len(ans) > 100 and len(una) > 100
+    at_start = [sum(x == 0 for x in v) / len(v) for v in (ans, una)]
+    assert abs(at_start[0] - at_start[1]) < 0.1, at_start  # the old rule: 0 % vs 100 %
+    # two-sample Kolmogorov-Smirnov statistic against its 1 % critical value
+    grid = sorted(ans + una)
+    d = max(abs(sum(x <= g for x in ans) / len(ans) - sum(x <= g for x in una) / len(una)) for g in grid)
+    assert d < 1.63 * ((len(ans) + len(una)) / (len(ans) * len(una))) ** 0.5, d

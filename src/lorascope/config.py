@@ -42,14 +42,21 @@ class DataConfig:
                 "else the Hugging Face Hub"})
     max_train_examples: int | None = field(default=None, metadata={"help": "deterministic subset of the train split"})
     max_eval_examples: int | None = field(default=None, metadata={"help": "deterministic subset of the eval split"})
-    max_seq_len: int = field(default=384, metadata={"help": "training sequence length in tokens; longer SQuAD "
-                                                            "contexts are cut around the answer"})
-    eval_max_seq_len: int = field(default=1024, metadata={"help": "longest prompt evaluated; longer ones are "
-                                                                  "skipped and counted"})
+    max_seq_len: int = field(default=512, metadata={
+        "help": "one length policy for training and evaluation, in tokens: a longer SQuAD training prompt is cut "
+                "to a context window at a random offset that keeps the answer (or plausible answer) inside; an "
+                "evaluation prompt that cannot fit with its answer (eval.max_new_tokens) is skipped and counted"})
+    eval_max_seq_len: int | None = field(default=None, metadata={
+        "help": "null (default): data.max_seq_len, the same policy as training; set only to depart from it"})
     squad_eval_share: float = field(default=0.4, metadata={
         "help": "when train-v2.0.json is absent: share of dev-v2.0.json questions (whole articles) held out "
                 "for evaluation; the other articles are used for training"})
     subset_seed: int = field(default=1234, metadata={"help": "seed of the subset draws (independent of the training seed)"})
+
+    @property
+    def eval_len(self) -> int:
+        """The longest evaluated prompt plus answer: data.max_seq_len unless eval_max_seq_len departs from it."""
+        return self.max_seq_len if self.eval_max_seq_len is None else self.eval_max_seq_len
 
     def resolved_dir(self) -> str | None:
         d = self.dir if self.dir is not None else os.environ.get("LORASCOPE_DATA_DIR")
@@ -63,7 +70,7 @@ class DataConfig:
                 out.append(f"data.{name}: must be a positive integer or null, got {v}")
         if self.max_seq_len < 16:
             out.append(f"data.max_seq_len: must be at least 16, got {self.max_seq_len}")
-        if self.eval_max_seq_len < 16:
+        if self.eval_max_seq_len is not None and self.eval_max_seq_len < 16:
             out.append(f"data.eval_max_seq_len: must be at least 16, got {self.eval_max_seq_len}")
         if not 0.0 < self.squad_eval_share < 1.0:
             out.append(f"data.squad_eval_share: must be between 0 and 1 (exclusive), got {self.squad_eval_share}")

@@ -82,7 +82,7 @@ def evaluate(cfg: Config) -> dict:
     if torch.cuda.is_available():
         model = model.to("cuda")
     t0 = time.time()
-    kwargs = dict(batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, max_len=cfg.data.eval_max_seq_len)
+    kwargs = dict(batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, max_len=cfg.data.eval_len)
     calibration = None
     if e.task == "squad_v2":
         threshold, signal = e.no_answer_threshold, e.no_answer_signal

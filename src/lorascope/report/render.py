@@ -255,6 +255,17 @@ def render_report(run_dir: str | Path) -> Path:
                 rows.append([f"baseline: {name.replace('_', ' ')}"] + [_f(m.get(k)) for k, _ in cols] + [""])
         doc.h(3, task)
         doc.table(["model"] + [c for _, c in cols] + ["examples"], rows)
+        if base_ev and "config" in base_ev:
+            dc = base_ev["config"]["data"]
+            n_len = dc["max_seq_len"] if dc.get("eval_max_seq_len") is None else dc["eval_max_seq_len"]
+            policy = (f"Length policy: {dc['max_seq_len']} tokens for training and evaluation alike"
+                      if n_len == dc["max_seq_len"] else
+                      f"Length policy: {dc['max_seq_len']} tokens in training, {n_len} in evaluation")
+            skipped = base_ev["metrics"].get("skipped_too_long")
+            doc.p(policy + (" (a longer training context is cut to a window at a random offset that keeps the "
+                            "answer, or for an unanswerable question its plausible answer, inside)"
+                            if task == "squad_v2" else "")
+                  + (f"; {skipped} evaluation prompt(s) longer than that were skipped." if skipped else "."))
         if calibrated:
             doc.p(f"When each model abstains, tuned for the best F1 on {n_cal} held-out questions that share "
                   f"no paragraph with the evaluated ones (margin: logit of the no-answer string's first token "

@@ -126,7 +126,10 @@ def articles_to_examples(articles: list[dict]) -> list[Example]:
                     qa["id"], make_prompt(p["context"], qa["question"]),
                     answers[0]["text"] if answers else NO_ANSWER,
                     {"title": a.get("title", ""), "context": p["context"], "question": qa["question"],
-                     "answers": [{"text": x["text"], "answer_start": x.get("answer_start", -1)} for x in answers]}))
+                     "answers": [{"text": x["text"], "answer_start": x.get("answer_start", -1)} for x in answers],
+                     # unanswerable questions' plausible answers: only to place training windows (see features)
+                     "plausible_answers": [{"text": x["text"], "answer_start": x.get("answer_start", -1)}
+                                           for x in qa.get("plausible_answers") or []]}))
     return out
 
 
@@ -183,7 +186,16 @@ class SquadV2(Task):
         return out
 
     def features(self, tok, examples, max_len):
-        """Like Task.features, but a context too long is cut to a window around the answer."""
+        """Like Task.features, but a context too long is cut to a window at a random offset.
+
+        The window keeps an anchor span inside: the answer for answerable questions, and for
+        unanswerable ones SQuAD v2's plausible (but wrong) answer, or a random span when the
+        data has none. Answerable and unanswerable questions thus get windows by the same
+        rule, so where a window starts says nothing about whether the question has an answer
+        (a window that always started at the paragraph start for unanswerable questions would
+        be a shortcut the model could learn). The offset is drawn uniformly among the starts
+        that keep the anchor inside, seeded by the question id, so features are reproducible.
+        """
         out, cut, skipped = [], 0, 0
         for ex in examples:
             p = prompt_ids(tok, ex.prompt)
@@ -196,31 +208,51 @@ class SquadV2(Task):
                 cut += 1
             out.append(Feature(ex.id, p + a, len(p)))
         if cut or skipped:
-            log.warning("squad_v2: %d of %d training contexts cut to a window around the answer; %d skipped "
-                        "(answer window does not fit in %d tokens)", cut, len(examples), skipped, max_len)
+            log.warning("squad_v2: %d of %d training contexts cut to a window at a random offset keeping the answer "
+                        "(or, if unanswerable, the plausible answer) inside; %d skipped (the window does not fit in "
+                        "%d tokens)", cut, len(examples), skipped, max_len)
         return out
 
-    def _truncated_prompt(self, tok, ex: Example, budget: int) -> list[int] | None:
+    def window_start(self, tok, ex: Example, budget: int) -> tuple[int, int] | None:
+        """(first token, token count) of the context window `_truncated_prompt` keeps, or None if none fits."""
+        import random
+
         ctx = ex.meta["context"]
-        if ex.meta["answers"]:
-            a0 = ex.meta["answers"][0]
-            start = a0["answer_start"] if a0["answer_start"] >= 0 else ctx.find(a0["text"])
-            if start < 0:
-                return None
+        rng = random.Random(f"squad-window-{ex.id}")
+        spans = ex.meta["answers"] or ex.meta.get("plausible_answers") or []
+        start = end = -1
+        if spans:
+            a0 = spans[0]
+            start = a0["answer_start"] if a0.get("answer_start", -1) >= 0 else ctx.find(a0["text"])
             end = start + len(a0["text"])
-        else:
-            start = end = 0  # nothing to keep: cut from the end
+            if start < 0 and ex.meta["answers"]:
+                return None  # an answer that is not in its context cannot be trained on
         enc = tok(ctx, add_special_tokens=False, return_offsets_mapping=True)
         offsets = enc["offset_mapping"]
+        n = len(offsets)
         overhead = len(prompt_ids(tok, make_prompt("", ex.meta["question"])))
         keep = budget - overhead - 4  # a few tokens of slack: re-tokenising a substring can differ
         if keep < 8:
             return None
-        first = next((i for i, (s, e) in enumerate(offsets) if e > start), 0)
-        last = next((i for i in range(len(offsets) - 1, -1, -1) if offsets[i][0] < end), first)
+        if keep >= n:
+            return 0, n
+        if start < 0:  # no span to keep: a random anchor token, as likely anywhere as an answer
+            first = last = rng.randrange(n)
+        else:
+            first = next((i for i, (s, e) in enumerate(offsets) if e > start), 0)
+            last = next((i for i in range(n - 1, -1, -1) if offsets[i][0] < end), first)
         if last - first + 1 > keep:
             return None
-        lo = max(0, min(first - (keep - (last - first + 1)) // 2, len(offsets) - keep))
+        lo_min, lo_max = max(0, last - keep + 1), min(first, n - keep)
+        return rng.randint(lo_min, lo_max), keep
+
+    def _truncated_prompt(self, tok, ex: Example, budget: int) -> list[int] | None:
+        win = self.window_start(tok, ex, budget)
+        if win is None:
+            return None
+        lo, keep = win
+        ctx = ex.meta["context"]
+        offsets = tok(ctx, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         for shrink in range(0, keep, 4):
             hi = min(len(offsets), lo + keep - shrink)
             window = ctx[offsets[lo][0]:offsets[hi - 1][1]]
