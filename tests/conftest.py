@@ -41,9 +41,10 @@ def _mrpc_rows(n: int, offset: int = 0) -> list[str]:
     rows = []
     for i in range(n):
         label = (i + offset) % 3 != 0
-        s1 = f'The company said "profits rose {i}" on Monday.'
-        s2 = f'Profits went up {i}, the firm said.' if label else f"The weather was cold on day {i}."
-        rows.append(f"{int(label)}\t{1000 + i}\t{2000 + i}\t{s1}\t{s2}")
+        k = i + 100 * offset  # no pair (id or text) in two splits
+        s1 = f'The company said "profits rose {k}" on Monday.'
+        s2 = f'Profits went up {k}, the firm said.' if label else f"The weather was cold on day {k}."
+        rows.append(f"{int(label)}\t{1000 + k}\t{2000 + k}\t{s1}\t{s2}")
     return rows
 
 
@@ -75,7 +76,7 @@ def small_data(tmp_path) -> Path:
     (d / "mrpc" / "dev.tsv").write_text("\n".join([MRPC_HEADER, *_mrpc_rows(20, 1)]) + "\n")
     (d / "mrpc" / "test.tsv").write_text("\n".join(["index\t#1 ID\t#2 ID\t#1 String\t#2 String",
                                                      *[f"{i}\t{r.split(chr(9), 1)[1]}" for i, r in
-                                                       enumerate(_mrpc_rows(6))]]) + "\n")
+                                                       enumerate(_mrpc_rows(6, 2))]]) + "\n")
     (d / "squad_v2" / "dev-v2.0.json").write_text(json.dumps(_squad_articles(10, 6)))
     return d
 

@@ -98,3 +98,33 @@ def test_answer_logprob_scoring_matches_full_forward(tiny_model, small_data):
         want2 = sum(logp2[len(p) - 1 + k, t].item() for k, t in enumerate(ans + ans))
         assert got2 == pytest.approx(want2, abs=1e-4)
         assert got1 == pytest.approx(logp[len(p) - 1, ans[0]].item(), abs=1e-4)
+
+
+def test_msr_train_release_loses_the_dev_and_test_pairs(tmp_path, real_data, caplog):
+    """GLUE's dev pairs come from the MSR train release: beside dev.tsv they are removed and counted."""
+    glue_train = (real_data / "mrpc" / "train.tsv").read_text(encoding="utf-8-sig").splitlines()
+    glue_dev = (real_data / "mrpc" / "dev.tsv").read_text(encoding="utf-8-sig").splitlines()
+    d = tmp_path / "mrpc"
+    d.mkdir()
+    (d / "msr_paraphrase_train.txt").write_text("\r\n".join(glue_train + glue_dev[1:]) + "\r\n")
+    (d / "dev.tsv").write_text("\n".join(glue_dev) + "\n")
+    task = get_task("mrpc")
+    with caplog.at_level("INFO"):
+        train = task.load_split("train", DataConfig(dir=str(tmp_path)))
+    assert len(train) == 3668 and task.removed_from_train == 408
+    assert "removed 408 of 4076 pairs" in caplog.text
+    dev = task.load_split("eval", DataConfig(dir=str(tmp_path)))
+    assert task.check_held_out(DataConfig(dir=str(tmp_path)), dev, "evaluation") == 3668
+
+
+def test_a_held_out_set_sharing_a_pair_with_training_is_refused(small_data):
+    from lorascope import LorascopeError
+
+    rows = (small_data / "mrpc" / "train.tsv").read_text().splitlines()
+    dev = (small_data / "mrpc" / "dev.tsv").read_text().splitlines()
+    (small_data / "mrpc" / "train.tsv").write_text("\n".join(rows + dev[3:4]) + "\n")  # one dev pair leaks
+    data = DataConfig(dir=str(small_data))
+    task = get_task("mrpc")
+    with pytest.raises(LorascopeError, match=r"mrpc: 1 of the 20 evaluation examples share an example with the "
+                                             r"training split"):
+        task.check_held_out(data, task.examples("eval", data), "evaluation")

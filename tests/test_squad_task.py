@@ -314,3 +314,26 @@ def test_window_start_says_nothing_about_answerability(tiny_model, real_data):
     grid = sorted(ans + una)
     d = max(abs(sum(x <= g for x in ans) / len(ans) - sum(x <= g for x in una) / len(una)) for g in grid)
     assert d < 1.63 * ((len(ans) + len(una)) / (len(ans) * len(una))) ** 0.5, d
+
+
+def test_held_out_squad_sets_share_no_article_with_training(small_data):
+    from lorascope import LorascopeError
+    from lorascope.config import DataConfig
+    from lorascope.drift.measure import drift_examples
+
+    data = DataConfig(dir=str(small_data))
+    task = get_task("squad_v2")
+    held = task.examples("eval", data)
+    assert task.check_held_out(data, held, "evaluation") > 0  # the split by article is disjoint
+    assert len(drift_examples("squad_v2", data, 4)[0]) == 4
+    # a train file that holds one of the dev articles (even with other question ids): refused at run time
+    dev = json.loads((small_data / "squad_v2" / "dev-v2.0.json").read_text())
+    leaked = json.loads(json.dumps(dev["data"][0]))
+    for p in leaked["paragraphs"]:
+        for qa in p["qas"]:
+            qa["id"] += "-train"
+    (small_data / "squad_v2" / "train-v2.0.json").write_text(json.dumps({"version": "v2.0", "data": [leaked]}))
+    with pytest.raises(LorascopeError, match="share an article or a context paragraph with the training split"):
+        task.check_held_out(data, task.examples("eval", data), "evaluation")
+    with pytest.raises(LorascopeError, match=r"drift \(eval split\) examples share an article"):
+        drift_examples("squad_v2", data, 4)

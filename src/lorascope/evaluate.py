@@ -34,6 +34,7 @@ def calibrate_no_answer(task, model, tok, cfg: Config, examples, kwargs) -> dict
     from lorascope.tasks.squad_v2 import NO_ANSWER_SIGNALS, best_threshold, examples_to_articles, predictions_at
 
     calib = task.calibration_examples(cfg.data, examples, cfg.eval.calibration_examples)
+    task.check_held_out(cfg.data, calib, "calibration")
     log.info("squad_v2: tuning the no-answer threshold on %d calibration questions", len(calib))
     _, pred = task.evaluate(model, tok, calib, **kwargs)
     kept = [x for x in calib if x.id in pred["answers"]]
@@ -74,6 +75,8 @@ def evaluate(cfg: Config) -> dict:
     task = get_task(e.task)
     limit = cfg.data.max_eval_examples if e.split == "eval" else cfg.data.max_train_examples
     examples = task.examples(e.split, cfg.data, limit=limit)
+    if e.split == "eval":
+        task.check_held_out(cfg.data, examples, "evaluation")
     model, tok, info = load_checkpoint(e.checkpoint, cfg.model)
     if info["kind"] == "lora":
         # same function up to float rounding, and no per-layer adapter overhead while scoring

@@ -266,6 +266,7 @@ def drift_examples(task_name: str, data, max_examples: int):
         available[s] = len(exs)
         if need < len(exs):
             exs = task.examples(s, data, limit=need)
+        task.check_held_out(data, exs, f"drift ({s} split)")
         for e in exs:
             e.id = f"{s}:{e.id}"
         out += exs

@@ -86,6 +86,27 @@ class Task:
     def baselines(self, examples: list[Example]) -> dict[str, Any]:
         return {}
 
+    def leak_keys(self, ex: Example) -> set[str]:
+        """What must not be shared between training and held-out examples: the id and the inputs."""
+        return {f"id:{ex.id}", f"input:{ex.prompt}"}
+
+    def check_held_out(self, data, held: list[Example], what: str) -> int:
+        """Raise unless `held` shares nothing (see leak_keys) with the whole train split; return its size.
+
+        Called at run time on every evaluation, calibration and drift set: a leak is an error,
+        never a warning.
+        """
+        train = self.load_split("train", data)
+        seen = set().union(*(self.leak_keys(e) for e in train)) if train else set()
+        shared = [e.id for e in held if self.leak_keys(e) & seen]
+        if shared:
+            raise LorascopeError(f"{self.name}: {len(shared)} of the {len(held)} {what} examples share "
+                                 f"{self.leak_unit} with the training split (first: {shared[0]}); the evaluation "
+                                 f"would measure memorisation. Check the data files in {data.resolved_dir() or 'the Hub'}")
+        return len(train)
+
+    leak_unit = "an example"
+
 
 def uses_chat_template(tok) -> bool:
     return bool(getattr(tok, "chat_template", None))

@@ -82,8 +82,31 @@ class MRPC(Task):
             raise LorascopeError(f"mrpc: data directory {d} does not exist")
         for name in FILES[split]:
             if (d / name).is_file():
-                return read_tsv(d / name)
+                rows = read_tsv(d / name)
+                if name == "msr_paraphrase_train.txt":
+                    rows = self._without_held_out(d, rows)
+                return rows
         raise LorascopeError(f"mrpc: no file for the {split} split in {d}; expected one of {', '.join(FILES[split])}")
+
+    def _without_held_out(self, d: Path, rows: list[dict]) -> list[dict]:
+        """The MSR train release minus every pair in the dev or test file beside it.
+
+        GLUE carved its 408 dev pairs out of the MSR train release: training on that file
+        as is would train on the evaluation set.
+        """
+        held: set = set()
+        for split in ("eval", "test"):
+            for name in FILES[split]:
+                if (d / name).is_file():
+                    held |= {k for r in read_tsv(d / name) for k in (r["id"], (r["s1"], r["s2"]))}
+        kept = [r for r in rows if r["id"] not in held and (r["s1"], r["s2"]) not in held]
+        self.removed_from_train = len(rows) - len(kept)
+        log.info("mrpc: training from msr_paraphrase_train.txt: removed %d of %d pairs that are in the dev or test "
+                 "file, %d left", self.removed_from_train, len(rows), len(kept))
+        if not kept:
+            raise LorascopeError(f"mrpc: every pair of {d / 'msr_paraphrase_train.txt'} is in the dev or test file; "
+                                 "no training pairs are left")
+        return kept
 
     def _hub(self, split: str) -> list[dict]:
         from datasets import load_dataset

@@ -361,6 +361,12 @@ class SquadV2(Task):
         keep = sorted(random.Random(f"{data.subset_seed}-squad_v2-calibration").sample(range(len(pool)), n))
         return [pool[i] for i in keep]
 
+    leak_unit = "an article or a context paragraph"
+
+    def leak_keys(self, ex):
+        # no article, and so no paragraph, on both sides (questions on one paragraph are near-duplicates)
+        return {f"id:{ex.id}", f"article:{ex.meta.get('title', '')}", f"context:{paragraph_key(ex.meta['context'])}"}
+
     def baselines(self, examples):
         arts = examples_to_articles(examples)
         return {"always_no_answer": dict(squad_metric.score_predictions(arts, {e.id: "" for e in examples}))}
