@@ -65,6 +65,15 @@ def test_smoke_study_writes_every_stage_and_the_report(smoke_run):
     assert "Forgetting" in md and "## Environment" in md and "Recommendation: " in md
     assert verdict["tasks"]["squad_v2"]["accuracy"]["unit"] == "paragraph"  # SQuAD questions cluster by paragraph
     assert "a tiny random Llama" in md  # the base model is named for what it is
+    # learning-rate selection: every trial recorded, the final models at the selected rate, the curves shown
+    for task in ("mrpc", "squad_v2"):
+        for method, name in (("full", "full_s0"), ("lora", "lora_r8_s0")):
+            tj = json.loads((run_dir / "tune" / task / method / "tune.json").read_text())
+            assert len(tj["trials"]) == 2 and tj["best_lr"] in [t["lr"] for t in tj["trials"]]
+            trained = json.loads((run_dir / "train" / task / name / "lorascope-train.json").read_text())
+            assert trained["config"]["train"]["lr"] == tj["best_lr"]
+            assert trained["config"]["data"]["validation_share"] == 0.0  # the final models use every example
+    assert "## Learning-rate selection" in md and md.count("lr_curve.png") == 4
     # SQuAD v2: each model's no-answer threshold tuned on 20 held-out questions (smoke.yaml), and reported
     ev = json.loads((run_dir / "eval" / "squad_v2" / "lora_r8_s0.json").read_text())
     cal = ev["metrics"]["calibration"]

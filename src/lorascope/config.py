@@ -51,6 +51,9 @@ class DataConfig:
     squad_eval_share: float = field(default=0.4, metadata={
         "help": "when train-v2.0.json is absent: share of dev-v2.0.json questions (whole articles) held out "
                 "for evaluation; the other articles are used for training"})
+    validation_share: float = field(default=0.0, metadata={
+        "help": "share of the training examples (whole paragraphs for SQuAD) held out as the 'validation' split "
+                "for learning-rate selection; 0: none (the final models train on all of them)"})
     subset_seed: int = field(default=1234, metadata={"help": "seed of the subset draws (independent of the training seed)"})
 
     @property
@@ -72,6 +75,8 @@ class DataConfig:
             out.append(f"data.max_seq_len: must be at least 16, got {self.max_seq_len}")
         if self.eval_max_seq_len is not None and self.eval_max_seq_len < 16:
             out.append(f"data.eval_max_seq_len: must be at least 16, got {self.eval_max_seq_len}")
+        if not 0.0 <= self.validation_share < 1.0:
+            out.append(f"data.validation_share: must be in [0, 1) (0: no validation split), got {self.validation_share}")
         if not 0.0 < self.squad_eval_share < 1.0:
             out.append(f"data.squad_eval_share: must be between 0 and 1 (exclusive), got {self.squad_eval_share}")
         return out
@@ -164,7 +169,8 @@ class TrainArgs:
 class EvalArgs:
     task: str = field(default="mrpc", metadata={"help": "task name (mrpc, squad_v2)"})
     checkpoint: str = field(default="base", metadata={"help": "'base', a full model directory or a PEFT adapter directory"})
-    split: str = field(default="eval", metadata={"help": "eval (MRPC dev / held-out SQuAD questions) or train"})
+    split: str = field(default="eval", metadata={"help": "eval (MRPC dev / held-out SQuAD questions), train, or "
+                                                         "validation (carved from train by data.validation_share)"})
     output: str | None = field(default=None, metadata={"help": "metrics JSON path (default: CHECKPOINT/eval-TASK.json)"})
     batch_size: int = field(default=16, metadata={"help": "examples per forward pass"})
     max_new_tokens: int = field(default=32, metadata={"help": "longest generated answer (SQuAD)"})
@@ -187,8 +193,9 @@ class EvalArgs:
         if self.task not in TASKS:
             out.append(f"eval.task: unknown task {self.task!r}; accepted: {', '.join(sorted(TASKS))}"
                        + _did_you_mean(self.task, TASKS))
-        if self.split not in ("eval", "train"):
-            out.append(f"eval.split: got {self.split!r}; accepted: eval, train")
+        if self.split not in ("eval", "train", "validation"):
+            out.append(f"eval.split: got {self.split!r}; accepted: eval, train, validation (needs "
+                       f"data.validation_share)")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             out.append("eval.batch_size and eval.max_new_tokens: must be positive integers")
         if self.calibration_examples < 0 or (0 < self.calibration_examples < 20):

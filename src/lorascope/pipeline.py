@@ -2,6 +2,8 @@
 
 Stages, in order (each one function call of an existing command):
   prepare                      resolve / convert the base model
+  tune:TASK:METHOD             learning-rate search per task and method on a validation split
+                               carved from the training side (study.tune_lr; lorascope.tune)
   train:TASK:MODEL             full fine-tuning and LoRA per rank and seed (lorascope train)
   eval:TASK:MODEL              base, full and LoRA on each task, and every tuned model on the
                                other tasks (forgetting) (lorascope eval)
@@ -68,6 +70,18 @@ class StudyArgs:
     accuracy_margin: float = field(default=3.0, metadata={"help": "criterion 1: LoRA within this many points of full"})
     drift_reduction: float = field(default=0.20, metadata={"help": "criterion 2a: LoRA drift at least this much lower"})
     max_serving_overhead: float = field(default=0.30, metadata={"help": "criterion 2b: unmerged overhead at most this"})
+    min_seeds: int = field(default=1, metadata={
+        "help": "seeds each criterion needs (train.seed must list at least this many); with one seed the accuracy "
+                "intervals cover evaluation examples only, and the report says so"})
+    tune_lr: bool = field(default=False, metadata={
+        "help": "select the learning rate per task and method on a validation split carved from the training side "
+                "before the final models train (stage tune:TASK:METHOD)"})
+    tune_lrs_full: list[float] = field(default_factory=lambda: [1e-5, 3e-5, 1e-4, 3e-4], metadata={
+        "help": "learning rates tried for full fine-tuning (the search budget: as many trials as rates)"})
+    tune_lrs_lora: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3], metadata={
+        "help": "learning rates tried for LoRA; as many as for full fine-tuning, so both get the same budget"})
+    tune_validation_share: float = field(default=0.15, metadata={
+        "help": "share of the training examples (whole paragraphs for SQuAD v2) that scores the trials"})
     per_task: dict = field(default_factory=dict, metadata={
         "help": "per-task overrides of the other sections, e.g. {squad_v2: {data: {max_seq_len: 256}}}"})
 
@@ -91,6 +105,19 @@ class StudyArgs:
                 out.append(f"study.per_task: {t!r} is not one of study.tasks ({', '.join(self.tasks)})")
         if self.drift_examples < 2:
             out.append(f"study.drift_examples: must be at least 2, got {self.drift_examples}")
+        if self.min_seeds < 1:
+            out.append(f"study.min_seeds: must be at least 1, got {self.min_seeds}")
+        if self.tune_lr:
+            from lorascope.tune import check_grid
+
+            for m in self.methods:
+                out += check_grid(getattr(self, f"tune_lrs_{m}"), f"study.tune_lrs_{m}")
+            if set(self.methods) == {"full", "lora"} and len(self.tune_lrs_full) != len(self.tune_lrs_lora):
+                out.append(f"study.tune_lrs_full and study.tune_lrs_lora: {len(self.tune_lrs_full)} vs "
+                           f"{len(self.tune_lrs_lora)} rates; both methods must get the same search budget")
+            if not 0.0 < self.tune_validation_share < 1.0:
+                out.append(f"study.tune_validation_share: must be between 0 and 1 (exclusive), got "
+                           f"{self.tune_validation_share}")
         return out
 
 
@@ -168,6 +195,10 @@ def load_study(path: str | Path) -> Study:
               seeds=seeds or [base.train.seed], source=str(p))
     for t in study.tasks:
         s.task_config(t)  # validates the per-task overrides now, not hours later
+    if len(s.seeds) < study.min_seeds:
+        raise LorascopeError(f"{p}: train.seed: {len(s.seeds)} seed(s) given ({s.seeds}), but study.min_seeds asks "
+                             f"for at least {study.min_seeds}; list them, e.g. train.seed: "
+                             f"{list(range(study.min_seeds))}")
     if s.primary_rank not in s.ranks and "lora" in study.methods:
         raise LorascopeError(f"{p}: study.primary_rank {s.primary_rank} is not among lora.rank {s.ranks}")
     return s
@@ -209,7 +240,6 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
     from lorascope.evaluate import evaluate
     from lorascope.models import resolve_model
     from lorascope.serve import ServeSettings, run_serve_bench
-    from lorascope.train import train
 
     st = study.study
     stages: list[Stage] = []
@@ -221,6 +251,25 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
 
     def train_dir(task, name):
         return run_dir / "train" / task / name
+
+    if st.tune_lr:
+        from lorascope.tune import tune_lr
+
+        for task in st.tasks:
+            for method in st.methods:
+                cfg = study.task_config(task)
+                cfg.train.method = method
+                cfg.train.seed = study.seeds[0]
+                if method == "lora":
+                    cfg.lora.rank = study.primary_rank
+                lrs = getattr(st, f"tune_lrs_{method}")
+                out = run_dir / "tune" / task / method
+                dep_cfg = cfg.to_dict()  # the validation evaluation uses the eval section too
+                dep_cfg["train"] = {k: v for k, v in dep_cfg["train"].items() if k != "output_dir"}
+                dep_cfg["grid"], dep_cfg["validation_share"] = lrs, st.tune_validation_share
+                stages.append(Stage(f"tune:{task}:{method}", "tune",
+                                    (lambda c=cfg, g=lrs, o=out: tune_lr(c, g, st.tune_validation_share, o)),
+                                    dep_cfg, ["prepare"], [out]))
 
     for task in st.tasks:
         for name, method, rank, seed in models:
@@ -234,8 +283,15 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
             dep_cfg["train"] = {k: v for k, v in dep_cfg["train"].items() if k != "output_dir"}
             if method == "full":
                 dep_cfg.pop("lora")
-            stages.append(Stage(f"train:{task}:{name}", "train", (lambda c=cfg: train(c)), dep_cfg, ["prepare"],
-                                [train_dir(task, name)]))
+            deps = ["prepare"]
+            tuned_lr = None
+            if st.tune_lr:
+                # the final model trains at the rate its method's search selected (read when the stage runs)
+                deps.append(f"tune:{task}:{method}")
+                tuned_lr = run_dir / "tune" / task / method / "tune.json"
+                dep_cfg["train"].pop("lr")
+            stages.append(Stage(f"train:{task}:{name}", "train", (lambda c=cfg, t=tuned_lr: _train(c, t)), dep_cfg,
+                                deps, [train_dir(task, name)]))
 
     def eval_stage(task, name, checkpoint, deps):
         cfg = study.task_config(task)
@@ -296,6 +352,16 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
                          "primary_rank": study.primary_rank},
                         [s.name for s in stages], [run_dir / "report"]))
     return stages
+
+
+def _train(cfg: Config, tune_file: Path | None):
+    from lorascope.train import train
+
+    if tune_file is not None:
+        cfg = copy.deepcopy(cfg)
+        cfg.train.lr = json.loads(tune_file.read_text())["best_lr"]
+        log.info("train %s/%s at the selected learning rate %.2e", cfg.train.task, cfg.train.method, cfg.train.lr)
+    return train(cfg)
 
 
 def _serve(model_name, adapters, out, settings, data_dir):

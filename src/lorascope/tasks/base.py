@@ -54,14 +54,42 @@ class Task:
         raise NotImplementedError
 
     def examples(self, split: str, data, *, limit: int | None = None) -> list[Example]:
-        """A deterministic subset (seeded by data.subset_seed) of a split, in the split's order."""
-        exs = self.load_split(split, data)
+        """A deterministic subset (seeded by data.subset_seed) of a split, in the split's order.
+
+        With data.validation_share > 0 the training subset is divided in two, by
+        `group_key` (whole paragraphs for SQuAD): "validation" is that share of it, for
+        choosing hyperparameters, and "train" is the rest. Nothing of the evaluation split
+        is ever used for that choice.
+        """
+        side = "train" if split == "validation" else split
+        exs = self.load_split(side, data)
         if not exs:
-            raise LorascopeError(f"task {self.name}: the {split} split is empty")
+            raise LorascopeError(f"task {self.name}: the {side} split is empty")
         if limit is not None and limit < len(exs):
-            keep = sorted(random.Random(f"{data.subset_seed}-{self.name}-{split}").sample(range(len(exs)), limit))
+            keep = sorted(random.Random(f"{data.subset_seed}-{self.name}-{side}").sample(range(len(exs)), limit))
             exs = [exs[i] for i in keep]
+        share = getattr(data, "validation_share", 0.0)
+        if side == "train" and share > 0:
+            import hashlib
+
+            def in_validation(e: Example) -> bool:
+                h = hashlib.sha256(f"{data.subset_seed}-validation-{self.group_key(e)}".encode()).digest()
+                return int.from_bytes(h[:8], "big") < share * 2 ** 64
+
+            n = len(exs)
+            exs = [e for e in exs if in_validation(e) == (split == "validation")]
+            if not exs:
+                raise LorascopeError(f"data.validation_share: {share} of {n} training examples leaves no "
+                                     f"{'validation' if split == 'validation' else 'training'} examples; accepted: a "
+                                     f"share between 0 and 1 that leaves both sides non-empty (or more training examples)")
+        elif split == "validation":
+            raise LorascopeError(f"task {self.name}: the validation split is carved from the training side; "
+                                 f"set data.validation_share between 0 and 1")
         return exs
+
+    def group_key(self, ex: Example) -> str:
+        """Examples with the same key go to the same side of a validation split."""
+        return ex.id
 
     def features(self, tok, examples: list[Example], max_len: int) -> list[Feature]:
         """Prompt + answer + end-of-sequence; examples that do not fit are skipped and counted."""

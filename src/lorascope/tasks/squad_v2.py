@@ -363,6 +363,9 @@ class SquadV2(Task):
 
     leak_unit = "an article or a context paragraph"
 
+    def group_key(self, ex):
+        return paragraph_key(ex.meta["context"])
+
     def leak_keys(self, ex):
         # no article, and so no paragraph, on both sides (questions on one paragraph are near-duplicates)
         return {f"id:{ex.id}", f"article:{ex.meta.get('title', '')}", f"context:{paragraph_key(ex.meta['context'])}"}

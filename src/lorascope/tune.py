@@ -1,0 +1,133 @@
+"""Learning-rate selection for one task and method: a grid of rates, scored on a validation split.
+
+Each trial trains the method at one learning rate on the training side minus a validation
+share (`data.validation_share`; whole paragraphs for SQuAD v2), with the study's first seed
+and the same steps as the final model, then scores the validation split with the task's
+primary metric (MRPC accuracy, SQuAD v2 F1 with greedy decoding's own abstention). The
+evaluation, calibration and drift examples are never seen. Full fine-tuning and LoRA get
+the same budget: as many trials each (the study checks that their grids are equally long).
+
+Every trial is recorded in OUT/tune.json, with the selected rate (best validation score;
+ties: the smaller rate). A trial's record is written when it finishes, so an interrupted
+search resumes at the next trial; a trial's weights are deleted once it is scored.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from lorascope import LorascopeError
+from lorascope.config import Config
+from lorascope.runinfo import atomic_path, provenance, write_json
+
+log = logging.getLogger(__name__)
+
+METRIC = {"mrpc": "accuracy", "squad_v2": "f1"}
+
+
+def check_grid(lrs: list[float], field: str) -> list[str]:
+    """Problems with a learning-rate grid, naming `field`."""
+    if not lrs:
+        return [f"{field}: the search budget is zero (an empty list); accepted: one or more positive learning rates, "
+                f"e.g. [1e-4, 3e-4, 1e-3]"]
+    bad = [x for x in lrs if not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0)]
+    if bad:
+        return [f"{field}: learning rates must be positive numbers, got {bad}"]
+    if len(set(lrs)) != len(lrs):
+        return [f"{field}: a learning rate is listed twice ({sorted(lrs)}); each trial must differ"]
+    return []
+
+
+def tune_lr(cfg: Config, lrs: list[float], validation_share: float, out_dir: str | Path) -> dict[str, Any]:
+    """Train and score cfg.train.method on cfg.train.task at each rate of `lrs`; write OUT/tune.json."""
+    from lorascope.evaluate import evaluate
+    from lorascope.train import train
+
+    problems = check_grid(lrs, "learning rates")
+    if not 0.0 < validation_share < 1.0:
+        problems.append(f"validation share: must be between 0 and 1 (exclusive), got {validation_share}")
+    if problems:
+        raise LorascopeError("; ".join(problems))
+    out = Path(out_dir)
+    task, method = cfg.train.task, cfg.train.method
+    metric = METRIC.get(task, "accuracy")
+    trials = []
+    for lr in sorted(lrs):
+        tdir = out / f"lr_{lr:.2e}"
+        result_file = tdir / "validation.json"
+        if not result_file.is_file():
+            c = copy.deepcopy(cfg)
+            c.train.lr = lr
+            c.data.validation_share = validation_share
+            c.train.output_dir = str(tdir / "train")
+            state = "complete"
+            try:
+                model_dir = train(c)
+            except LorascopeError as exc:  # a rate so high that training diverges is a result, not a crash
+                if "loss became" not in str(exc) and "gradient norm became" not in str(exc):
+                    raise
+                state, model_dir = f"diverged ({exc})", None
+            value, n = None, 0
+            if model_dir is not None:
+                c.eval.split = "validation"
+                c.eval.checkpoint = str(model_dir)
+                c.eval.output = str(tdir / "eval.json")
+                c.eval.calibration_examples = 0  # calibration questions come from the evaluation side
+                if c.eval.no_answer_signal == "best":
+                    c.eval.no_answer_signal = "first_token"
+                c.eval.no_answer_threshold = 0.0
+                ev = evaluate(c)
+                value, n = ev["metrics"][metric], ev["n_examples"]
+            write_json(result_file, {"lr": lr, "value": value, "metric": metric, "state": state,
+                                     "n_validation": n, "train_dir": str(tdir / "train")})
+            shutil.rmtree(tdir / "train" / "model", ignore_errors=True)  # weights are not kept
+            shutil.rmtree(tdir / "train" / "checkpoints", ignore_errors=True)
+        trials.append(json.loads(result_file.read_text()))
+        log.info("tune %s/%s: lr %.2e -> validation %s %s", task, method, lr, metric, trials[-1]["value"])
+    scored = [t for t in trials if t["value"] is not None]
+    if not scored:
+        raise LorascopeError(f"tune {task}/{method}: every trial diverged ({', '.join(f'{x:.1e}' for x in lrs)}); "
+                             f"try smaller learning rates")
+    best = max(scored, key=lambda t: (round(t["value"], 9), -t["lr"]))
+    edge = best["lr"] in (min(lrs), max(lrs)) and len(lrs) > 1
+    result = {"task": task, "method": method, "metric": metric, "trials": trials, "best_lr": best["lr"],
+              "best_value": best["value"], "budget": len(lrs), "validation_share": validation_share,
+              "seed": cfg.train.seed, "selected_at_grid_edge": edge,
+              "rule": "best validation score; ties: the smaller learning rate", "config": cfg.to_dict(),
+              "provenance": provenance()}
+    if edge:
+        log.warning("tune %s/%s: the best rate %.2e is at the edge of the grid; the optimum may lie beyond it",
+                    task, method, best["lr"])
+    plot_lr_curve(result, out / "lr_curve.png")
+    write_json(out / "tune.json", result)  # last: its presence means the search completed
+    return result
+
+
+def plot_lr_curve(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(t["lr"], t["value"]) for t in result["trials"] if t["value"] is not None]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=result["method"])
+    ax.plot([result["best_lr"]], [result["best_value"]], "r*", markersize=14, label="selected")
+    for t in result["trials"]:
+        if t["value"] is None:
+            ax.axvline(t["lr"], color="grey", linestyle=":", label="diverged")
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel(f"validation {result['metric']}")
+    ax.set_title(f"{result['task']} / {result['method']}: {result['budget']} trials")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)

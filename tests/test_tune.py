@@ -1,0 +1,89 @@
+"""Learning-rate selection: the validation split, the search, its bad input, and the study stage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from lorascope import LorascopeError
+from lorascope.config import DataConfig, load_config
+from lorascope.tasks import get_task
+
+from conftest import REPO
+
+
+@pytest.mark.parametrize("task", ["mrpc", "squad_v2"])
+def test_validation_split_is_carved_from_the_training_side(small_data, task):
+    t = get_task(task)
+    data = DataConfig(dir=str(small_data), validation_share=0.3)
+    fit, val = t.examples("train", data), t.examples("validation", data)
+    whole = t.examples("train", DataConfig(dir=str(small_data)))
+    assert {e.id for e in fit} | {e.id for e in val} == {e.id for e in whole}
+    assert not {e.id for e in fit} & {e.id for e in val} and fit and val
+    assert not {t.group_key(e) for e in fit} & {t.group_key(e) for e in val}  # SQuAD: whole paragraphs
+    assert not {e.id for e in val} & {e.id for e in t.examples("eval", data)}
+    with pytest.raises(LorascopeError, match="the validation split is carved from the training side"):
+        t.examples("validation", DataConfig(dir=str(small_data)))
+
+
+def test_validation_share_that_leaves_no_training_examples(small_data):
+    data = DataConfig(dir=str(small_data), validation_share=0.999999)
+    with pytest.raises(LorascopeError, match=r"data.validation_share: 0.999999 of 2 training examples leaves no "
+                                             r"training examples"):
+        get_task("mrpc").examples("train", data, limit=2)
+    with pytest.raises(LorascopeError, match=r"data.validation_share: must be in \[0, 1\)"):
+        load_config(None, ["data.validation_share=1.5"])
+
+
+@pytest.mark.parametrize("study, message", [
+    ({"tune_lr": True, "tune_lrs_full": [], "tune_lrs_lora": []},
+     r"study.tune_lrs_full: the search budget is zero"),
+    ({"tune_lr": True, "tune_lrs_full": [1e-4, -1e-3], "tune_lrs_lora": [1e-4, 1e-3]},
+     r"study.tune_lrs_full: learning rates must be positive numbers, got \[-0.001\]"),
+    ({"tune_lr": True, "tune_lrs_full": [1e-4], "tune_lrs_lora": [1e-4, 1e-3]},
+     r"1 vs 2 rates; both methods must get the same search budget"),
+    ({"tune_lr": True, "tune_validation_share": 1.0}, r"study.tune_validation_share: must be between 0 and 1"),
+    ({"min_seeds": 3}, r"train.seed: 1 seed\(s\) given \(\[0\]\), but study.min_seeds asks for at least 3"),
+])
+def test_search_config_errors_name_the_field(tmp_path, study, message):
+    from lorascope.pipeline import load_study
+
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({"study": {"tasks": ["mrpc"], **study}}))
+    with pytest.raises(LorascopeError, match=message):
+        load_study(f)
+
+
+def test_tune_records_every_trial_selects_the_best_and_resumes(tiny_model, small_data, tmp_path, monkeypatch):
+    from lorascope.tune import tune_lr
+
+    cfg = load_config(None, ["train.batch_size=8", "train.micro_batch_size=8", "train.max_steps=3",
+                             "train.save_every=0", "eval.batch_size=8"],
+                      **{"train.task": "mrpc", "train.method": "lora", "model.name": str(tiny_model),
+                         "data.dir": str(small_data)})
+    out = tmp_path / "tune"
+    r = tune_lr(cfg, [1e-3, 1e-5], 0.25, out)
+    assert [t["lr"] for t in r["trials"]] == [1e-5, 1e-3] and r["budget"] == 2
+    for t in r["trials"]:
+        val = json.loads((out / f"lr_{t['lr']:.2e}" / "eval.json").read_text())
+        assert val["split"] == "validation" and t["value"] == val["metrics"]["accuracy"]
+        assert t["n_validation"] == val["n_examples"] > 0
+        assert not (out / f"lr_{t['lr']:.2e}" / "train" / "model").exists()  # weights not kept
+        trained = json.loads((out / f"lr_{t['lr']:.2e}" / "train" / "lorascope-train.json").read_text())
+        assert trained["config"]["train"]["lr"] == t["lr"] and trained["config"]["data"]["validation_share"] == 0.25
+        # trials train on the training side minus the validation share
+        assert trained["train_examples"] + val["n_examples"] == 48
+    best = max(r["trials"], key=lambda t: (t["value"], -t["lr"]))
+    assert r["best_lr"] == best["lr"] and (out / "lr_curve.png").stat().st_size > 1000
+    saved = json.loads((out / "tune.json").read_text())
+    assert saved["best_lr"] == r["best_lr"] and saved["trials"] == r["trials"]
+
+    # a rerun reads the finished trials instead of training again
+    import lorascope.train
+
+    monkeypatch.setattr(lorascope.train, "train", lambda c: pytest.fail("retrained a finished trial"))
+    assert tune_lr(cfg, [1e-3, 1e-5], 0.25, out)["trials"] == r["trials"]
+    with pytest.raises(LorascopeError, match="the search budget is zero"):
+        tune_lr(cfg, [], 0.25, out)
