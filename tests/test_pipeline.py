@@ -216,7 +216,8 @@ def test_report_page_renders_in_headless_chromium(smoke_run, tmp_path):
     # matplotlib's first line colour (tab:blue) appears only if the embedded figures were drawn
     blue = (np.abs(px - np.array([31, 119, 180])) < 12).all(axis=2)
     assert blue.sum() > 500
-    # the verdict table's PASS / FAIL cells are coloured
+    # the verdict table's PASS / FAIL / INCONCLUSIVE cells are coloured
     green = (np.abs(px - np.array([0xdf, 0xf5, 0xdf])) < 4).all(axis=2)
     red = (np.abs(px - np.array([0xfb, 0xe0, 0xe0])) < 4).all(axis=2)
-    assert green.sum() + red.sum() > 1000
+    yellow = (np.abs(px - np.array([0xff, 0xf3, 0xc4])) < 4).all(axis=2)
+    assert green.sum() + red.sum() + yellow.sum() > 1000

@@ -87,3 +87,33 @@ def test_tune_records_every_trial_selects_the_best_and_resumes(tiny_model, small
     assert tune_lr(cfg, [1e-3, 1e-5], 0.25, out)["trials"] == r["trials"]
     with pytest.raises(LorascopeError, match="the search budget is zero"):
         tune_lr(cfg, [], 0.25, out)
+
+
+def test_fixed_per_method_rates_and_tuned_stages_in_the_plan(tmp_path):
+    from lorascope.pipeline import load_study, plan
+
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({"study": {"tasks": ["mrpc"], "lr_full": 1e-4, "lr_lora": 2e-3,
+                                           "drift": False, "serve": False}}))
+    stages = {s.name: s for s in plan(load_study(f), tmp_path / "run")}
+    assert stages["train:mrpc:full_s0"].config["train"]["lr"] == 1e-4
+    assert stages["train:mrpc:lora_r8_s0"].config["train"]["lr"] == 2e-3
+    assert not any(n.startswith("tune:") for n in stages)
+    f.write_text(yaml.safe_dump({"study": {"tasks": ["mrpc"], "tune_lr": True, "drift": False, "serve": False}}))
+    stages = {s.name: s for s in plan(load_study(f), tmp_path / "run")}
+    assert stages["train:mrpc:full_s0"].deps == ["prepare", "tune:mrpc:full"]
+    assert "lr" not in stages["train:mrpc:lora_r8_s0"].config["train"]  # the search decides it
+    f.write_text(yaml.safe_dump({"study": {"tasks": ["mrpc"], "tune_lr": True, "lr_lora": 1e-3}}))
+    with pytest.raises(LorascopeError, match="fixed rates contradict study.tune_lr"):
+        load_study(f)
+
+
+def test_reference_preset_is_the_issue_s_study():
+    from lorascope.pipeline import load_study
+
+    s = load_study(REPO / "configs" / "reference.yaml")
+    assert s.study.tune_lr and len(s.study.tune_lrs_full) == len(s.study.tune_lrs_lora) >= 3
+    assert len(s.seeds) >= 3 and s.study.drift_examples >= 1000 and s.study.serve
+    mrpc, squad = s.task_config("mrpc"), s.task_config("squad_v2")
+    assert mrpc.data.max_train_examples is None and mrpc.data.max_eval_examples is None
+    assert squad.data.max_train_examples >= 4000 and squad.data.max_eval_examples == 1000

@@ -73,6 +73,10 @@ class StudyArgs:
     min_seeds: int = field(default=1, metadata={
         "help": "seeds each criterion needs (train.seed must list at least this many); with one seed the accuracy "
                 "intervals cover evaluation examples only, and the report says so"})
+    lr_full: float | None = field(default=None, metadata={
+        "help": "peak learning rate of full fine-tuning when tune_lr is off (default: train.lr, else 5e-5)"})
+    lr_lora: float | None = field(default=None, metadata={
+        "help": "peak learning rate of LoRA when tune_lr is off (default: train.lr, else 4e-4)"})
     tune_lr: bool = field(default=False, metadata={
         "help": "select the learning rate per task and method on a validation split carved from the training side "
                 "before the final models train (stage tune:TASK:METHOD)"})
@@ -105,6 +109,13 @@ class StudyArgs:
                 out.append(f"study.per_task: {t!r} is not one of study.tasks ({', '.join(self.tasks)})")
         if self.drift_examples < 2:
             out.append(f"study.drift_examples: must be at least 2, got {self.drift_examples}")
+        for name in ("lr_full", "lr_lora"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                out.append(f"study.{name}: must be a positive number or null, got {v}")
+        if self.tune_lr and (self.lr_full is not None or self.lr_lora is not None):
+            out.append("study.lr_full / study.lr_lora: fixed rates contradict study.tune_lr: true (the search "
+                       "selects them); remove one or the other")
         if self.min_seeds < 1:
             out.append(f"study.min_seeds: must be at least 1, got {self.min_seeds}")
         if self.tune_lr:
@@ -279,6 +290,9 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
             if rank is not None:
                 cfg.lora.rank = rank
             cfg.train.output_dir = str(train_dir(task, name))
+            fixed_lr = st.lr_full if method == "full" else st.lr_lora
+            if fixed_lr is not None:
+                cfg.train.lr = fixed_lr
             dep_cfg = {k: v for k, v in cfg.to_dict().items() if k != "eval"}
             dep_cfg["train"] = {k: v for k, v in dep_cfg["train"].items() if k != "output_dir"}
             if method == "full":
