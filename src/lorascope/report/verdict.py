@@ -195,10 +195,11 @@ def accuracy_criterion(task: str, run_dir: Path, seeds: list[int], rank: int, ma
             continue
         worst = min(learned[m]["vs"].items(), key=lambda kv: kv[1]["ci_low"])
         who = "full fine-tuning" if m == "full" else f"LoRA r={rank}"
-        not_learned.append(f"{who} does not beat the {worst[0]} (difference {_interval(worst[1])} points)")
+        not_learned.append(f"{who} - {worst[0].removeprefix('baseline: ')} = {_interval(worst[1])}")
     n_seeds = len(seeds)
     if not_learned:
-        acc.update(status=INCONCLUSIVE, reason="; ".join(not_learned) + ": the models have not learned the task",
+        acc.update(status=INCONCLUSIVE, reason="the models have not learned the task: " + "; ".join(not_learned)
+                   + " (the interval must exclude 0)",
                    next=f"tune the learning rate and train on more examples and seeds ({REFERENCE_PRESET} does)")
         return acc
     ci = acc["bootstrap"]
