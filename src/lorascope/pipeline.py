@@ -86,6 +86,9 @@ class StudyArgs:
         "help": "learning rates tried for LoRA; as many as for full fine-tuning, so both get the same budget"})
     tune_validation_share: float = field(default=0.15, metadata={
         "help": "share of the training examples (whole paragraphs for SQuAD v2) that scores the trials"})
+    note: str = field(default="", metadata={
+        "help": "what this preset leaves out and why (fewer seeds, samples, serving configurations); shown at the "
+                "top of the report"})
     per_task: dict = field(default_factory=dict, metadata={
         "help": "per-task overrides of the other sections, e.g. {squad_v2: {data: {max_seq_len: 256}}}"})
 

@@ -173,6 +173,8 @@ def render_report(run_dir: str | Path) -> Path:
     doc.p(f"Base model {display_name(study['base_config']['model']['name'])}; tasks {', '.join(tasks)}; LoRA "
           f"rank(s) {', '.join(map(str, study['ranks']))} (the verdict is about rank {rank}); seed(s) "
           f"{', '.join(map(str, study['seeds']))}. Config {study['config_file']}.")
+    if cfg.get("note"):
+        doc.p(f"What this preset leaves out: {cfg['note'].strip()}")
 
     doc.h(2, "Verdict")
     doc.p(f"Recommendation: {verdict['recommendation']}")
