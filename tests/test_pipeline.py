@@ -127,7 +127,8 @@ def test_rerun_skips_everything_and_report_rerenders(smoke_run):
 def test_changed_config_reruns_what_depends_on_it(smoke_run, tmp_path):
     run_dir, env, _ = smoke_run
     cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
-    cfg["eval"]["max_new_tokens"] = 5
+    # an evaluation setting that the learning-rate search does not use (it scores without calibration)
+    cfg["study"]["per_task"]["squad_v2"]["eval"]["calibration_examples"] = 24
     changed = tmp_path / "smoke-changed.yaml"
     changed.write_text(yaml.safe_dump(cfg))
     train_rec = (run_dir / "stages" / "train__mrpc__full_s0.json").read_text()
@@ -137,7 +138,7 @@ def test_changed_config_reruns_what_depends_on_it(smoke_run, tmp_path):
     assert (run_dir / "stages" / "train__mrpc__full_s0.json").read_text() == train_rec  # not retrained
     assert (run_dir / "eval" / "squad_v2" / "full_s0.json").stat().st_mtime > before
     ev = json.loads((run_dir / "eval" / "squad_v2" / "full_s0.json").read_text())
-    assert ev["config"]["eval"]["max_new_tokens"] == 5
+    assert ev["config"]["eval"]["calibration_examples"] == 24
     # the report depends on every stage: with the old config it is now out of date, and says so
     r = run_cli("run", "configs/smoke.yaml", "--run-dir", str(run_dir), "--only", "report", env=env)
     assert r.returncode == 2
@@ -148,7 +149,8 @@ def test_changed_config_reruns_what_depends_on_it(smoke_run, tmp_path):
 def test_killed_training_resumes_inside_the_pipeline(tmp_path, real_data_dir):
     cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
     cfg["lora"]["rank"] = 8
-    cfg["study"].update(tasks=["mrpc"], methods=["lora"], drift=False, serve=False, forgetting=False)
+    cfg["study"].update(tasks=["mrpc"], methods=["lora"], drift=False, serve=False, forgetting=False,
+                        tune_lr=False)  # the kill must hit the final training (test_tune covers the search)
     cfg["study"].pop("per_task", None)  # its squad_v2 section would be an error without the task
     f = tmp_path / "mini.yaml"
     f.write_text(yaml.safe_dump(cfg))

@@ -278,8 +278,10 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
                     cfg.lora.rank = study.primary_rank
                 lrs = getattr(st, f"tune_lrs_{method}")
                 out = run_dir / "tune" / task / method
-                dep_cfg = cfg.to_dict()  # the validation evaluation uses the eval section too
+                dep_cfg = cfg.to_dict()
                 dep_cfg["train"] = {k: v for k, v in dep_cfg["train"].items() if k != "output_dir"}
+                # what the validation scoring uses of the eval section (it never calibrates)
+                dep_cfg["eval"] = {k: dep_cfg["eval"][k] for k in ("batch_size", "max_new_tokens")}
                 dep_cfg["grid"], dep_cfg["validation_share"] = lrs, st.tune_validation_share
                 stages.append(Stage(f"tune:{task}:{method}", "tune",
                                     (lambda c=cfg, g=lrs, o=out: tune_lr(c, g, st.tune_validation_share, o)),

@@ -78,10 +78,9 @@ def tune_lr(cfg: Config, lrs: list[float], validation_share: float, out_dir: str
                 c.eval.split = "validation"
                 c.eval.checkpoint = str(model_dir)
                 c.eval.output = str(tdir / "eval.json")
-                c.eval.calibration_examples = 0  # calibration questions come from the evaluation side
-                if c.eval.no_answer_signal == "best":
-                    c.eval.no_answer_signal = "first_token"
-                c.eval.no_answer_threshold = 0.0
+                # SQuAD v2: greedy decoding's own abstention (calibration questions come from the evaluation side)
+                c.eval.calibration_examples = 0
+                c.eval.no_answer_signal, c.eval.no_answer_threshold = "first_token", 0.0
                 ev = evaluate(c)
                 value, n = ev["metrics"][metric], ev["n_examples"]
             write_json(result_file, {"lr": lr, "value": value, "metric": metric, "state": state,
