@@ -200,7 +200,8 @@ def accuracy_criterion(task: str, run_dir: Path, seeds: list[int], rank: int, ma
     if not_learned:
         acc.update(status=INCONCLUSIVE, reason="the models have not learned the task: " + "; ".join(not_learned)
                    + " (the interval must exclude 0)",
-                   next=f"tune the learning rate and train on more examples and seeds ({REFERENCE_PRESET} does)")
+                   next=f"`lorascope run {REFERENCE_PRESET}` (learning-rate search, more training examples and "
+                        f"seeds), or raise data.max_train_examples and set study.tune_lr: true")
         return acc
     ci = acc["bootstrap"]
     if ci["ci_low"] >= -margin:
