@@ -310,9 +310,15 @@ def _serve(model_name, adapters, out, settings, data_dir):
 
 def run_study(config_path: str, run_dir: str | Path, *, only: list[str] = (), force: list[str] = ()) -> dict:
     """Run (or resume) every stage of the study in `run_dir`; return the stage records."""
+    from lorascope.locking import folder_lock
+
     study = load_study(config_path)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(run_dir, "--run-dir"):
+        return _run_locked(study, config_path, run_dir, only, force)
+
+
+def _run_locked(study: Study, config_path: str, run_dir: Path, only, force) -> dict:
     handler = logging.FileHandler(run_dir / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
@@ -349,7 +355,7 @@ def _run(study: Study, config_path: str, run_dir: Path, only, force) -> dict:
                    "deps": [(hashes.get(d), records.get(d, {}).get("finished")) for d in s.deps]})
         hashes[s.name] = h
         rec_file = run_dir / "stages" / f"{s.name.replace(':', '__')}.json"
-        prev = json.loads(rec_file.read_text()) if rec_file.is_file() else None
+        prev = _read_record(rec_file)
         selected = not only or _matches(s.name, only)
         fresh = (prev is not None and prev.get("hash") == h and prev.get("finished")
                  and all(Path(o).exists() for o in prev.get("outputs", [])))
@@ -396,6 +402,21 @@ def _run(study: Study, config_path: str, run_dir: Path, only, force) -> dict:
         log.info("[%d/%d] %s: done in %s", i, len(stages), s.name, _fmt(seconds))
     log.info("study done in %s; report: %s", _fmt(time.time() - t_run), run_dir / "report" / "index.html")
     return records
+
+
+def _read_record(path: Path) -> dict | None:
+    """A stage record, or None (the stage reruns) when it is missing, truncated or not a record."""
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        log.warning("%s: unreadable stage record (%s); the stage reruns from scratch", path, exc)
+        return None
+    if not isinstance(rec, dict) or not isinstance(rec.get("hash"), str):
+        log.warning("%s: not a stage record (no 'hash'); the stage reruns from scratch", path)
+        return None
+    return rec
 
 
 def _fmt(seconds: float) -> str:
