@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 
 from lorascope import LorascopeError
 from lorascope.config import Config, _coerce, _did_you_mean, apply_mapping
@@ -128,13 +127,10 @@ class Study:
 
 
 def load_study(path: str | Path) -> Study:
+    from lorascope.config import read_yaml
+
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except OSError as exc:
-        raise LorascopeError(f"{p}: cannot read config file ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise LorascopeError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    data = read_yaml(p)
     if not isinstance(data, dict):
         raise LorascopeError(f"{p}: expected a mapping of sections")
     data = copy.deepcopy(data)

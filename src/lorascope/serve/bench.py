@@ -649,12 +649,15 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("serve.json", "serve.csv", "serve.failed.json"):  # results of an earlier invocation
         (out_dir / name).unlink(missing_ok=True)
-    if report.get("status", "complete") != "complete":
-        # nothing that looks complete: the figures and table only from what succeeded, and the record
-        # under another name, marking each failed configuration
-        report["figures"] = _figures(report, out_dir) if report["summary"]["rows"] else []
+    for old in out_dir.glob("serve_*.png"):
+        old.unlink()
+    if report.get("status") == "failed":
+        # nothing succeeded: no table, no figures, and the record under a name that cannot pass for a result
+        report["figures"] = []
         write_json(out_dir / "serve.failed.json", report)
         return
+    # complete, or partial: serve.json says so in "status" and marks each failed configuration; the
+    # table and figures hold only what succeeded
     with atomic_path(out_dir / "serve.csv") as tmp:
         with open(tmp, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
@@ -666,8 +669,6 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> None:
 
 
 def _figures(report: dict[str, Any], out_dir: Path) -> list:
-    for old in out_dir.glob("*.png"):
-        old.unlink()
     try:
         from lorascope.serve.plots import plot_serve
 
