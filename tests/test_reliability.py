@@ -456,3 +456,15 @@ def real_data_dir():
     if not d or not (Path(d) / "mrpc" / "dev.tsv").is_file():
         pytest.skip("set LORASCOPE_DATA_DIR to the shared data folder for the smoke study")
     return Path(d)
+
+
+def test_every_command_on_bad_input_exits_with_one_clear_line(tmp_path):
+    """benchmarks/bad_inputs.py's cases (49, every command): expected exit status, no traceback, the right line."""
+    _bi = importlib.util.spec_from_file_location("bad_inputs", REPO / "benchmarks" / "bad_inputs.py")
+    bad_inputs = importlib.util.module_from_spec(_bi)
+    _bi.loader.exec_module(bad_inputs)
+    rows = bad_inputs.run_all(tmp_path, log=lambda *_: None)
+    assert len(rows) >= 30 and {r["command"] for r in rows} >= {"train", "eval", "score", "summary", "drift", "weights",
+                                                                "serve-bench", "run", "report", "prepare-model"}
+    bad = [(r["command"], r["case"], r["exit"], r["message"]) for r in rows if not r["ok"]]
+    assert not bad, bad

@@ -337,6 +337,7 @@ def _run(study: Study, config_path: str, run_dir: Path, only, force) -> dict:
             kinds = sorted({s.kind for s in stages})
             raise LorascopeError(f"stage {pat!r}: no such stage; stages are {', '.join(kinds)} "
                                  f"(or a full name such as {names[min(1, len(names) - 1)]})")
+    _check_data(study)
     write_json(run_dir / "study.json", {"config_file": str(config_path), "config": dataclasses.asdict(study.study),
                                         "base_config": study.base.to_dict(), "ranks": study.ranks,
                                         "seeds": study.seeds, "primary_rank": study.primary_rank,
@@ -398,6 +399,16 @@ def _run(study: Study, config_path: str, run_dir: Path, only, force) -> dict:
         log.info("[%d/%d] %s: done in %s", i, len(stages), s.name, _fmt(seconds))
     log.info("study done in %s; report: %s", _fmt(time.time() - t_run), run_dir / "report" / "index.html")
     return records
+
+
+def _check_data(study: Study) -> None:
+    """Read and validate every task's train and eval splits now, so bad data stops the run before any work."""
+    from lorascope.tasks import get_task
+
+    for t in study.study.tasks:
+        data = study.task_config(t).data
+        for split in ("train", "eval"):
+            get_task(t).load_split(split, data)
 
 
 def _read_record(path: Path) -> dict | None:

@@ -316,7 +316,15 @@ def _claim_output_dir(out: Path, cfg: Config, chash: str) -> None:
     """Record the config at the start; refuse to resume a different config into the same folder."""
     marker = out / "run-config.json"
     if marker.is_file():
-        old = json.loads(marker.read_text())
+        try:
+            old = json.loads(marker.read_text())
+        except ValueError:
+            old = {}
+        # nothing trained yet (e.g. the last try stopped on bad data): the folder is free to take
+        nothing_yet = not (out / "checkpoints").exists() and not (out / "model").exists()
+        if old.get("config_hash") != chash and nothing_yet:
+            old = {"config_hash": chash}
+            write_json(marker, {"config": cfg.to_dict(), "config_hash": chash})
         if old.get("config_hash") != chash:
             diff = _diff(old.get("config", {}), cfg.to_dict())
             raise LorascopeError(f"train.output_dir {out}: holds a run of a different config (differs in "

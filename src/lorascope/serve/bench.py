@@ -119,6 +119,11 @@ def check_adapter(name: str, path: Path, base_dir: Path, shapes: dict[str, list[
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
         raise LorascopeError(f"{where}: no adapter_model.safetensors (lorascope loads safetensors only)")
+    from lorascope.checkpoint import check_safetensors
+
+    problem = check_safetensors(weights)  # the header alone does not show a truncated file
+    if problem:
+        raise LorascopeError(f"{where}: {weights.name} is unreadable ({problem})")
     try:
         ash = safetensors_shapes(weights)
     except (OSError, ValueError) as exc:

@@ -57,6 +57,9 @@ def read_tsv(path: Path) -> list[dict[str, Any]]:
     for lineno, row in enumerate(rows[1:], start=2):
         if not row or row == [""]:
             continue
+        if any("\x00" in field for field in row):
+            raise LorascopeError(f"{path}, line {lineno}: contains NUL bytes (a binary file?); expected UTF-8 "
+                                 f"tab-separated text")
         if len(row) != 5:
             raise LorascopeError(f"{path}, line {lineno}: expected 5 tab-separated fields, got {len(row)}")
         label = None
