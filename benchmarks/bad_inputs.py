@@ -258,7 +258,7 @@ def cases(fx: Fixtures) -> list[tuple[str, str, int, Callable[[], list[str]]]]:
             mini + "  per_task:\n    mrpc:\n      train:\n        epochs: .inf\n", "run-inf")),
         ("run", "run folder held by another process", 2, lambda: run(mini, "run-held")[:-1] + [str(held("run-held"))]),
         ("run", "SQuAD answer_start out of range (checked before any stage)", 2, lambda: run(
-            mini.replace(f"dir: {d}", f"dir: {fx.data_with('run-squad', squad=_squad_edit(fx, lambda a: _qa(a)['answers'][0].update(answer_start=-3)))}")
+            mini.replace(f"dir: {d}", f"dir: {fx.data_with('run-squad-data', squad=_squad_edit(fx, lambda a: _qa(a)['answers'][0].update(answer_start=-3)))}")
             .replace("[mrpc]", "[mrpc, squad_v2]"), "run-squad")),
         ("run", "--only of an unknown stage", 2, lambda: run(mini, "run-only", "--only", "trian")),
         # report, prepare-model
