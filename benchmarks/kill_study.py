@@ -153,7 +153,7 @@ def kill_study(kills: int, seed: int, work: Path, env: dict | None = None, log=p
         try:
             rc = p.wait(timeout=delay if delay is not None else 900)
         except subprocess.TimeoutExpired:
-            stages = sorted(x.stem for x in (run_dir / "stages").glob("*.json")) if (run_dir / "stages").is_dir() else []
+            stages = sorted(x.stem for x in (run_dir / "stages").glob("[!.]*.json")) if (run_dir / "stages").is_dir() else []
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
             last = _running_stage(run_dir)
@@ -184,7 +184,7 @@ def kill_study(kills: int, seed: int, work: Path, env: dict | None = None, log=p
 def _running_stage(run_dir: Path) -> str:
     """The stage whose record has no 'finished' (the one the kill interrupted), if any."""
     best = "before the first stage"
-    for rec in sorted((run_dir / "stages").glob("*.json"), key=lambda p: p.stat().st_mtime) \
+    for rec in sorted((run_dir / "stages").glob("[!.]*.json"), key=lambda p: p.stat().st_mtime) \
             if (run_dir / "stages").is_dir() else []:
         try:
             d = json.loads(rec.read_text())

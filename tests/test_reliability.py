@@ -341,6 +341,26 @@ def test_truncated_stage_record_reruns_the_stage(tmp_path, small_data):
     assert pipeline._read_record(rec)["hash"] == "ab"
 
 
+def test_changed_weights_in_a_train_folder_rerun_the_stages_that_read_them(tmp_path, real_data_dir, monkeypatch):
+    from safetensors.torch import save_file
+
+    from lorascope.pipeline import run_study
+
+    monkeypatch.setenv("LORASCOPE_CACHE", str(tmp_path / "cache"))
+    config = kill_study.write_config(tmp_path)
+    run = tmp_path / "run"
+    only = ["prepare", "train:mrpc:lora_r4_s0", "eval:mrpc:lora_r4_s0"]
+    first = run_study(str(config), run, only=only)
+    same = run_study(str(config), run, only=only)
+    assert same["eval:mrpc:lora_r4_s0"] == first["eval:mrpc:lora_r4_s0"]  # unchanged: not redone
+    f = run / "train" / "mrpc" / "lora_r4_s0" / "model" / "adapter_model.safetensors"
+    w = load_file(f)
+    save_file({k: (v * 2 if "lora_B" in k else v) for k, v in w.items()}, f)  # new weights, same folder
+    third = run_study(str(config), run, only=only)
+    assert third["train:mrpc:lora_r4_s0"] == first["train:mrpc:lora_r4_s0"]
+    assert third["eval:mrpc:lora_r4_s0"]["hash"] != first["eval:mrpc:lora_r4_s0"]["hash"]  # evaluated again
+
+
 def test_new_adapter_weights_in_the_same_folder_invalidate_cached_timings(tmp_path, small_data):
     from safetensors.torch import save_file
 

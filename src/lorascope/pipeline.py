@@ -332,6 +332,7 @@ def _matches(stage: str, patterns) -> bool:
 def _run(study: Study, config_path: str, run_dir: Path, only, force) -> dict:
     stages = plan(study, run_dir)
     names = [s.name for s in stages]
+    by_name = {s.name: s for s in stages}
     for pat in [*only, *force]:
         if not any(_matches(n, [pat]) for n in names):
             kinds = sorted({s.kind for s in stages})
@@ -344,12 +345,16 @@ def _run(study: Study, config_path: str, run_dir: Path, only, force) -> dict:
                                         "stages": names, "provenance": provenance()})
     records: dict[str, dict] = {}
     hashes: dict[str, str] = {}
+    digests = _Digests(run_dir / "stages" / ".file-digests.json")
     t_run = time.time()
     done_times: list[float] = []
     for i, s in enumerate(stages, 1):
         # upstream hashes and completion times: a forced rerun upstream invalidates what reads it
+        # and the contents of their outputs: files changed outside lorascope (new weights in a train
+        # folder) invalidate what was computed from them
         h = _hash({"stage": s.name, "config": s.config,
-                   "deps": [(hashes.get(d), records.get(d, {}).get("finished")) for d in s.deps]})
+                   "deps": [(hashes.get(d), records.get(d, {}).get("finished"),
+                             digests.of(by_name[d].outputs) if d in records else None) for d in s.deps]})
         hashes[s.name] = h
         rec_file = run_dir / "stages" / f"{s.name.replace(':', '__')}.json"
         prev = _read_record(rec_file)
@@ -397,8 +402,47 @@ def _run(study: Study, config_path: str, run_dir: Path, only, force) -> dict:
         write_json(rec_file, rec)  # last: its presence with this hash marks the stage complete
         records[s.name] = rec
         log.info("[%d/%d] %s: done in %s", i, len(stages), s.name, _fmt(seconds))
+    digests.save()
     log.info("study done in %s; report: %s", _fmt(time.time() - t_run), run_dir / "report" / "index.html")
     return records
+
+
+class _Digests:
+    """sha256 of stage outputs by content, with a per-file cache keyed by (size, mtime) so reruns stay cheap."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.cache = json.loads(path.read_text()) if path.is_file() else {}
+        except (ValueError, OSError):
+            self.cache = {}
+
+    def of(self, outputs: list[Path]) -> str:
+        h = hashlib.sha256()
+        for root in outputs:
+            files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+            for f in files:
+                rel = f.relative_to(root.parent)
+                if any(part.startswith(".") for part in rel.parts) or "checkpoints" in rel.parts:
+                    continue  # locks, temporaries, and resumable state are not results
+                h.update(f"{rel}\0{self.file(f)}\0".encode())
+        return h.hexdigest()[:16]
+
+    def file(self, f: Path) -> str:
+        st = f.stat()
+        key, stamp = str(f), [st.st_size, st.st_mtime_ns]
+        hit = self.cache.get(key)
+        if hit and hit[0] == stamp:
+            return hit[1]
+        d = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                d.update(chunk)
+        self.cache[key] = [stamp, d.hexdigest()]
+        return self.cache[key][1]
+
+    def save(self) -> None:
+        write_json(self.path, self.cache)
 
 
 def _check_data(study: Study) -> None:
