@@ -263,7 +263,7 @@ def test_disk_full_on_the_command_line_is_one_line(tiny_model, small_data, tmp_p
     env = {"PYTHONPATH": f"{hook}{os.pathsep}{REPO / 'src'}"}
     r = run_cli("train", "--model", str(tiny_model), "--data-dir", str(small_data), "--task", "mrpc", "--method",
                 "lora", "--set", "train.max_steps=1", "--output-dir", str(tmp_path / "o"), env=env)
-    assert r.returncode in (1, 2), r.stderr
+    assert r.returncode == 1, r.stderr  # an environment failure, not bad input
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("lorascope: error: ") and "no space left on the device" in last, r.stderr[-1500:]
     assert "Traceback" not in r.stderr

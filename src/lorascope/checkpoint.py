@@ -92,8 +92,8 @@ def save(accelerator, model, optimizer, scheduler, out: Path, step: int) -> Path
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno in DISK_ERRORS:
-            raise LorascopeError(_disk_message(exc, ckdir, f"checkpoint of step {step}", _needed_bytes(model, optimizer))
-                                 ) from None
+            raise DiskError(_disk_message(exc, ckdir, f"checkpoint of step {step}", _needed_bytes(model, optimizer))
+                            ) from None
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -126,6 +126,12 @@ def resume(accelerator, model, optimizer, scheduler, out: Path) -> int:
     if checkpoints(out) and accelerator.is_main_process:
         log.warning("no usable checkpoint in %s; training starts again from step 0", Path(out) / "checkpoints")
     return 0
+
+
+class DiskError(LorascopeError):
+    """Disk full or folder unwritable: not the user's input, so the command exits 1 (not 2)."""
+
+    exit_code = 1
 
 
 class CheckpointError(Exception):

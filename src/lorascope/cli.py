@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except LorascopeError as exc:
         print(f"lorascope: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)  # 2: bad input; 1 for environment errors (DiskError)
     except OSError as exc:
         from lorascope.checkpoint import disk_error_message
 

@@ -295,10 +295,10 @@ def check_adapter_dir(d: Path, base_shapes: dict[str, list[int]] | None = None, 
         base_key = target.removeprefix("base_model.model.") + ".weight"
         b_shape = shapes.get(key.replace(".lora_A.", ".lora_B."))
         if base_key not in base_shapes:
-            raise LorascopeError(f"adapter {d}: adapts {base_key}, which {base_name} does not have; the adapter was "
-                                 f"trained for another base model")
+            raise LorascopeError(f"adapter {d}: does not fit the base model {base_name}: it adapts {base_key}, which "
+                                 f"the base does not have")
         d_out, d_in = base_shapes[base_key][:2]
         if len(a_shape) != 2 or a_shape[1] != d_in or b_shape is None or b_shape[0] != d_out:
-            raise LorascopeError(f"adapter {d}: {target} has shapes A {a_shape} / B {b_shape}, but the matrix of "
-                                 f"{base_name} is {d_out}x{d_in}; the adapter was trained for another base model")
+            raise LorascopeError(f"adapter {d}: does not fit the base model {base_name}: {target} has shapes "
+                                 f"A {a_shape} / B {b_shape}, but the base matrix is {d_out}x{d_in}")
     return shapes

@@ -315,6 +315,12 @@ def run_study(config_path: str, run_dir: str | Path, *, only: list[str] = (), fo
 
 
 def _run_locked(study: Study, config_path: str, run_dir: Path, only, force) -> dict:
+    # temporaries of a killed run (atomic writes never finished): safe to remove while we hold the lock
+    for tmp in run_dir.rglob(".*.tmp-*"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
     handler = logging.FileHandler(run_dir / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
