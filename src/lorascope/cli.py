@@ -176,7 +176,15 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except LorascopeError as exc:
         print(f"lorascope: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)  # 2: bad input; 1 for environment errors (DiskError)
+    except OSError as exc:
+        from lorascope.checkpoint import disk_error_message
+
+        msg = disk_error_message(exc)  # disk full, read-only or unwritable: one line naming the path
+        if msg is None:
+            raise
+        print(f"lorascope: error: {msg}", file=sys.stderr)
+        return 1
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -268,6 +276,10 @@ def _run(args: argparse.Namespace) -> int:
         for f in failed:
             print(f"lorascope: error: {f['error']}" + (f" (log: {f['log']})" if f.get("log") else ""),
                   file=sys.stderr)
+        for w in report["summary"].get("warnings", []):
+            print(f"lorascope: warning: {w}", file=sys.stderr)
+        if report.get("adapter_problems"):
+            return 2  # bad input: an adapter that does not fit (its line is above)
         return 1 if failed else 0
     if args.command == "run":
         from pathlib import Path

@@ -266,6 +266,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise LorascopeError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise LorascopeError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -316,6 +318,24 @@ def parse_override(text: str) -> dict[str, Any]:
     return {section: {name: value}}
 
 
+def read_yaml(p: Path) -> Any:
+    """Parse a YAML file; errors name the file, the line and column, and what is wrong, on one line."""
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise LorascopeError(f"{p}: cannot read config file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise LorascopeError(f"{p}: not UTF-8 text (undecodable byte at offset {exc.start}); expected a UTF-8 YAML "
+                             f"config") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = " ".join(x for x in (getattr(exc, "context", None), getattr(exc, "problem", None)) if x)
+        raise LorascopeError(f"{p}: not valid YAML at {where}{what or str(exc).splitlines()[0]}") from None
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = (), **direct: Any) -> Config:
     """Build a Config from defaults, then a YAML file, then `--set` overrides, then direct values.
 
@@ -326,14 +346,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     if path is not None:
         p = Path(path)
         source = str(p)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise LorascopeError(f"{p}: cannot read config file ({exc.strerror})") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise LorascopeError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        data = read_yaml(p)
         apply_mapping(cfg, data, source)
     for text in overrides:
         apply_mapping(cfg, parse_override(text), f"--set {text}")

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 
 from lorascope import LorascopeError
 from lorascope.config import Config, _coerce, _did_you_mean, apply_mapping
@@ -169,13 +168,10 @@ class Study:
 
 
 def load_study(path: str | Path) -> Study:
+    from lorascope.config import read_yaml
+
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except OSError as exc:
-        raise LorascopeError(f"{p}: cannot read config file ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise LorascopeError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    data = read_yaml(p)
     if not isinstance(data, dict):
         raise LorascopeError(f"{p}: expected a mapping of sections")
     data = copy.deepcopy(data)
@@ -395,9 +391,21 @@ def _serve(model_name, adapters, out, settings, data_dir):
 
 def run_study(config_path: str, run_dir: str | Path, *, only: list[str] = (), force: list[str] = ()) -> dict:
     """Run (or resume) every stage of the study in `run_dir`; return the stage records."""
+    from lorascope.locking import folder_lock
+
     study = load_study(config_path)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(run_dir, "--run-dir"):
+        return _run_locked(study, config_path, run_dir, only, force)
+
+
+def _run_locked(study: Study, config_path: str, run_dir: Path, only, force) -> dict:
+    # temporaries of a killed run (atomic writes never finished): safe to remove while we hold the lock
+    for tmp in run_dir.rglob(".*.tmp-*"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
     handler = logging.FileHandler(run_dir / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
@@ -415,26 +423,32 @@ def _matches(stage: str, patterns) -> bool:
 def _run(study: Study, config_path: str, run_dir: Path, only, force) -> dict:
     stages = plan(study, run_dir)
     names = [s.name for s in stages]
+    by_name = {s.name: s for s in stages}
     for pat in [*only, *force]:
         if not any(_matches(n, [pat]) for n in names):
             kinds = sorted({s.kind for s in stages})
             raise LorascopeError(f"stage {pat!r}: no such stage; stages are {', '.join(kinds)} "
                                  f"(or a full name such as {names[min(1, len(names) - 1)]})")
+    _check_data(study)
     write_json(run_dir / "study.json", {"config_file": str(config_path), "config": dataclasses.asdict(study.study),
                                         "base_config": study.base.to_dict(), "ranks": study.ranks,
                                         "seeds": study.seeds, "primary_rank": study.primary_rank,
                                         "stages": names, "provenance": provenance()})
     records: dict[str, dict] = {}
     hashes: dict[str, str] = {}
+    digests = _Digests(run_dir / "stages" / ".file-digests.json")
     t_run = time.time()
     done_times: list[float] = []
     for i, s in enumerate(stages, 1):
         # upstream hashes and completion times: a forced rerun upstream invalidates what reads it
+        # and the contents of their outputs: files changed outside lorascope (new weights in a train
+        # folder) invalidate what was computed from them
         h = _hash({"stage": s.name, "config": s.config,
-                   "deps": [(hashes.get(d), records.get(d, {}).get("finished")) for d in s.deps]})
+                   "deps": [(hashes.get(d), records.get(d, {}).get("finished"),
+                             digests.of(by_name[d].outputs) if d in records else None) for d in s.deps]})
         hashes[s.name] = h
         rec_file = run_dir / "stages" / f"{s.name.replace(':', '__')}.json"
-        prev = json.loads(rec_file.read_text()) if rec_file.is_file() else None
+        prev = _read_record(rec_file)
         selected = not only or _matches(s.name, only)
         fresh = (prev is not None and prev.get("hash") == h and prev.get("finished")
                  and all(Path(o).exists() for o in prev.get("outputs", [])))
@@ -479,8 +493,72 @@ def _run(study: Study, config_path: str, run_dir: Path, only, force) -> dict:
         write_json(rec_file, rec)  # last: its presence with this hash marks the stage complete
         records[s.name] = rec
         log.info("[%d/%d] %s: done in %s", i, len(stages), s.name, _fmt(seconds))
+    digests.save()
     log.info("study done in %s; report: %s", _fmt(time.time() - t_run), run_dir / "report" / "index.html")
     return records
+
+
+class _Digests:
+    """sha256 of stage outputs by content, with a per-file cache keyed by (size, mtime) so reruns stay cheap."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.cache = json.loads(path.read_text()) if path.is_file() else {}
+        except (ValueError, OSError):
+            self.cache = {}
+
+    def of(self, outputs: list[Path]) -> str:
+        h = hashlib.sha256()
+        for root in outputs:
+            files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+            for f in files:
+                rel = f.relative_to(root.parent)
+                if any(part.startswith(".") for part in rel.parts) or "checkpoints" in rel.parts:
+                    continue  # locks, temporaries, and resumable state are not results
+                h.update(f"{rel}\0{self.file(f)}\0".encode())
+        return h.hexdigest()[:16]
+
+    def file(self, f: Path) -> str:
+        st = f.stat()
+        key, stamp = str(f), [st.st_size, st.st_mtime_ns]
+        hit = self.cache.get(key)
+        if hit and hit[0] == stamp:
+            return hit[1]
+        d = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                d.update(chunk)
+        self.cache[key] = [stamp, d.hexdigest()]
+        return self.cache[key][1]
+
+    def save(self) -> None:
+        write_json(self.path, self.cache)
+
+
+def _check_data(study: Study) -> None:
+    """Read and validate every task's train and eval splits now, so bad data stops the run before any work."""
+    from lorascope.tasks import get_task
+
+    for t in study.study.tasks:
+        data = study.task_config(t).data
+        for split in ("train", "eval"):
+            get_task(t).load_split(split, data)
+
+
+def _read_record(path: Path) -> dict | None:
+    """A stage record, or None (the stage reruns) when it is missing, truncated or not a record."""
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        log.warning("%s: unreadable stage record (%s); the stage reruns from scratch", path, exc)
+        return None
+    if not isinstance(rec, dict) or not isinstance(rec.get("hash"), str):
+        log.warning("%s: not a stage record (no 'hash'); the stage reruns from scratch", path)
+        return None
+    return rec
 
 
 def _fmt(seconds: float) -> str:

@@ -51,7 +51,20 @@ def config_hash(cfg: Config) -> str:
 
 
 def train(cfg: Config) -> Path:
-    """Fine-tune cfg.model on cfg.train.task with cfg.train.method; return the saved model directory."""
+    """Fine-tune cfg.model on cfg.train.task with cfg.train.method; return the saved model directory.
+
+    The output folder is locked for the whole call (by the first process of a distributed run):
+    a second train on the same folder stops with a line naming the process that holds it.
+    """
+    from lorascope.locking import folder_lock
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _train(cfg)
+    with folder_lock(cfg.train.output_dir, "train.output_dir"):
+        return _train(cfg)
+
+
+def _train(cfg: Config) -> Path:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -109,10 +122,11 @@ def train(cfg: Config) -> Path:
     optimizer = accelerator.prepare(optimizer)
     # not prepared: Accelerate would step a prepared scheduler once per process
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, total_steps))
-    accelerator.register_for_checkpointing(scheduler)
 
-    start_step = _resume(accelerator, out)
+    start_step = _resume(accelerator, wrapper, optimizer, scheduler, out)
     metrics_path = out / "metrics.jsonl"
+    if accelerator.is_main_process:
+        _trim_metrics(metrics_path, start_step)  # steps after the checkpoint are redone and logged again
     if accelerator.is_main_process and args.trackers:
         accelerator.init_trackers(f"lorascope-{args.task}-{args.method}", config=_flat(cfg.to_dict()))
 
@@ -162,7 +176,7 @@ def train(cfg: Config) -> Path:
                 append_jsonl(metrics_path, rec)
             accelerator.log({k: v for k, v in rec.items() if v is not None}, step=done_steps)
         if args.save_every and done_steps % args.save_every == 0 and done_steps < total_steps:
-            _checkpoint(accelerator, out, done_steps)
+            _checkpoint(accelerator, wrapper, optimizer, scheduler, out, done_steps)
         if fault_after and done_steps == fault_after:
             os._exit(137)
     bar.close()
@@ -302,7 +316,15 @@ def _claim_output_dir(out: Path, cfg: Config, chash: str) -> None:
     """Record the config at the start; refuse to resume a different config into the same folder."""
     marker = out / "run-config.json"
     if marker.is_file():
-        old = json.loads(marker.read_text())
+        try:
+            old = json.loads(marker.read_text())
+        except ValueError:
+            old = {}
+        # nothing trained yet (e.g. the last try stopped on bad data): the folder is free to take
+        nothing_yet = not (out / "checkpoints").exists() and not (out / "model").exists()
+        if old.get("config_hash") != chash and nothing_yet:
+            old = {"config_hash": chash}
+            write_json(marker, {"config": cfg.to_dict(), "config_hash": chash})
         if old.get("config_hash") != chash:
             diff = _diff(old.get("config", {}), cfg.to_dict())
             raise LorascopeError(f"train.output_dir {out}: holds a run of a different config (differs in "
@@ -326,34 +348,34 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _checkpoint(accelerator, out: Path, step: int) -> None:
-    """Save model, optimizer, scheduler and RNG state; the folder appears complete or not at all."""
-    ckdir = out / "checkpoints"
-    tmp = ckdir / f".step-{step:07d}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json(tmp / "step.json", {"step": step})
-        os.replace(tmp, ckdir / f"step-{step:07d}")
-        for old in sorted(ckdir.glob("step-*"))[:-1]:  # keep the newest only
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+def _checkpoint(accelerator, wrapper, optimizer, scheduler, out: Path, step: int) -> None:
+    """Save trainable weights, optimizer, scheduler and RNG state (no pickles); keep the last two."""
+    from lorascope import checkpoint
+
+    checkpoint.save(accelerator, accelerator.unwrap_model(wrapper), optimizer, scheduler, out, step)
 
 
-def _resume(accelerator, out: Path) -> int:
-    ckdir = out / "checkpoints"
-    done = sorted(p for p in ckdir.glob("step-*") if (p / "step.json").is_file()) if ckdir.is_dir() else []
-    if not done:
-        return 0
-    last = done[-1]
-    accelerator.load_state(str(last))
-    step = json.loads((last / "step.json").read_text())["step"]
-    if accelerator.is_main_process:
-        log.info("resuming from %s (step %d)", last, step)
-    return step
+def _resume(accelerator, wrapper, optimizer, scheduler, out: Path) -> int:
+    """Step of the newest checkpoint that verifies (0 if none), with its state loaded."""
+    from lorascope import checkpoint
+
+    return checkpoint.resume(accelerator, accelerator.unwrap_model(wrapper), optimizer, scheduler, out)
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop metrics.jsonl rows after `step` (and a torn last line), so a resumed run logs each step once."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            keep.append(line)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:

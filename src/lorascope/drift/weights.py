@@ -212,9 +212,15 @@ class SafetensorsDir:
     def __init__(self, d: Path):
         from safetensors import safe_open
 
+        from lorascope.checkpoint import check_safetensors
+
         files = sorted(d.glob("*.safetensors"))
         if not files:
             raise LorascopeError(f"{d}: has no *.safetensors weights; lorascope reads safetensors only")
+        for f in files:
+            problem = check_safetensors(f)
+            if problem:
+                raise LorascopeError(f"{f}: not a readable safetensors file: {problem}")
         self._handles = [safe_open(str(f), framework="pt") for f in files]
         self._where = {k: h for h in self._handles for k in h.keys()}
 
@@ -267,6 +273,9 @@ def _open_tuned(name: str, path: str, base: str, base_cfg, fp: str) -> tuple[dic
 def _lora_source(d: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
+    from lorascope.models import check_adapter_dir
+
+    check_adapter_dir(d)  # not JSON, pickled, truncated or corrupt weights: one line naming the file
     acfg = json.loads((d / "adapter_config.json").read_text())
     if acfg.get("peft_type", "LORA") != "LORA":
         raise LorascopeError(f"adapter {d}: peft_type {acfg.get('peft_type')!r}; only LoRA adapters are supported")
@@ -274,8 +283,6 @@ def _lora_source(d: Path) -> dict[str, Any]:
         raise LorascopeError(f"adapter {d}: DoRA adapters (use_dora: true) are not supported; their update is "
                              f"not scale * B @ A")
     f = d / "adapter_model.safetensors"
-    if not f.is_file():
-        raise LorascopeError(f"adapter {d}: adapter_model.safetensors not found (lorascope reads safetensors only)")
     tensors = load_file(str(f))
     pairs = {}
     for k in tensors:

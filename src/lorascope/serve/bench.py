@@ -119,6 +119,11 @@ def check_adapter(name: str, path: Path, base_dir: Path, shapes: dict[str, list[
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
         raise LorascopeError(f"{where}: no adapter_model.safetensors (lorascope loads safetensors only)")
+    from lorascope.checkpoint import check_safetensors
+
+    problem = check_safetensors(weights)  # the header alone does not show a truncated file
+    if problem:
+        raise LorascopeError(f"{where}: {weights.name} is unreadable ({problem})")
     try:
         ash = safetensors_shapes(weights)
     except (OSError, ValueError) as exc:
@@ -148,7 +153,10 @@ def check_adapter(name: str, path: Path, base_dir: Path, shapes: dict[str, list[
         raise LorascopeError(f"{where}: {weights.name} holds no lora_A/lora_B tensors")
     meta_file = path / "lorascope-model.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    # the contents decide: new weights (or a new alpha) in the same folder are a new adapter
+    h = hashlib.sha256(weights.read_bytes())
+    h.update(cfg_file.read_bytes())
+    digest = h.hexdigest()
     return {"name": name, "path": str(path.resolve()), "rank": rank, "alpha": acfg.get("lora_alpha"),
             "task": meta.get("task"), "modules": modules, "sha256": digest}
 
@@ -228,7 +236,8 @@ def merged_copy(adapter: dict[str, Any], base_dir: Path, out_root: Path) -> Path
     marker = target / "lorascope-merged.json"
     if marker.is_file():
         info = json.loads(marker.read_text())
-        if info.get("adapter_sha256") == adapter["sha256"] and info.get("base") == str(base_dir):
+        if (info.get("adapter_sha256") == adapter["sha256"] and info.get("base") == str(base_dir)
+                and info.get("base_sha256") == adapter.get("base_sha256")):
             return target
     import torch
     from peft import PeftModel
@@ -242,7 +251,8 @@ def merged_copy(adapter: dict[str, Any], base_dir: Path, out_root: Path) -> Path
         model.save_pretrained(tmp, safe_serialization=True)
         load_tokenizer(str(base_dir)).save_pretrained(tmp)
         (tmp / "lorascope-merged.json").write_text(json.dumps(
-            {"adapter": adapter["path"], "adapter_sha256": adapter["sha256"], "base": str(base_dir)}, indent=2))
+            {"adapter": adapter["path"], "adapter_sha256": adapter["sha256"], "base": str(base_dir),
+             "base_sha256": adapter.get("base_sha256")}, indent=2))
     return target
 
 
@@ -306,12 +316,22 @@ def run_config(spec: dict[str, Any], out_dir: Path, timeout: int) -> dict[str, A
     log.info("%s: starting (%s engine, log %s)", spec["name"], spec["engine"], log_file)
     t0 = time.time()
     with open(log_file, "w") as logfh:
+        # its own process group (vLLM's engine processes join it), killed as a whole on a timeout or an
+        # exception here; and a parent-death signal, so a kill -9 of this process does not leave a worker
+        # measuring beside the rerun for up to `timeout` seconds
+        proc = subprocess.Popen([sys.executable, "-m", "lorascope.serve.worker", str(spec_file), str(raw)],
+                                stdout=logfh, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=_die_with_parent)
         try:
-            proc = subprocess.run([sys.executable, "-m", "lorascope.serve.worker", str(spec_file), str(raw)],
-                                  stdout=logfh, stderr=subprocess.STDOUT, env=env, timeout=timeout)
-            rc = proc.returncode
+            rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = None
+        except BaseException:
+            _kill_group(proc)
+            raise
+        finally:
+            if proc.poll() is None or rc is None:
+                _kill_group(proc)
     seconds = time.time() - t0
     if rc == 0 and raw.is_file():
         res = json.loads(raw.read_text())
@@ -326,6 +346,28 @@ def run_config(spec: dict[str, Any], out_dir: Path, timeout: int) -> dict[str, A
             "log_tail": tail, "seconds": seconds}
     log.error("%s", fail["error"])
     return fail
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the process-group kill on timeout or error still applies
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
 
 
 def explain_failure(lines: list[str]) -> str:
@@ -379,6 +421,7 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
     shapes = base_shapes(base_dir)
     if not shapes:
         raise LorascopeError(f"base model {base_dir}: no *.safetensors weights")
+    base_sha = base_digest(base_dir)
     dtype = _dtype(settings)
     per_token = kv_bytes_per_token(base_dir, dtype)
     need = per_token * settings.max_model_len
@@ -401,9 +444,11 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
     tied = bool(base_cfg.get("tie_word_embeddings", False))
     for a in adapters:
         a["flops"] = flop_overhead(a, shapes, tied)
+        a["base_sha256"] = base_sha
     workload = build_workload(adapters, base_dir, settings, data_dir) if adapters else {}
 
-    common = {"engine": settings.engine, "batch_sizes": settings.batch_sizes, "repetitions": settings.repetitions,
+    # base_sha256 and each adapter's sha256 are in the specs: cached timings are keyed by contents, not paths
+    common = {"base_sha256": base_sha, "engine": settings.engine, "batch_sizes": settings.batch_sizes, "repetitions": settings.repetitions,
               "warmup": settings.warmup, "output_tokens": settings.output_tokens,
               "ignore_eos": not settings.natural_lengths, "dtype": dtype, "engine_args": _engine_args(settings),
               "max_lora_rank": max_rank, "kv_cache_gb": settings.kv_cache_gb}
@@ -434,11 +479,12 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
                     failures.append({"name": cname, "mode": mode, "engine": settings.engine, "status": "failed",
                                      "error": f"{cname}: merging the adapter failed: {exc}"})
                     continue
-                specs.append(dict(common, name=cname, mode=mode, model=model, adapters=[],
+                specs.append(dict(common, name=cname, mode=mode, model=model, adapters=[], adapter_sha256=a["sha256"],
                                   items=items_for(a, None), check_items=check_for(a, None), task_of={name: a["task"]}))
             else:
                 specs.append(dict(common, name=cname, mode=mode, model=str(base_dir),
-                                  adapters=[{"name": name, "path": a["path"], "int_id": 1, "rank": a["rank"]}],
+                                  adapters=[{"name": name, "path": a["path"], "int_id": 1, "rank": a["rank"],
+                                             "sha256": a["sha256"]}],
                                   items=items_for(a, name), check_items=check_for(a, name), check_base=True))
     if "multi" in settings.modes and len(all_names) >= 2:
         if problems:
@@ -446,8 +492,8 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
                              "error": "multi: needs every adapter; " + "; ".join(problems.values())})
         else:
             specs.append(dict(common, name="multi", mode="multi", model=str(base_dir),
-                              adapters=[{"name": a["name"], "path": a["path"], "int_id": i + 1, "rank": a["rank"]}
-                                        for i, a in enumerate(adapters)],
+                              adapters=[{"name": a["name"], "path": a["path"], "int_id": i + 1, "rank": a["rank"],
+                                         "sha256": a["sha256"]} for i, a in enumerate(adapters)],
                               items=interleave([items_for(a, a["name"]) for a in adapters]),
                               check_items=interleave([check_for(a, a["name"]) for a in adapters])))
 
@@ -461,8 +507,23 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
               "adapters": adapters, "adapter_problems": problems, "kv_cache_bytes_per_token": per_token,
               "configs": [{k: v for k, v in r.items() if k not in ("check", "check_base")} for r in results],
               "summary": summary, "provenance": provenance()}
+    n_ok = sum(r.get("status") == "ok" for r in results)
+    report["status"] = "complete" if not summary["failed"] else ("partial" if n_ok else "failed")
+    for w in summary["warnings"]:
+        log.warning("%s", w)
     write_outputs(report, out_dir)
     return report
+
+
+def base_digest(base_dir: Path) -> str:
+    """sha256 over the base model's config and weight files (name, size, contents)."""
+    h = hashlib.sha256()
+    for p in sorted(base_dir.glob("*.safetensors")) + sorted(base_dir.glob("config.json")):
+        h.update(f"{p.name}\0{p.stat().st_size}\0".encode())
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------
@@ -569,7 +630,16 @@ def summarize(results: list[dict[str, Any]], adapters: list[dict[str, Any]], set
         memory["merged_alternative_for_all_tasks_mb"] = sum(merged_peaks)
         memory["multi_vs_merged_alternative"] = memory["multi"]["peak_rss_mb"] / sum(merged_peaks)
     failed = [{"name": r["name"], "error": r["error"], "log": r.get("log")} for r in results if r.get("status") != "ok"]
-    return {"rows": rows, "agreement": agreement, "memory": memory, "failed": failed,
+    warnings = []
+    for x in rows:
+        # unmerged does strictly more work than merged: faster in every paired repetition means the
+        # measurement, not the method, decided (shared cores, frequency scaling, another process)
+        if x["mode"] == "unmerged" and x["overhead_max"] is not None and x["overhead_max"] < 0:
+            warnings.append(f"{x['config']} at batch {x['batch_size']}: unmerged measured faster than merged in "
+                            f"every repetition (overhead {x['overhead']:+.0%}, range [{x['overhead_min']:+.0%}, "
+                            f"{x['overhead_max']:+.0%}]) although it does strictly more work; the timings are "
+                            f"unreliable (busy or shared machine?)")
+    return {"rows": rows, "agreement": agreement, "memory": memory, "failed": failed, "warnings": warnings,
             "flops": {a["name"]: a["flops"] for a in adapters}}
 
 
@@ -582,20 +652,35 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> None:
     import csv
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("serve.json", "serve.csv", "serve.failed.json"):  # results of an earlier invocation
+        (out_dir / name).unlink(missing_ok=True)
+    for old in out_dir.glob("serve_*.png"):
+        old.unlink()
+    if report.get("status") == "failed":
+        # nothing succeeded: no table, no figures, and the record under a name that cannot pass for a result
+        report["figures"] = []
+        write_json(out_dir / "serve.failed.json", report)
+        return
+    # complete, or partial: serve.json says so in "status" and marks each failed configuration; the
+    # table and figures hold only what succeeded
     with atomic_path(out_dir / "serve.csv") as tmp:
         with open(tmp, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
             w.writeheader()
             for row in report["summary"]["rows"]:
                 w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    report["figures"] = _figures(report, out_dir)
+    write_json(out_dir / "serve.json", report)  # last: its presence means the benchmark completed
+
+
+def _figures(report: dict[str, Any], out_dir: Path) -> list:
     try:
         from lorascope.serve.plots import plot_serve
 
-        report["figures"] = plot_serve(report, out_dir)
+        return plot_serve(report, out_dir)
     except ImportError:
         log.warning("matplotlib is not installed: no figures (pip install 'lorascope[plots]')")
-        report["figures"] = []
-    write_json(out_dir / "serve.json", report)  # last: its presence means the benchmark completed
+        return []
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -37,7 +37,14 @@ def read_tsv(path: Path) -> list[dict[str, Any]]:
     except OSError as exc:
         raise LorascopeError(f"{path}: cannot read ({exc.strerror})") from None
     with fh:
-        rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+        try:
+            rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+        except UnicodeDecodeError as exc:
+            hint = " (it looks like UTF-16: re-save it as UTF-8)" if exc.object[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+            raise LorascopeError(f"{path}: not UTF-8 text (undecodable byte at offset {exc.start}){hint}; expected "
+                                 f"a UTF-8 tab-separated MRPC file") from None
+        except csv.Error as exc:
+            raise LorascopeError(f"{path}: not a tab-separated text file ({exc}); expected a UTF-8 MRPC TSV") from None
     if not rows:
         raise LorascopeError(f"{path}: empty file; expected a header {chr(9).join(GLUE_COLUMNS)!r} and rows")
     header = [h.strip() for h in rows[0]]
@@ -46,9 +53,13 @@ def read_tsv(path: Path) -> list[dict[str, Any]]:
         raise LorascopeError(f"{path}: unexpected columns {header}; expected {GLUE_COLUMNS} "
                              f"(or {GLUE_TEST_COLUMNS} for an unlabelled test split)")
     out = []
+    seen: dict[str, int] = {}
     for lineno, row in enumerate(rows[1:], start=2):
         if not row or row == [""]:
             continue
+        if any("\x00" in field for field in row):
+            raise LorascopeError(f"{path}, line {lineno}: contains NUL bytes (a binary file?); expected UTF-8 "
+                                 f"tab-separated text")
         if len(row) != 5:
             raise LorascopeError(f"{path}, line {lineno}: expected 5 tab-separated fields, got {len(row)}")
         label = None
@@ -56,7 +67,12 @@ def read_tsv(path: Path) -> list[dict[str, Any]]:
             if row[0] not in ("0", "1"):
                 raise LorascopeError(f"{path}, line {lineno}: field Quality must be 0 or 1, got {row[0]!r}")
             label = int(row[0])
-        out.append({"id": f"{row[1]}-{row[2]}", "s1": row[3], "s2": row[4], "label": label})
+        pair_id = f"{row[1]}-{row[2]}"
+        if pair_id in seen:
+            raise LorascopeError(f"{path}, line {lineno}: duplicate pair id {pair_id!r} (#1 ID-#2 ID), first on line "
+                                 f"{seen[pair_id]}; each pair must appear once")
+        seen[pair_id] = lineno
+        out.append({"id": pair_id, "s1": row[3], "s2": row[4], "label": label})
     if not out:
         raise LorascopeError(f"{path}: the file has a header but no rows (an empty split)")
     return out

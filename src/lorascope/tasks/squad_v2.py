@@ -377,6 +377,48 @@ class SquadV2(Task):
 
 def _load(path: Path) -> list[dict]:
     try:
-        return squad_metric.load_squad_json(path)
+        articles = squad_metric.load_squad_json(path)
     except ValueError as exc:
         raise LorascopeError(str(exc)) from None
+    validate_articles(articles, path)
+    return articles
+
+
+def validate_articles(articles: list[dict], path) -> None:
+    """What training and scoring rely on beyond the scorer's structure checks, one line per problem.
+
+    Every question id is unique, and each answer's answer_start is an integer locating its
+    text in the context (context[answer_start:answer_start + len(text)] == text). An answer
+    that fails would otherwise be dropped as "too long" or train on the wrong span.
+    """
+    seen: dict[str, str] = {}
+    for i, a in enumerate(articles):
+        for j, p in enumerate(a["paragraphs"]):
+            ctx = p["context"]
+            for k, qa in enumerate(p["qas"]):
+                where = f"{path}: data[{i}].paragraphs[{j}].qas[{k}] (id {qa['id']!r})"
+                if qa["id"] in seen:
+                    raise LorascopeError(f"{where}: duplicate question id, first at {seen[qa['id']]}; ids must be "
+                                         f"unique")
+                seen[qa["id"]] = f"data[{i}].paragraphs[{j}].qas[{k}]"
+                imp = qa.get("is_impossible", False)
+                if not isinstance(imp, bool):
+                    raise LorascopeError(f"{where}: field is_impossible is {imp!r}; accepted: true or false")
+                if imp and qa["answers"]:
+                    raise LorascopeError(f"{where}: is_impossible is true but it has {len(qa['answers'])} answer(s); "
+                                         f"an unanswerable question has an empty answers list")
+                for m, ans in enumerate(qa["answers"]):
+                    start, text = ans.get("answer_start"), ans["text"]
+                    field = f"{where}: answers[{m}].answer_start"
+                    if isinstance(start, bool) or not isinstance(start, int):
+                        raise LorascopeError(f"{field} is {start!r} ({type(start).__name__}); accepted: an integer "
+                                             f"character offset into the context")
+                    if not 0 <= start <= len(ctx) - len(text):
+                        raise LorascopeError(f"{field} is {start}, outside the context ({len(ctx)} characters) for "
+                                             f"the answer {text!r} ({len(text)} characters); accepted: 0 to "
+                                             f"{max(0, len(ctx) - len(text))}")
+                    if ctx[start:start + len(text)] != text:
+                        found = ctx.find(text)
+                        hint = f" (the text occurs at {found})" if found >= 0 else " (the text is not in the context)"
+                        raise LorascopeError(f"{field} is {start}, where the context reads "
+                                             f"{ctx[start:start + len(text)]!r}, not the answer text {text!r}{hint}")
