@@ -50,7 +50,7 @@ def trainer_arm(method: str, args, workdir: Path) -> dict:
     path = resolve_model(cfg.model.name)
     tok, model = load_tokenizer(path), load_model(path)
     if method == "lora":
-        model = _add_lora(model, cfg)
+        model = _add_lora(model, cfg, fast=False)  # stock PEFT layers
     task = get_task("mrpc")
     feats = task.features(tok, task.examples("train", cfg.data, limit=cfg.data.max_train_examples), cfg.data.max_seq_len)
     rows = [{"input_ids": f.input_ids, "labels": [-100] * f.answer_start + f.input_ids[f.answer_start:]} for f in feats]
