@@ -50,8 +50,12 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def train(cfg: Config) -> Path:
-    """Fine-tune cfg.model on cfg.train.task with cfg.train.method; return the saved model directory."""
+def train(cfg: Config, on_step=None) -> Path:
+    """Fine-tune cfg.model on cfg.train.task with cfg.train.method; return the saved model directory.
+
+    on_step, if given, is called after every optimizer step with a dict: step, loss, tokens (non-padding
+    tokens of the global batch), answer_tokens and lengths (of the batch's sequences); benchmarks use it.
+    """
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -150,6 +154,10 @@ def train(cfg: Config) -> Path:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         last_loss = loss
+        if on_step is not None:
+            lengths = [len(feats[i].input_ids) for i in batch]
+            on_step({"step": step + 1, "loss": loss, "tokens": sum(lengths), "answer_tokens": n_answer,
+                     "lengths": lengths})
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         done_steps = step + 1
