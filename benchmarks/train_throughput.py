@@ -109,7 +109,8 @@ def model_dims(path: str, rank: int, targets: list[str]) -> dict:
 def worker(method: str, arm: str, args, workdir: str, conn) -> None:
     try:
         result = (lorascope_arm if arm == "lorascope" else trainer_arm)(method, args, Path(workdir), conn)
-        result["dev_accuracy"] = dev_accuracy(result.pop("model_dir"), args)
+        model_dir = result.pop("model_dir")
+        result["dev_accuracy"] = dev_accuracy(model_dir, args) if arm == "lorascope" or args.eval_baselines else None
         conn.send(("done", result))
     except SystemExit:
         pass
@@ -242,6 +243,8 @@ def main() -> None:
                     "is warm-up, the others are timed")
     ap.add_argument("--window", type=int, default=1, help="optimizer steps per timed window")
     ap.add_argument("--eval-examples", type=int, default=100, help="MRPC dev examples scored after training (0: skip)")
+    ap.add_argument("--eval-baselines", action="store_true", help="also score the Trainer arms' models on MRPC dev "
+                    "(their training code is not lorascope's; off by default to save time on small machines)")
     ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args()
     if not os.environ.get("LORASCOPE_DATA_DIR"):
@@ -274,6 +277,10 @@ def main() -> None:
                 for arm in order:
                     conns[arm].send("go")
                     windows[arm].append(_expect(conns[arm], "window", arm))
+                if args.json:  # a killed run leaves its rounds so far, marked incomplete
+                    _write_json(args.json, {"complete": False, "rounds_done": r + 1, "args": vars(args),
+                                            "matmul_peaks": peaks,
+                                            "windows": {f"{m}/{a}": w for (m, a), w in windows.items()}})
                 print(f"round {r + 1}/{rounds}: peak {peaks[-1]:.1f} GFLOP/s; tokens/s "
                       + ", ".join(f"{m}/{a} {windows[(m, a)][-1]['tokens'] / windows[(m, a)][-1]['seconds']:.1f}"
                                   for m, a in ARMS), flush=True)
@@ -324,12 +331,18 @@ def main() -> None:
           f"(runtime, model, gradients, optimizer state, activations); after set-up it held "
           + ", ".join(f"{m}/{a} {r['rss_after_setup_mib']:.0f}" for (m, a), r in rows.items()) + " MiB.")
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "args": vars(args), "matmul_peak_gflops": peak, "matmul_peaks": peaks, "ratios": ratios,
+        _write_json(args.json, {
+            "complete": True, "args": vars(args), "matmul_peak_gflops": peak, "matmul_peaks": peaks, "ratios": ratios,
             "arms": {f"{m}/{a}": {k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()}
                      for (m, a), r in rows.items()},
             "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "provenance": provenance()}, indent=2))
+            "provenance": provenance()})
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
 
 
 def _expect(conn, kind: str, arm) -> dict:
