@@ -92,10 +92,12 @@ def test_loss_curve_equals_the_stock_path(tiny_model, small_data, tmp_path, monk
     from safetensors.torch import load_file
 
     fast_dir = T.train(_cfg(tiny_model, small_data, tmp_path / "fast", method, dropout))
+    called = []
     with monkeypatch.context() as m:  # the path before: PEFT's own layers, per-tensor AdamW
-        m.setattr(T, "use_fast_lora", lambda model: 0)
+        m.setattr(T, "use_fast_lora", lambda model: called.append(model) or 0)
         m.setattr(T, "FUSED_ADAMW", False)
         stock_dir = T.train(_cfg(tiny_model, small_data, tmp_path / "stock", method, dropout))
+    assert len(called) == (1 if method == "lora" else 0)  # the switch really took the stock path
     fast, stock = _losses(tmp_path / "fast"), _losses(tmp_path / "stock")
     assert len(fast) == 5 and fast[-1] < fast[0]
     torch.testing.assert_close(fast, stock, rtol=1e-4, atol=1e-5)
