@@ -262,12 +262,14 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
             tuned = {name: str(train_dir(task, name) / "model") for name, *_ in models}
             deps = [f"train:{task}:{n}" for n in tuned]
             out = run_dir / "drift" / task
+            data = study.task_config(task).data  # the data settings training used: held-out means held out
             stages.append(Stage(f"drift:{task}", "drift",
-                                (lambda t=task, tu=tuned, o=out: run_drift(
+                                (lambda t=task, tu=tuned, o=out, d=data: run_drift(
                                     t, model_name, tu, o, max_examples=st.drift_examples,
-                                    batch_size=st.drift_batch_size, data_dir=data_dir)),
+                                    batch_size=st.drift_batch_size, data=d, reduction=st.drift_reduction)),
                                 {"examples": st.drift_examples, "batch": st.drift_batch_size, "model": model_name,
-                                 "data": dataclasses.asdict(study.base.data)}, deps, [out]))
+                                 "data": dataclasses.asdict(data), "reduction": st.drift_reduction,
+                                 "tokens": "content"}, deps, [out]))
             wout = run_dir / "weights" / task
             stages.append(Stage(f"weights:{task}", "weights",
                                 (lambda tu=tuned, o=wout: run_weights(model_name, tu, o)),

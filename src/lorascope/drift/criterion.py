@@ -101,3 +101,21 @@ def judge_drift(entry: dict[str, Any], *, threshold: float = 0.8, primary: str =
 
 def _f(v) -> str:
     return "n/a" if v is None else f"{v:.2f}"
+
+
+def criterion_from_drift(drift: dict[str, Any], lora: str, full: str) -> dict[str, Any] | None:
+    """Criterion 2a for the LoRA method `lora` (e.g. 'lora_r8') against `full` from a drift.json.
+
+    Returns the judgement (see :func:`judge_drift`) with the primary ratio and drifts under
+    the keys the report uses (``ratio``, ``ci_low``, ``ci_high``, ``lora``, ``full``, ``pass``),
+    or None when the file holds no such comparison (e.g. an older drift.json).
+    """
+    summary = drift.get("summary", {})
+    for c, m in zip(summary.get("criterion_2a", []), summary.get("method_ratios", [])):
+        if c["lora"] == lora and c["full"] == full:
+            primary = m[c["primary"]]
+            return {**c, "ratio": primary["value"], "ci_low": primary["ci_low"], "ci_high": primary["ci_high"],
+                    "lora_drift": primary["lora_drift"], "full_drift": primary["full_drift"],
+                    "lora": primary["lora_drift"], "full": primary["full_drift"], "lora_method": lora,
+                    "full_method": full, "pass": c["status"] == "PASS", "confident": c["status"] == "PASS"}
+    return None

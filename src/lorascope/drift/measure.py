@@ -489,6 +489,8 @@ class Accumulators:
         self.rel_sum = np.zeros((G, P, L))
         self.rel_n = np.zeros((G, P, L))
         self.n_tokens = np.zeros(G, np.int64)
+        # pairs whose states were bitwise equal in every batch: their similarities are exactly 1
+        self.identical = np.ones((P, L), bool)
         self._spill = tempfile.TemporaryFile(prefix="lorascope-pooled-")
         self._spilled: list[np.ndarray] = []  # example indices, in the order their rows were written
 
@@ -516,6 +518,8 @@ class Accumulators:
             self._fold(g, layer, na, nb, means, selfs, crosses, ext)
             sq = [np.einsum("ij,ij->i", x, x) for x in xs]  # squared row norms: float32 data cannot overflow here
             for p, (a, b) in enumerate(self.pairs):
+                if self.identical[p, layer] and not np.array_equal(xs[a], xs[b]):
+                    self.identical[p, layer] = False
                 with np.errstate(divide="ignore", invalid="ignore"):
                     den = np.sqrt(sq[a] * sq[b])
                     cos = np.where(den > 0, np.clip(np.einsum("ij,ij->i", xs[a], xs[b]) / den, -1.0, 1.0), np.nan)
@@ -614,7 +618,7 @@ class Accumulators:
         got = gather((rows, pooled[:, :, rows]))
         del pooled
         sums = ("cos_hist", "rel_hist", "cos_sum", "cos_n", "rel_sum", "rel_n", "n_tokens")
-        got_sums = gather({k: getattr(self, k) for k in sums})
+        got_sums = gather({**{k: getattr(self, k) for k in sums}, "identical": self.identical})
         if rank != 0:
             return None
         self._spill.seek(0, os.SEEK_END)
@@ -625,6 +629,7 @@ class Accumulators:
                 self.seen[r] = True
         for k in sums:
             setattr(self, k, sum(d[k] for d in got_sums))
+        self.identical = np.logical_and.reduce([d["identical"] for d in got_sums])
         return self
 
 
@@ -686,6 +691,10 @@ def finalise(acc: Accumulators, names, pairs, layers, ex_group_of: np.ndarray, e
         with np.errstate(divide="ignore", invalid="ignore"):
             value[key] = total_s / total_c
             loo[key] = np.moveaxis((total_s[None] - s) / (total_c[None] - c), 0, -1)
+    for p, layer in zip(*np.nonzero(acc.identical)):  # the same states: exactly 1, whatever the rounding
+        for key in ("token_cka", "token_cka_std", "example_cka", "example_cka_debiased", "cosine"):
+            value[key][p, layer] = 1.0
+            loo[key][p, layer] = 1.0
     bounds = {"token_cka": (0.0, 1.0), "token_cka_std": (0.0, 1.0), "example_cka": (0.0, 1.0),
               "example_cka_debiased": None, "cosine": (-1.0, 1.0), "relative_change": (0.0, np.inf)}
     tables = []

@@ -3,9 +3,10 @@
 1. Accuracy: LoRA (the primary rank) within `accuracy_margin` points of full fine-tuning
    on each task's primary metric (MRPC accuracy, SQuAD v2 F1), mean over seeds, with a
    95 % paired bootstrap interval over evaluation examples.
-2a. Drift: LoRA's drift (1 - token-level CKA averaged over layers) at least
-    `drift_reduction` below full fine-tuning's (ratio <= 1 - drift_reduction), with its
-    jackknife interval.
+2a. Drift: LoRA's drift (1 - content-token CKA averaged over layers) at least
+    `drift_reduction` below full fine-tuning's, judged by
+    :func:`lorascope.drift.criterion.judge_drift`: PASS only when the primary ratio's
+    interval is below 1 - drift_reduction and the other drift measures agree.
 2b. Serving: the unmerged adapter's overhead over merged serving at most
     `max_serving_overhead` at every batch size measured.
 Overall: 1 and (2a or 2b), per task.
@@ -83,15 +84,11 @@ def judge(run_dir: str | Path) -> dict[str, Any]:
             t["accuracy"] = acc
         drift = _load(run_dir / "drift" / task / "drift.json")
         if drift:
-            ratios = [r for r in drift["summary"]["ratios"]
-                      if r["lora"] == f"lora_r{rank}_s{seeds[0]}" and r["full"] == f"full_s{seeds[0]}"]
-            if ratios and ratios[0]["token_cka"]["value"] is not None:
-                r = ratios[0]["token_cka"]
-                t["drift"] = {"ratio": r["value"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
-                              "full": drift["summary"]["per_model"][f"full_s{seeds[0]}"]["token_cka_drift"]["value"],
-                              "lora": drift["summary"]["per_model"][f"lora_r{rank}_s{seeds[0]}"]["token_cka_drift"]["value"],
-                              "pass": r["value"] <= 1 - cfg["drift_reduction"],
-                              "confident": r["ci_high"] <= 1 - cfg["drift_reduction"]}
+            from lorascope.drift.criterion import criterion_from_drift
+
+            c = criterion_from_drift(drift, f"lora_r{rank}", "full")  # PASS / FAIL / INCONCLUSIVE over measures
+            if c is not None and c["ratio"] is not None:
+                t["drift"] = c
         serve = _load(run_dir / "serve" / f"r{rank}" / "serve.json")
         if serve:
             rows = [x for x in serve["summary"]["rows"] if x["config"] == f"unmerged:{task}" and x["overhead"] is not None]
