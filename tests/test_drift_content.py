@@ -391,3 +391,51 @@ def test_smollm2_noise_in_middle_mlps_moves_content_cka_not_raw_token_cka(real_d
     raw_d = [1 - raw_rows[i]["token_cka"]["value"] for i in range(14, 31)]
     assert min(primary) > 1e-3  # the content tokens' geometry moved
     assert max(raw_d) < 0.1 * min(primary)  # raw token CKA barely moves: the sink and template dominate it
+
+
+# ---------------------------------------------------------------------------
+# drift along training
+# ---------------------------------------------------------------------------
+
+
+def test_snapshots_are_evenly_spaced_and_drift_along_training_reads_them(tiny_model, small_data, tmp_path):
+    from lorascope.config import load_config
+    from lorascope.drift.along import run_drift_along
+    from lorascope.train import snapshot_steps, train
+
+    assert snapshot_steps(10, 4) == {2, 5, 8, 10} and snapshot_steps(3, 5) == {1, 2, 3} and snapshot_steps(9, 0) == set()
+    runs = {}
+    for method in ("full", "lora"):
+        out = tmp_path / method
+        cfg = load_config(None, ["train.batch_size=8", "train.micro_batch_size=8", "train.save_every=0",
+                                 "train.max_steps=2", "train.drift_snapshots=2", "train.lr=5e-3"],
+                          **{"train.task": "mrpc", "train.method": method, "train.output_dir": str(out),
+                             "model.name": str(tiny_model), "data.dir": str(small_data)})
+        train(cfg)
+        snaps = sorted(p.name for p in (out / "snapshots").iterdir())
+        assert snaps == ["step-0000001", "step-0000002"], snaps
+        kind = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+        assert all((out / "snapshots" / s / kind).is_file() for s in snaps)
+        runs[f"{method}_s0"] = str(out)
+    # the last snapshot is the final model
+    a = _state(tmp_path / "full" / "snapshots" / "step-0000002" / "model.safetensors")
+    b = _state(tmp_path / "full" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    r = run_drift_along("mrpc", str(tiny_model), runs, tmp_path / "along", max_examples=8, eval_examples=8,
+                        data_dir=str(small_data))
+    pts = r["points"]
+    assert [(p["run"], p["step"]) for p in pts] == [("full_s0", 1), ("full_s0", 2), ("lora_s0", 1), ("lora_s0", 2)]
+    for p in pts:
+        assert p["drift"]["token_cka"]["value"] > 0 and 0 <= p["metric"]["value"] <= 100 and p["metric"]["n"] == 8
+        one = json.loads((tmp_path / "along" / p["run"] / f"step-{p['step']:07d}" / "drift.json").read_text())
+        assert one["summary"]["per_model"][p["run"]]["token_cka_drift"]["value"] == p["drift"]["token_cka"]["value"]
+    assert (tmp_path / "along" / "drift_along.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(LorascopeError, match="no snapshots/step-.*train.drift_snapshots"):
+        run_drift_along("mrpc", str(tiny_model), {"x": str(tmp_path)}, tmp_path / "x", data_dir=str(small_data))
+
+
+def _state(path):
+    from safetensors.torch import load_file
+
+    return load_file(path)

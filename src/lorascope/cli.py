@@ -102,6 +102,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--float32-products", action="store_true",
                    help="form each batch's co-moments in float32 (faster on CPUs, CKA within ~1e-6)")
 
+    p = sub.add_parser("drift-along", help="drift and validation metric at the snapshots saved during training",
+                       description="For every snapshot a training run saved (lorascope train --set "
+                                   "train.drift_snapshots=N), the drift from the base model (all measures, the same "
+                                   "held-out prompts) and the validation metric, so methods can be compared at "
+                                   "matched accuracy. Writes along.json, one drift.json per snapshot and "
+                                   "drift_along.png.")
+    p.add_argument("--task", default="mrpc", help="mrpc or squad_v2")
+    p.add_argument("--base", default="smollm2-135m", help="base model: Hub id, local directory, or 'smollm2-135m'")
+    p.add_argument("--run", action="append", required=True, metavar="NAME=TRAIN_OUTPUT_DIR",
+                   help="a training output folder with snapshots/step-K and its name, e.g. full_s0=runs/mrpc-full "
+                        "(repeatable)")
+    p.add_argument("--output-dir", required=True, help="where along.json, the drift folders and the figure go")
+    p.add_argument("--max-examples", type=int, default=200, help="held-out prompts for drift (default 200)")
+    p.add_argument("--eval-examples", type=int, default=200,
+                   help="held-out examples for the validation metric (default 200; 0: none)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
+    p.add_argument("--data-dir", help="local data folder (default: $LORASCOPE_DATA_DIR, else the Hub)")
+    p.add_argument("--tokens", choices=["content", "all"], default="content", help="as for lorascope drift")
+
     p = sub.add_parser("weights", help="weight-space analysis of the updates of tuned checkpoints",
                        description="For every adapted matrix of each tuned checkpoint, the update dW (full: "
                                    "W_tuned - W_base; LoRA: alpha / r * B @ A): Frobenius and spectral norms, "
@@ -246,6 +265,16 @@ def _run(args: argparse.Namespace) -> int:
                               "n_tokens": result["n_tokens"], "selection": result["selection"],
                               "criterion_2a": [{k: c[k] for k in ("lora", "full", "status", "reason")}
                                                for c in result["summary"]["criterion_2a"]]}, indent=2))
+        return 0
+    if args.command == "drift-along":
+        from lorascope.drift.along import run_drift_along
+
+        result = run_drift_along(args.task, args.base, args.run, args.output_dir, max_examples=args.max_examples,
+                                 eval_examples=args.eval_examples, batch_size=args.batch_size,
+                                 data_dir=args.data_dir, tokens=args.tokens)
+        print(json.dumps({"output_dir": result["output_dir"], "points": [
+            {"run": p["run"], "step": p["step"], "drift": p["drift"][result["primary"]]["value"],
+             "metric": p.get("metric", {}).get("value")} for p in result["points"]]}, indent=2))
         return 0
     if args.command == "weights":
         from lorascope.drift import run_weights

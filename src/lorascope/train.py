@@ -372,7 +372,8 @@ def snapshot_steps(total_steps: int, n: int) -> set[int]:
     """N evenly spaced optimizer steps ending with the last: round(k * total / N), k = 1..N."""
     if n <= 0 or total_steps <= 0:
         return set()
-    return {max(1, round(k * total_steps / n)) for k in range(1, min(n, total_steps) + 1)}
+    n = min(n, total_steps)
+    return {max(1, round(k * total_steps / n)) for k in range(1, n + 1)}
 
 
 def save_snapshot(accelerator, wrapper, tok, out: Path, step: int, cfg: Config) -> None:
