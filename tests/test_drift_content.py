@@ -219,6 +219,15 @@ def test_seeds_give_a_noise_floor_and_intervals_with_seed_variance(variants, sma
     # the per-layer ratio of the untouched embedding is undefined or 0, never a made-up number
     emb = s["ratios"][0]["per_layer"]["token_cka"][0]
     assert emb["value"] is None
+    # the report's sensitivity section
+    from lorascope.report.render import Doc, drift_sensitivity
+
+    doc = Doc()
+    drift_sensitivity(doc, json.loads((tmp_path / "drift.json").read_text()), tmp_path)
+    text = doc.markdown(tmp_path, "figures")
+    assert f"Criterion 2a, lora vs full (2 and 2 seed(s)): **{c['status']}**" in text
+    assert "content-token linear CKA (primary)" in text and "Noise floor of full" in text
+    assert "Tokens measured (content): content" in text
 
 
 def test_method_ratio_interval_adds_the_seed_variance():

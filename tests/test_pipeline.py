@@ -178,9 +178,15 @@ def _fake_run(tmp_path: Path, *, lora_acc: float, ratio: float, overhead: float)
     (run / "study.json").write_text(json.dumps({"config": cfg, "primary_rank": 8, "seeds": [0], "ranks": [8]}))
     for name, acc in (("full_s0", 80.0), ("lora_r8_s0", lora_acc)):
         (run / "eval" / "mrpc" / f"{name}.json").write_text(json.dumps({"metrics": {"accuracy": acc}}))
-    ci = {"value": ratio, "ci_low": ratio - 0.01, "ci_high": ratio + 0.01}
+    from lorascope.drift.criterion import LABELS, judge_drift
+
+    ci = {"value": ratio, "ci_low": ratio - 0.01, "ci_high": ratio + 0.01, "lora_drift": 0.01 * ratio,
+          "full_drift": 0.01, "seed_variance_included": False}
+    method = {"lora": "lora_r8", "full": "full", "lora_seeds": ["lora_r8_s0"], "full_seeds": ["full_s0"],
+              "noise_floor": {}, **{k: ci for k in LABELS}}
     (run / "drift" / "mrpc" / "drift.json").write_text(json.dumps({"summary": {
         "ratios": [{"lora": "lora_r8_s0", "full": "full_s0", "token_cka": ci}],
+        "method_ratios": [method], "criterion_2a": [judge_drift(method)],
         "per_model": {"full_s0": {"token_cka_drift": {"value": 0.01}},
                       "lora_r8_s0": {"token_cka_drift": {"value": 0.01 * ratio}}}}}))
     (run / "serve" / "r8" / "serve.json").write_text(json.dumps({"settings": {"engine": "vllm"}, "summary": {"rows": [
@@ -203,6 +209,7 @@ def test_verdict_logic(tmp_path, lora_acc, ratio, overhead, expected):
     assert t["verdict"] == expected
     assert t["accuracy"]["diff"] == pytest.approx(lora_acc - 80.0)
     assert t["serving"]["max"] == pytest.approx(overhead) and t["serving"]["max_at_batch"] == 4
+    assert t["drift"]["status"] == ("PASS" if ratio <= 0.8 else "FAIL") and t["drift"]["ratio"] == ratio
 
 
 def test_paired_bootstrap_interval():
