@@ -347,37 +347,36 @@ def test_real_mrpc_drift_prompts_share_no_pair_or_sentence_with_training(real_da
 def test_smollm2_noise_in_middle_mlps_moves_content_cka_not_raw_token_cka(real_data, tmp_path):
     """A model that differs from the base only by noise on middle-layer MLP weights: the primary
     (content-token CKA) equals an in-memory float64 CKA computed here, and moves clearly, while raw
-    CKA over all tokens (position 0 and template included) barely moves."""
+    token CKA over all tokens (position 0 and template included), computed here too, barely moves."""
+    from pathlib import Path
+
     from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
 
     from lorascope.models import load_tokenizer, resolve_model
 
     torch.set_num_threads(2)
-    base = resolve_model("smollm2-135m")
+    base = Path(resolve_model("smollm2-135m"))
     noisy = tmp_path / "noisy"
     noisy.mkdir()
-    for f in base.iterdir() if hasattr(base, "iterdir") else __import__("pathlib").Path(base).iterdir():
+    for f in base.iterdir():
         if f.is_file() and f.suffix != ".safetensors":
             shutil.copy(f, noisy / f.name)
-    from pathlib import Path
-
-    w = load_file(Path(base) / "model.safetensors")
+    w = load_file(base / "model.safetensors")
     g = torch.Generator().manual_seed(0)
     for k in w:
         if any(k.startswith(f"model.layers.{i}.mlp.") for i in range(12, 18)):
             w[k] = w[k] + 0.3 * w[k].float().std() * torch.randn(w[k].shape, generator=g)
     save_file(w, noisy / "model.safetensors", metadata={"format": "pt"})
     del w
-    kw = dict(max_examples=12, batch_size=6, data_dir=str(real_data), plots=False, jackknife_groups=3,
-              diagnostic_examples=0)
-    r = run_drift("mrpc", "smollm2-135m", {"noisy": str(noisy)}, tmp_path / "c", **kw)
-    raw = run_drift("mrpc", "smollm2-135m", {"noisy": str(noisy)}, tmp_path / "a", tokens="all", **kw)
+    n = 8
+    r = run_drift("mrpc", "smollm2-135m", {"noisy": str(noisy)}, tmp_path / "c", max_examples=n, batch_size=4,
+                  data_dir=str(real_data), plots=False, jackknife_groups=2, diagnostic_examples=0)
+    rows = r["pairs"]["base-noisy"]["layers"]
 
-    tok = load_tokenizer(base)
-    exs, _ = drift_examples("mrpc", DataConfig(dir=str(real_data)), 12)
-    from transformers import AutoModelForCausalLM
-
-    layers = (14, 20, 29)  # outputs of decoder layers 13, 19, 28: inside and after the noisy block
+    tok = load_tokenizer(str(base))
+    exs, _ = drift_examples("mrpc", DataConfig(dir=str(real_data)), n)
+    layers = (14, 20, 29)  # outputs of decoder layers 13, 19 and 28: in and after the noisy block
     states = {}
     for name, path in (("base", base), ("noisy", noisy)):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -385,21 +384,22 @@ def test_smollm2_noise_in_middle_mlps_moves_content_cka_not_raw_token_cka(real_d
         with torch.no_grad():
             for e in exs:
                 hs = model.model(input_ids=torch.tensor([prompt_ids(tok, e.prompt)]), output_hidden_states=True)
-                keep = content_mask(tok, e)
                 for layer in layers:
-                    per[layer].append(hs.hidden_states[layer][0].double().numpy()[keep])
+                    per[layer].append(hs.hidden_states[layer][0].double().numpy())
         states[name] = per
         del model
-    rows, raw_rows = r["pairs"]["base-noisy"]["layers"], raw["pairs"]["base-noisy"]["layers"]
+    keep = [content_mask(tok, e) for e in exs]
+    assert r["n_tokens"] == sum(int(k.sum()) for k in keep)
     for layer in layers:
-        want = linear_cka(np.concatenate(states["base"][layer]), np.concatenate(states["noisy"][layer]))
-        assert rows[layer]["token_cka"]["value"] == pytest.approx(want, abs=1e-5)
-    for row in rows[:13]:  # before the noisy layers: nothing moved
+        xa = np.concatenate([s[k] for s, k in zip(states["base"][layer], keep)])
+        xb = np.concatenate([s[k] for s, k in zip(states["noisy"][layer], keep)])
+        content_cka = linear_cka(xa, xb)
+        raw_cka = linear_cka(np.concatenate(states["base"][layer]), np.concatenate(states["noisy"][layer]))
+        assert rows[layer]["token_cka"]["value"] == pytest.approx(content_cka, abs=1e-5)
+        assert 1 - content_cka > 1e-3  # the content tokens' geometry moved
+        assert 1 - raw_cka < 0.1 * (1 - content_cka)  # raw token CKA barely moves: the sink dominates it
+    for row in rows[:13]:  # before the noisy layers nothing moved, exactly
         assert row["token_cka"]["value"] == 1.0
-    primary = [1 - rows[i]["token_cka"]["value"] for i in range(14, 31)]
-    raw_d = [1 - raw_rows[i]["token_cka"]["value"] for i in range(14, 31)]
-    assert min(primary) > 1e-3  # the content tokens' geometry moved
-    assert max(raw_d) < 0.1 * min(primary)  # raw token CKA barely moves: the sink and template dominate it
 
 
 # ---------------------------------------------------------------------------

@@ -10,36 +10,46 @@ that training did not use: for MRPC the dev split (408 pairs), filled up from th
 split when more are asked for; for SQuAD v2 the held-out ("eval") questions. Asking
 for more than exist is an error that says how many there are.
 
+Tokens: by default the examples' own content tokens only (MRPC: the two sentences; SQuAD:
+context and question; see :func:`select_tokens`): position 0 (an attention sink) and every
+chat-template / instruction token are left out of every measure; ``tokens="all"`` keeps
+every real token for comparison. ``drift.json["selection"]`` records the counts by kind.
+
 Measures, per layer and pair (reference = the first model of the pair):
 
-- ``token_cka``: linear CKA over all selected tokens (padding excluded; position 0 too
-  with ``drop_first_position``), exact and streaming: each batch's co-moments are folded
-  into :class:`~lorascope.similarity.StreamingCKA` accumulators (float64, Chan merge),
-  so memory does not grow with the number of examples. With ``zscore`` every feature is
-  divided by its global standard deviation first; the standard deviations are the
-  diagonals of the accumulated co-moments, so this needs no second pass (see
+- ``token_cka`` (the primary): linear CKA over the selected tokens (padding excluded),
+  exact and streaming: each batch's co-moments are folded into
+  :class:`~lorascope.similarity.StreamingCKA` accumulators (float64, Chan merge), so
+  memory does not grow with the number of examples.
+- ``token_cka_std``: the same on per-feature standardised states; the standard deviations
+  are the diagonals of the accumulated co-moments, so this needs no second pass (see
   :func:`~lorascope.drift.stats.zscore_state`).
 - ``example_cka`` / ``example_cka_debiased``: linear CKA of the mean-pooled states (mean
-  over the selected tokens of each prompt), plug-in and debiased (Song et al. 2012)
-  estimators; z-scored columns with ``zscore``.
+  over the selected tokens of each prompt), plug-in and debiased (Song et al. 2012).
 - ``cosine``: cosine similarity of each token's state in the two models; ``mean`` and
   quantiles ``q05``..``q95`` (quantiles from a histogram of 1 - cosine on log-spaced
   bins 1 % wide, see :data:`~lorascope.drift.stats.HIST_EDGES`).
 - ``relative_change``: ``||h_other - h_ref|| / ||h_ref||`` per token; mean and quantiles.
+
+Pairs whose states are bitwise identical in every batch get similarity exactly 1 (drift 0).
 
 Intervals (95 %): delete-a-group jackknife over groups of whole prompts (see
 :mod:`lorascope.drift.stats`): ``jackknife_groups`` groups (default 5) for the
 token-level measures, whose per-group co-moments cost
 ``groups x (layers + 1) x (models + pairs) x hidden^2 x 8`` bytes (SmolLM2-135M, 3 models,
 5 groups: 2.5 GB); up to 100 groups (one prompt each when there are fewer) for the
-example-level CKA, computed from Gram matrices with exact downdates. Summary: drift =
-1 - CKA averaged over the layer states, per tuned model against the base, and the ratio
-lora drift / full drift, each with its jackknife interval.
+example-level CKA, computed from Gram matrices with exact downdates. Summary (see
+:func:`summarise`): per measure, drift averaged over the layer states per tuned model, the
+ratio lora / full per checkpoint pair and per layer, per method pooled over seeds (with the
+seed variance in the interval), the seed-to-seed noise floor, and criterion 2a
+(:func:`lorascope.drift.criterion.judge_drift`). Diagnostics of the base model's Gram
+energy by token kind: :mod:`lorascope.drift.diagnostics`.
 
 Outputs in ``output_dir`` (each written atomically): ``drift.json`` (config, models,
 number of examples and tokens, sha256 of the example ids, ``layers``, ``pairs``
 (per-layer tables), ``summary``, ``methods``, ``timing``, ``provenance``), ``drift.csv``
-(one row per pair and layer), ``cka_vs_layer.png`` and ``cosine_vs_layer.png``.
+(one row per pair and layer), ``cka_vs_layer.png``, ``cosine_vs_layer.png`` and
+``diagnostics.png``.
 
 Distributed: under ``torchrun`` every process takes every ``world``-th batch; the
 accumulators are gathered (gloo) and merged on rank 0, which writes the outputs. The
