@@ -219,6 +219,9 @@ def test_seeds_give_a_noise_floor_and_intervals_with_seed_variance(variants, sma
     # the per-layer ratio of the untouched embedding is undefined or 0, never a made-up number
     emb = s["ratios"][0]["per_layer"]["token_cka"][0]
     assert emb["value"] is None
+    from lorascope.drift.plots import plot_ratio_by_layer
+
+    assert plot_ratio_by_layer(r, tmp_path / "ratio_vs_layer.png").read_bytes()[:4] == b"\x89PNG"
     # the report's sensitivity section
     from lorascope.report.render import Doc, drift_sensitivity
 

@@ -291,9 +291,10 @@ def run_drift(task: str, base: str, tuned, output_dir: str | os.PathLike, *, max
     write_json(out / "drift.json", _nan_to_none(result))
     write_csv(out / "drift.csv", result)
     if plots:
-        from lorascope.drift.plots import plot_diagnostics, plot_drift
+        from lorascope.drift.plots import plot_diagnostics, plot_drift, plot_ratio_by_layer
 
         plot_drift(result, out)
+        plot_ratio_by_layer(result, out / "ratio_vs_layer.png")
         if diagnostics:
             plot_diagnostics(result, out / "diagnostics.png")
     result["output_dir"] = str(out)

@@ -128,3 +128,32 @@ def plot_diagnostics(result: dict[str, Any], path: Path) -> Path:
     _save(fig, path)
     plt.close(fig)
     return path
+
+
+def plot_ratio_by_layer(result: dict[str, Any], path: Path) -> Path | None:
+    """Per layer, the drift ratio LoRA / full of every measure (first LoRA-full checkpoint pair)."""
+    ratios = result["summary"].get("ratios") or []
+    if not ratios:
+        return None
+    plt = _pyplot()
+    entry = ratios[0]
+    x = list(range(len(result["layers"])))
+    ticks = x if len(x) <= 12 else x[::max(1, len(x) // 10)]
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    for i, key in enumerate(result["summary"]["measures"]):
+        rows = entry["per_layer"][key]
+        y = [float("nan") if r["value"] is None else r["value"] for r in rows]
+        ax.plot(x, y, "-" if key == result["summary"]["primary"] else "--", marker=".", color=f"C{i}",
+                linewidth=2.2 if key == result["summary"]["primary"] else 1.0, label=key)
+    crit = 1.0 - result["config"].get("reduction", 0.2)
+    ax.axhline(crit, color="k", linestyle=":", linewidth=1, label=f"criterion 2a ({crit:g})")
+    ax.set_xticks(ticks, ["emb" if t == 0 else str(t - 1) for t in ticks])
+    ax.set_xlabel("layer state (emb = embedding output)")
+    ax.set_ylabel(f"drift ratio {entry['lora']} / {entry['full']}")
+    ax.set_title(f"{result['config']['task']}: per-layer drift ratio by measure ({result['n_examples']} prompts, "
+                 f"{result['selection']['tokens']} tokens)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+    plt.close(fig)
+    return path

@@ -350,6 +350,8 @@ def drift_sensitivity(doc: "Doc", d: dict[str, Any], folder: Path) -> None:
             v = floor.get(c["primary"], {})
             doc.p(f"Noise floor of {method}: drift between its seeds {', '.join(floor['seeds'])} "
                   f"({LABELS[c['primary']]}) {_f(v.get('value'), '.3g')}.")
+    if (folder / "ratio_vs_layer.png").is_file():
+        doc.fig(folder / "ratio_vs_layer.png", "drift ratio LoRA / full per layer, for every measure")
     if (folder / "diagnostics.png").is_file():
         doc.fig(folder / "diagnostics.png", "why token statistics over all tokens mislead: the base model's Gram "
                                             "energy by token kind, and the variance share of the largest features")
