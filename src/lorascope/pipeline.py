@@ -54,6 +54,8 @@ class StudyArgs:
     drift: bool = field(default=True, metadata={"help": "run the drift and weight-space stages"})
     drift_examples: int = field(default=1000, metadata={"help": "held-out prompts per task for drift"})
     drift_batch_size: int = field(default=8, metadata={"help": "prompts per forward pass in drift"})
+    drift_tokens: str = field(default="content", metadata={
+        "help": "tokens drift measures: content (the examples' own text; no position 0, no template) or all"})
     serve: bool = field(default=True, metadata={"help": "run the serving benchmark"})
     serve_engine: str = field(default="vllm", metadata={"help": "vllm or transformers"})
     serve_batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16], metadata={"help": "batch sizes"})
@@ -91,6 +93,8 @@ class StudyArgs:
                 out.append(f"study.per_task: {t!r} is not one of study.tasks ({', '.join(self.tasks)})")
         if self.drift_examples < 2:
             out.append(f"study.drift_examples: must be at least 2, got {self.drift_examples}")
+        if self.drift_tokens not in ("content", "all"):
+            out.append(f"study.drift_tokens: got {self.drift_tokens!r}; accepted: content, all")
         return out
 
 
@@ -266,10 +270,11 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
             stages.append(Stage(f"drift:{task}", "drift",
                                 (lambda t=task, tu=tuned, o=out, d=data: run_drift(
                                     t, model_name, tu, o, max_examples=st.drift_examples,
-                                    batch_size=st.drift_batch_size, data=d, reduction=st.drift_reduction)),
+                                    batch_size=st.drift_batch_size, data=d, reduction=st.drift_reduction,
+                                    tokens=st.drift_tokens)),
                                 {"examples": st.drift_examples, "batch": st.drift_batch_size, "model": model_name,
                                  "data": dataclasses.asdict(data), "reduction": st.drift_reduction,
-                                 "tokens": "content"}, deps, [out]))
+                                 "tokens": st.drift_tokens}, deps, [out]))
             wout = run_dir / "weights" / task
             stages.append(Stage(f"weights:{task}", "weights",
                                 (lambda tu=tuned, o=wout: run_weights(model_name, tu, o)),
