@@ -290,6 +290,7 @@ def test_criterion_passes_only_when_the_primary_interval_passes_and_the_measures
     # no full drift: no ratio
     c = judge_drift(_entry({**ok, "token_cka": (None, None, None)}))
     assert c["status"] == "INCONCLUSIVE"
+    assert judge_drift(_entry(ok), tokens="all")["rows"][0]["label"] == "all-token linear CKA"
 
 
 def test_a_difference_within_the_seed_noise_is_not_a_finding():

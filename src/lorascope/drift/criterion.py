@@ -25,7 +25,7 @@ LABELS = {"token_cka": "content-token linear CKA", "token_cka_std": "CKA of stan
 
 
 def judge_drift(entry: dict[str, Any], *, threshold: float = 0.8, primary: str = "token_cka",
-                measures: list[str] | None = None) -> dict[str, Any]:
+                measures: list[str] | None = None, tokens: str = "content") -> dict[str, Any]:
     """Status PASS / FAIL / INCONCLUSIVE of criterion 2a for one LoRA method against one full method.
 
     Parameters
@@ -35,6 +35,7 @@ def judge_drift(entry: dict[str, Any], *, threshold: float = 0.8, primary: str =
     threshold : the largest ratio LoRA / full that meets the criterion.
     primary : the measure whose interval decides.
     measures : the measures to report (default: every measure in `entry` that LABELS knows).
+    tokens : the tokens the measures were computed on (``content`` or ``all``), named in the labels.
 
     Returns
     -------
@@ -49,7 +50,10 @@ def judge_drift(entry: dict[str, Any], *, threshold: float = 0.8, primary: str =
     for key in measures:
         r = entry.get(key) or {}
         v, lo, hi = r.get("value"), r.get("ci_low"), r.get("ci_high")
-        rows.append({"measure": key, "label": LABELS.get(key, key), "ratio": v, "ci_low": lo, "ci_high": hi,
+        label = LABELS.get(key, key)
+        if tokens != "content":
+            label = label.replace("content-token", f"{tokens}-token")
+        rows.append({"measure": key, "label": label, "ratio": v, "ci_low": lo, "ci_high": hi,
                      "meets": None if v is None else v <= threshold,
                      "confident": None if hi is None else hi <= threshold,
                      "fails": None if lo is None else lo > threshold})

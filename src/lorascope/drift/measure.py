@@ -257,7 +257,7 @@ def run_drift(task: str, base: str, tuned, output_dir: str | os.PathLike, *, max
     finally:
         acc.close()
     summary = summarise(tables, loo, names, infos, pairs, layers)
-    summary["criterion_2a"] = [criterion.judge_drift(m, threshold=1.0 - reduction, primary=PRIMARY)
+    summary["criterion_2a"] = [criterion.judge_drift(m, threshold=1.0 - reduction, primary=PRIMARY, tokens=tokens)
                                for m in summary["method_ratios"]]
     t_done = time.time()
 

@@ -339,7 +339,8 @@ def drift_sensitivity(doc: "Doc", d: dict[str, Any], folder: Path) -> None:
         for r in c["rows"]:
             mr = m.get(r["measure"], {})
             ci = "" if r["ci_low"] is None else f" [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
-            rows.append([LABELS.get(r["measure"], r["measure"]) + (" (primary)" if r["measure"] == c["primary"] else ""),
+            rows.append([r.get("label", LABELS.get(r["measure"], r["measure"]))
+                         + (" (primary)" if r["measure"] == c["primary"] else ""),
                          _f(mr.get("lora_drift"), ".3g"), _f(mr.get("full_drift"), ".3g"),
                          ("n/a" if r["ratio"] is None else f"{r['ratio']:.2f}") + ci,
                          {True: "yes", False: "no", None: "n/a"}[r["meets"]],
