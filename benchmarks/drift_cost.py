@@ -16,6 +16,10 @@ batches and models (the base and two tuned checkpoints, loaded at once):
                 token-level CKA of arm 4 on the same prompts.
 
 Targets: drift time / forward time <= 1.25; peak RSS of N vs n prompts within 5 %.
+Drift measures the examples' content tokens by default (`--tokens all` for every token); the
+forward arm runs the same batches. The base model's Gram-energy diagnostics (an extra forward
+pass of the base over `--diagnostic-examples` prompts) are timed separately and reported both
+ways. `--repeats R` repeats the forward and drift arms interleaved and reports the spread.
 
     python benchmarks/drift_cost.py [--model smollm2-135m] [--examples 1000] [--small 250]
         [--baseline-examples 250] [--task mrpc] [--data-dir DIR] [--batch-size 8]
@@ -40,6 +44,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -58,6 +64,12 @@ def main() -> None:
     p.add_argument("--float32-products", action="store_true", help=argparse.SUPPRESS)  # per arm
     p.add_argument("--skip-float32", action="store_true", help="leave out arm 3")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "lorascope-drift-cost"))
+    p.add_argument("--tokens", choices=["content", "all"], default="content", help="tokens drift measures")
+    p.add_argument("--diagnostic-examples", type=int, default=128,
+                   help="prompts of the Gram-energy diagnostics in the drift arms (timed separately)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run the forward and drift arms on N prompts this many times, interleaved; the ratio "
+                        "is the median over repeats of drift / forward of the same repeat, with its range")
     p.add_argument("--output", help="also write the results as JSON here")
     p.add_argument("--arm", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -70,7 +82,8 @@ def main() -> None:
     n_base = args.baseline_examples or small
     tuned = args.tuned or synthetic_checkpoints(args.model, Path(args.workdir))
     common = ["--model", args.model, "--task", args.task, "--batch-size", str(args.batch_size),
-              "--data-dir", args.data_dir, "--workdir", args.workdir,
+              "--data-dir", args.data_dir, "--workdir", args.workdir, "--tokens", args.tokens,
+              "--diagnostic-examples", str(args.diagnostic_examples),
               *[x for t in tuned for x in ("--tuned", t)]]
     res = {"model": args.model, "task": args.task, "tuned": tuned, "batch_size": args.batch_size,
            "threads": os.environ.get("OMP_NUM_THREADS", "default")}
@@ -82,8 +95,19 @@ def main() -> None:
             continue
         print(f"-- {arm} on {n} prompts ...", file=sys.stderr, flush=True)
         res[f"{arm}_{n}"] = subprocess_arm("drift" if arm == "drift_f32" else arm, n, common + extra)
+    pairs = [(res[f"forward_{N}"], res[f"drift_{N}"])]
+    for k in range(1, args.repeats):  # interleaved repeats: forward, drift, forward, drift, ...
+        print(f"-- repeat {k + 1}: forward and drift on {N} prompts ...", file=sys.stderr, flush=True)
+        pairs.append((subprocess_arm("forward", N, common), subprocess_arm("drift", N, common)))
+    ratios = sorted(d["seconds"] / f["seconds"] for f, d in pairs)
+    ratios_diag = sorted(d["seconds_with_diagnostics"] / f["seconds"] for f, d in pairs)
+    res["repeats"] = [{"forward_s": f["seconds"], "drift_s": d["seconds"], "diagnostics_s": d["diagnostics_s"]}
+                      for f, d in pairs]
     fwd, big, little, base = res[f"forward_{N}"], res[f"drift_{N}"], res[f"drift_{small}"], res[f"baseline_{n_base}"]
     res["summary"] = {
+        "tokens": args.tokens, "selection": big["selection"],
+        "ratio_median": float(np.median(ratios)), "ratio_min": ratios[0], "ratio_max": ratios[-1],
+        "ratio_with_diagnostics_median": float(np.median(ratios_diag)), "repeats": len(pairs),
         "forward_s": fwd["seconds"], "drift_s": big["seconds"], "ratio": big["seconds"] / fwd["seconds"],
         "ratio_target": 1.25, f"peak_rss_mb_{N}": big["peak_rss_mb"], f"peak_rss_mb_{small}": little["peak_rss_mb"],
         "rss_growth": big["peak_rss_mb"] / little["peak_rss_mb"] - 1, "rss_growth_target": 0.05,
@@ -102,6 +126,11 @@ def main() -> None:
     print(f"\n{args.model}, {args.task}, batch {args.batch_size}, 3 models (base + {', '.join(tuned)})")
     print(f"forward passes alone, {N} prompts:  {s['forward_s']:9.2f} s")
     print(f"drift measurement,   {N} prompts:  {s['drift_s']:9.2f} s   ratio {s['ratio']:.3f} (target <= 1.25)")
+    print(f"ratio over {len(pairs)} interleaved repeat(s): median {s['ratio_median']:.3f}, range "
+          f"{s['ratio_min']:.3f}-{s['ratio_max']:.3f}; with the diagnostics pass ({args.diagnostic_examples} "
+          f"prompts, base model only) {s['ratio_with_diagnostics_median']:.3f}")
+    print(f"tokens measured ({args.tokens}): {big['selection']['kept_by_kind']}, left out "
+          f"{big['selection']['dropped_by_kind']}")
     if f32:
         print(f"  with float32 products:           {s['float32_products_s']:9.2f} s   ratio "
               f"{s['float32_products_ratio']:.3f}, max |CKA diff| from float64 "
@@ -135,8 +164,12 @@ def run_arm(args) -> dict:
 
         out = Path(args.workdir) / f"drift-{args.n}"
         r = run_drift(args.task, args.model, args.tuned, out, max_examples=args.n, batch_size=args.batch_size,
-                      data_dir=args.data_dir, float32_products=args.float32_products, plots=False)
-        return {"seconds": r["timing"]["measure_and_finalise_s"], "loop_s": r["timing"]["measure_s"],
+                      data_dir=args.data_dir, float32_products=args.float32_products, plots=False,
+                      tokens=args.tokens, diagnostic_examples=args.diagnostic_examples)
+        t = r["timing"]
+        return {"seconds": t["measure_and_finalise_s"], "loop_s": t["measure_s"],
+                "diagnostics_s": t["diagnostics_s"], "seconds_with_diagnostics": t["measure_and_finalise_s"]
+                + t["diagnostics_s"], "selection": r["selection"],
                 "peak_rss_mb": peak_rss_mb(), "n_tokens": r["n_tokens"],
                 "token_cka": [row["token_cka"]["value"] for pair in r["pairs"].values() for row in pair["layers"]]}
     return forward_or_baseline(args, store=args.arm == "baseline")
@@ -149,13 +182,14 @@ def forward_or_baseline(args, *, store: bool) -> dict:
 
     from lorascope.config import DataConfig
     from lorascope.drift.capture import LayerCapture, assign_groups, collate, forward_lockstep, make_batches
-    from lorascope.drift.measure import drift_examples, load_models, parse_tuned
+    from lorascope.drift.measure import drift_examples, load_models, parse_tuned, select_tokens
     from lorascope.similarity import linear_cka
-    from lorascope.tasks.base import prompt_ids
 
     examples, _ = drift_examples(args.task, DataConfig(dir=args.data_dir), args.n)
     names, models, tok, _, _ = load_models(args.model, parse_tuned(args.tuned), torch.device("cpu"))
-    ids = [prompt_ids(tok, e.prompt) for e in examples]
+    sel = select_tokens(tok, examples, tokens=args.tokens, model=args.model)
+    ids = [sel["ids"][i] for i in sel["kept"]]
+    select = [sel["select"][i] for i in sel["kept"]]
     batches = make_batches([len(t) for t in ids], assign_groups(len(ids), 5, "lorascope-drift-0"), args.batch_size)
     caps = [LayerCapture(m, enabled=store) for m in models]
     kept = [[[] for _ in range(caps[0].n_states)] for _ in models]
@@ -164,14 +198,14 @@ def forward_or_baseline(args, *, store: bool) -> dict:
         for c in caps:
             hooks.enter_context(c)
         for b in batches:
-            batch = collate([ids[i] for i in b.examples], tok.pad_token_id, drop_first_position=False,
+            batch = collate([ids[i] for i in b.examples], tok.pad_token_id, select=[select[i] for i in b.examples],
                             device=torch.device("cpu"))
             states = forward_lockstep(models, caps, batch)
             if store:
                 for m, per in enumerate(states):
                     for layer, h in enumerate(per):
                         kept[m][layer].append(h.numpy())
-    out = {"n_tokens": sum(len(t) for t in ids)}
+    out = {"n_tokens": sum(sum(s) for s in select)}
     if store:
         cka = []
         for a in range(len(models)):

@@ -8,7 +8,7 @@ from conftest import run_cli
 
 
 def test_every_subcommand_has_help():
-    for cmd in ("train", "eval", "score", "prepare-model", "summary", "tasks", "drift", "weights"):
+    for cmd in ("train", "eval", "score", "prepare-model", "summary", "tasks", "drift", "drift-along", "weights"):
         r = run_cli(cmd, "--help")
         assert r.returncode == 0 and f"usage: lorascope {cmd}" in r.stdout
         assert len(r.stdout.split("options:")[0]) > 70  # a description, not just the usage line

@@ -144,17 +144,23 @@ def test_perturbed_layer_streaming_equals_in_memory_and_padding_is_excluded(deep
         assert row["token_cka"]["value"] < 1 - 1e-4 and row["cosine"]["mean"] < 1 - 1e-5
         assert row["token_cka"]["ci_low"] < row["token_cka"]["value"] < row["token_cka"]["ci_high"]
 
-    # the same numbers from states collected here, one unpadded example at a time
+    # the same numbers from states collected here, one unpadded example at a time, keeping the
+    # tokens inside the two sentences only
     exs, _ = drift_examples("mrpc", DataConfig(dir=str(small_data)), 20)
     tok = load_tokenizer(str(deep_model))
     ids = [prompt_ids(tok, e.prompt) for e in exs]
+    keep = [_content_mask(tok, e) for e in exs]
     ref_a, ref_b = _reference_states(deep_model, ids), _reference_states(perturbed, ids)
     for layer, row in enumerate(rows):
-        xa, xb = np.concatenate(ref_a[layer]), np.concatenate(ref_b[layer])
-        assert row["n_tokens"] == xa.shape[0] == sum(len(t) for t in ids)
+        sa = [s[k] for s, k in zip(ref_a[layer], keep)]
+        sb = [s[k] for s, k in zip(ref_b[layer], keep)]
+        xa, xb = np.concatenate(sa), np.concatenate(sb)
+        assert row["n_tokens"] == xa.shape[0] == sum(int(k.sum()) for k in keep) < sum(len(t) for t in ids)
         assert row["token_cka"]["value"] == pytest.approx(linear_cka(xa, xb), abs=1e-6)
-        pa = np.stack([s.mean(0) for s in ref_a[layer]])
-        pb = np.stack([s.mean(0) for s in ref_b[layer]])
+        want_std = linear_cka(stats.zscore_columns(xa), stats.zscore_columns(xb))
+        assert row["token_cka_std"]["value"] == pytest.approx(want_std, abs=1e-6)
+        pa = np.stack([s.mean(0) for s in sa])
+        pb = np.stack([s.mean(0) for s in sb])
         assert row["example_cka"]["value"] == pytest.approx(linear_cka(pa, pb), abs=1e-5)
         assert row["example_cka_debiased"]["value"] == pytest.approx(linear_cka(pa, pb, debiased=True), abs=1e-5)
         cos = (xa * xb).sum(1) / np.linalg.norm(xa, axis=1) / np.linalg.norm(xb, axis=1)
@@ -170,20 +176,42 @@ def test_perturbed_layer_streaming_equals_in_memory_and_padding_is_excluded(deep
             assert a[key]["value"] == pytest.approx(b[key]["value"], abs=1e-6)
             assert a[key]["ci_low"] == pytest.approx(b[key]["ci_low"], abs=1e-5)
 
-    # z-scoring from the accumulated co-moments equals CKA of globally z-scored token states
-    rz = run_drift("mrpc", str(deep_model), {"p": str(perturbed)}, tmp_path / "z", batch_size=7, zscore=True, **kw)
-    for layer, row in enumerate(_layers(rz, "base-p")):
+    # every real token, for comparison
+    ra = run_drift("mrpc", str(deep_model), {"p": str(perturbed)}, tmp_path / "all", batch_size=7, tokens="all", **kw)
+    for layer, row in enumerate(_layers(ra, "base-p")):
         xa, xb = np.concatenate(ref_a[layer]), np.concatenate(ref_b[layer])
-        want = linear_cka(stats.zscore_columns(xa), stats.zscore_columns(xb))
-        assert row["token_cka"]["value"] == pytest.approx(want, abs=1e-6)
+        assert row["n_tokens"] == xa.shape[0] == sum(len(t) for t in ids)
+        assert row["token_cka"]["value"] == pytest.approx(linear_cka(xa, xb), abs=1e-6)
+
+
+def _content_mask(tok, ex):
+    """Tokens of the rendered prompt whose text lies inside the example's sentences, found here
+    by decoding token by token and searching the sentences (not through offsets)."""
+    from lorascope.tasks.base import prompt_ids, prompt_text
+
+    text = prompt_text(tok, ex.prompt)
+    at = text.index(ex.prompt)
+    spans = [(at + a, at + b) for a, b in ex.content]
+    ids = prompt_ids(tok, ex.prompt)
+    mask, pos = np.zeros(len(ids), bool), 0
+    for i, t in enumerate(ids):
+        piece = tok.decode([t])
+        found = text.find(piece, pos) if piece else -1
+        if found < 0:
+            continue
+        start, end = found, found + len(piece)
+        pos = end
+        inside = [c for c in range(start, end) if not text[c].isspace() and any(a <= c < b for a, b in spans)]
+        mask[i] = i > 0 and bool(inside)
+    return mask
 
 
 def test_first_position_can_be_dropped_and_test_split_fills_up(tiny_model, small_data, tmp_path):
     r = run_drift("mrpc", str(tiny_model), {"same": str(tiny_model)}, tmp_path / "o", max_examples=24,
-                  data_dir=str(small_data), drop_first_position=True, plots=False)
+                  data_dir=str(small_data), tokens="all", drop_first_position=True, plots=False)
     assert r["example_splits"] == {"eval": 20, "test": 4}
     full = run_drift("mrpc", str(tiny_model), {"same": str(tiny_model)}, tmp_path / "f", max_examples=24,
-                     data_dir=str(small_data), plots=False)
+                     data_dir=str(small_data), tokens="all", plots=False)
     assert r["n_tokens"] == full["n_tokens"] - 24
     assert r["example_ids_sha256"] == full["example_ids_sha256"]
 

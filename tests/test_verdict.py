@@ -51,11 +51,13 @@ def fake_run(tmp_path: Path, *, full: list[float], lora: list[float], base: floa
     if drift:
         lo, hi = ratio_ci if ratio_ci is not None else (ratio - 0.01, ratio + 0.01)
         (run / "drift" / "mrpc").mkdir(parents=True)
-        (run / "drift" / "mrpc" / "drift.json").write_text(json.dumps({"summary": {
-            "ratios": [{"lora": "lora_r8_s0", "full": "full_s0",
-                        "token_cka": {"value": ratio, "ci_low": lo, "ci_high": hi}}],
-            "per_model": {"full_s0": {"token_cka_drift": {"value": 0.01}},
-                          "lora_r8_s0": {"token_cka_drift": {"value": 0.01 * ratio}}}}}))
+        from lorascope.drift.criterion import LABELS, judge_drift
+
+        entry = {"lora": "lora_r8", "full": "full", **{m: {
+            "value": ratio, "ci_low": lo, "ci_high": hi, "lora_drift": 0.01 * ratio, "full_drift": 0.01,
+            "seeds_lora": 1, "seeds_full": 1, "seed_variance_included": False} for m in LABELS}}
+        (run / "drift" / "mrpc" / "drift.json").write_text(json.dumps({"selection": {"tokens": "content"}, "summary": {
+            "method_ratios": [entry], "criterion_2a": [judge_drift(entry)]}}))
     (run / "serve" / "r8").mkdir(parents=True)
     (run / "serve" / "r8" / "serve.json").write_text(json.dumps({"settings": {"engine": "vllm"}, "summary": {"rows": [
         {"config": "unmerged:mrpc", "batch_size": b, "overhead": overhead * (b / 4), "expected_overhead_flops": 0.02}
@@ -78,6 +80,10 @@ def test_verdict_logic(tmp_path, full, lora, ratio, overhead, expected):
     t = v["tasks"]["mrpc"]
     assert t["verdict"] == expected, t["reason"]
     assert t["serving"]["max"] == pytest.approx(overhead) and t["serving"]["max_at_batch"] == 4
+    if min(full + lora) > 0.7:  # both learned: drift is judged over every measure (all equal here)
+        assert t["drift"]["status"] == ("PASS" if ratio <= 0.8 else "FAIL") and t["drift"]["ratio"] == ratio
+    else:
+        assert t["drift"]["status"] == "INCONCLUSIVE" and "learned" in t["drift"]["reason"]
     if expected == "INCONCLUSIVE":
         assert t["accuracy"]["status"] == "INCONCLUSIVE" and "not learned the task" in t["accuracy"]["reason"]
         # drift is not judged between models that did not learn, however low the ratio
@@ -91,16 +97,15 @@ def test_verdict_logic(tmp_path, full, lora, ratio, overhead, expected):
 
 def test_undefined_drift_interval_is_inconclusive_not_a_crash(tmp_path):
     from lorascope.report import judge
-    from lorascope.report.verdict import drift_2a
 
     run = fake_run(tmp_path, full=[0.9], lora=[0.9], ratio=0.5, ratio_ci=(None, None), overhead=0.5)
     t = judge(run)["tasks"]["mrpc"]
-    assert t["drift"]["status"] == "INCONCLUSIVE" and "undefined" in t["drift"]["reason"]
+    assert t["drift"]["status"] == "INCONCLUSIVE" and "has no interval" in t["drift"]["reason"]
     assert t["verdict"] == "INCONCLUSIVE"  # (1) PASS and ((2a) ? or (2b) FAIL)
-    status, reason, _ = drift_2a({"ratios": []}, lora="lora_r8_s0", full="full_s0", reduction=0.2)
-    assert status == "INCONCLUSIVE" and "no drift ratio" in reason
-    s = {"ratios": [{"lora": "a", "full": "b", "token_cka": {"value": 0.79, "ci_low": 0.7, "ci_high": 0.85}}]}
-    assert drift_2a(s, lora="a", full="b", reduction=0.2)[0] == "INCONCLUSIVE"  # straddles 0.8
+    from lorascope.report.verdict import drift_criterion
+
+    c = drift_criterion({"summary": {"method_ratios": []}}, 8, 0.2, True)
+    assert c["status"] == "INCONCLUSIVE" and "no content-token comparison" in c["reason"]
 
 
 def test_accuracy_interval_straddling_the_margin_is_inconclusive(tmp_path):

@@ -69,11 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("drift", help="layer-by-layer hidden-state drift of tuned checkpoints from the base model",
                        description="Run the base model and every tuned checkpoint (full model directories or PEFT "
                                    "adapters) in lockstep on held-out prompts and compare every pair at the "
-                                   "embedding and every decoder layer (before the final norm): token-level linear "
-                                   "CKA (exact, streaming), CKA of mean-pooled states (biased and debiased), cosine "
-                                   "similarity and relative change per token, with 95% jackknife intervals, and "
-                                   "drift = 1 - CKA averaged over layers (with the ratio lora / full). Writes "
-                                   "drift.json, drift.csv, cka_vs_layer.png and cosine_vs_layer.png. Runs under "
+                                   "embedding and every decoder layer (before the final norm), on the examples' own "
+                                   "content tokens: token-level linear CKA (exact, streaming; the primary), CKA of "
+                                   "standardised features, CKA of mean-pooled states (biased and debiased), 1 - "
+                                   "cosine and relative change per token, with 95% jackknife intervals; drift "
+                                   "averaged over layers, the ratio lora / full per measure, seed noise floors and "
+                                   "criterion 2a. Writes drift.json, drift.csv, cka_vs_layer.png, "
+                                   "cosine_vs_layer.png and diagnostics.png. Runs under "
                                    "torchrun, each process taking a share of the prompts.")
     p.add_argument("--task", default="mrpc", help="mrpc (dev, then test prompts) or squad_v2 (held-out questions)")
     p.add_argument("--base", default="smollm2-135m", help="base model: Hub id, local directory, or 'smollm2-135m'")
@@ -84,13 +86,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
     p.add_argument("--data-dir", help="local data folder with mrpc/ and squad_v2/ (default: $LORASCOPE_DATA_DIR, "
                                       "else the Hugging Face Hub)")
+    p.add_argument("--tokens", choices=["content", "all"], default="content",
+                   help="content (default): only the example's own tokens (MRPC: the sentences; SQuAD: context and "
+                        "question), never position 0 or template tokens; all: every real token, for comparison")
     p.add_argument("--drop-first-position", action="store_true",
-                   help="leave out each prompt's first token (an attention sink) from every measure")
-    p.add_argument("--zscore", action="store_true", help="CKA of per-feature z-scored states")
+                   help="with --tokens all: leave out each prompt's first token (an attention sink)")
+    p.add_argument("--max-tokens", type=int, help="truncate prompts to this many tokens; prompts left with no "
+                                                  "content token are skipped and counted")
+    p.add_argument("--diagnostic-examples", type=int, default=128,
+                   help="prompts on which the base model's Gram-energy diagnostics are computed (default 128; 0: none)")
+    p.add_argument("--reduction", type=float, default=0.20,
+                   help="criterion 2a: LoRA's drift at least this much below full fine-tuning's (default 0.20)")
     p.add_argument("--jackknife-groups", type=int, default=5,
                    help="groups of prompts for the token-level intervals (default 5); memory grows with it")
     p.add_argument("--float32-products", action="store_true",
                    help="form each batch's co-moments in float32 (faster on CPUs, CKA within ~1e-6)")
+
+    p = sub.add_parser("drift-along", help="drift and validation metric at the snapshots saved during training",
+                       description="For every snapshot a training run saved (lorascope train --set "
+                                   "train.drift_snapshots=N), the drift from the base model (all measures, the same "
+                                   "held-out prompts) and the validation metric, so methods can be compared at "
+                                   "matched accuracy. Writes along.json, one drift.json per snapshot and "
+                                   "drift_along.png.")
+    p.add_argument("--task", default="mrpc", help="mrpc or squad_v2")
+    p.add_argument("--base", default="smollm2-135m", help="base model: Hub id, local directory, or 'smollm2-135m'")
+    p.add_argument("--run", action="append", required=True, metavar="NAME=TRAIN_OUTPUT_DIR",
+                   help="a training output folder with snapshots/step-K and its name, e.g. full_s0=runs/mrpc-full "
+                        "(repeatable)")
+    p.add_argument("--output-dir", required=True, help="where along.json, the drift folders and the figure go")
+    p.add_argument("--max-examples", type=int, default=200, help="held-out prompts for drift (default 200)")
+    p.add_argument("--eval-examples", type=int, default=200,
+                   help="held-out examples for the validation metric (default 200; 0: none)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
+    p.add_argument("--data-dir", help="local data folder (default: $LORASCOPE_DATA_DIR, else the Hub)")
+    p.add_argument("--tokens", choices=["content", "all"], default="content", help="as for lorascope drift")
 
     p = sub.add_parser("weights", help="weight-space analysis of the updates of tuned checkpoints",
                        description="For every adapted matrix of each tuned checkpoint, the update dW (full: "
@@ -235,11 +264,25 @@ def _run(args: argparse.Namespace) -> int:
 
         result = run_drift(args.task, args.base, args.tuned, args.output_dir, max_examples=args.max_examples,
                            batch_size=args.batch_size, data_dir=args.data_dir,
-                           drop_first_position=args.drop_first_position, zscore=args.zscore,
-                           jackknife_groups=args.jackknife_groups, float32_products=args.float32_products)
+                           tokens=args.tokens, drop_first_position=args.drop_first_position,
+                           max_tokens=args.max_tokens, diagnostic_examples=args.diagnostic_examples,
+                           reduction=args.reduction, jackknife_groups=args.jackknife_groups,
+                           float32_products=args.float32_products)
         if result is not None:  # rank 0 of a torchrun world, or a single process
             print(json.dumps({"output_dir": result["output_dir"], "n_examples": result["n_examples"],
-                              "n_tokens": result["n_tokens"], "summary": result["summary"]}, indent=2))
+                              "n_tokens": result["n_tokens"], "selection": result["selection"],
+                              "criterion_2a": [{k: c[k] for k in ("lora", "full", "status", "reason")}
+                                               for c in result["summary"]["criterion_2a"]]}, indent=2))
+        return 0
+    if args.command == "drift-along":
+        from lorascope.drift.along import run_drift_along
+
+        result = run_drift_along(args.task, args.base, args.run, args.output_dir, max_examples=args.max_examples,
+                                 eval_examples=args.eval_examples, batch_size=args.batch_size,
+                                 data_dir=args.data_dir, tokens=args.tokens)
+        print(json.dumps({"output_dir": result["output_dir"], "points": [
+            {"run": p["run"], "step": p["step"], "drift": p["drift"][result["primary"]]["value"],
+             "metric": p.get("metric", {}).get("value")} for p in result["points"]]}, indent=2))
         return 0
     if args.command == "weights":
         from lorascope.drift import run_weights

@@ -121,6 +121,9 @@ class TrainArgs:
     seed: int = field(default=0, metadata={"help": "seed of data order, initialisation and dropout"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N optimizer steps (0: only at the end)"})
     log_every: int = field(default=5, metadata={"help": "write metrics every N optimizer steps"})
+    drift_snapshots: int = field(default=0, metadata={"help": "save the tuned weights at N evenly spaced steps "
+                                                             "(the last included) into OUTPUT/snapshots/step-K for "
+                                                             "drift along training (0: none)"})
     mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPUs that support it, else fp32), "
                                                                    "no, bf16 or fp16"})
     trackers: list[str] = field(default_factory=list, metadata={"help": "Accelerate trackers: wandb, tensorboard, mlflow"})
@@ -149,6 +152,8 @@ class TrainArgs:
             out.append(f"train.schedule: unknown schedule {self.schedule!r}; accepted: linear, cosine, constant")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             out.append(f"train.max_grad_norm: must be positive or null, got {self.max_grad_norm}")
+        if self.drift_snapshots < 0:
+            out.append(f"train.drift_snapshots: must be >= 0, got {self.drift_snapshots}")
         if self.save_every < 0 or self.log_every < 1:
             out.append(f"train.save_every must be >= 0 and train.log_every >= 1, got {self.save_every} and {self.log_every}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):

@@ -55,6 +55,8 @@ class StudyArgs:
     drift: bool = field(default=True, metadata={"help": "run the drift and weight-space stages"})
     drift_examples: int = field(default=1000, metadata={"help": "held-out prompts per task for drift"})
     drift_batch_size: int = field(default=8, metadata={"help": "prompts per forward pass in drift"})
+    drift_tokens: str = field(default="content", metadata={
+        "help": "tokens drift measures: content (the examples' own text; no position 0, no template) or all"})
     serve: bool = field(default=True, metadata={"help": "run the serving benchmark"})
     serve_engine: str = field(default="vllm", metadata={"help": "vllm or transformers"})
     serve_batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16], metadata={"help": "batch sizes"})
@@ -131,6 +133,8 @@ class StudyArgs:
             if not 0.0 < self.tune_validation_share < 1.0:
                 out.append(f"study.tune_validation_share: must be between 0 and 1 (exclusive), got "
                            f"{self.tune_validation_share}")
+        if self.drift_tokens not in ("content", "all"):
+            out.append(f"study.drift_tokens: got {self.drift_tokens!r}; accepted: content, all")
         return out
 
 
@@ -333,12 +337,15 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
             tuned = {name: str(train_dir(task, name) / "model") for name, *_ in models}
             deps = [f"train:{task}:{n}" for n in tuned]
             out = run_dir / "drift" / task
+            data = study.task_config(task).data  # the data settings training used: held-out means held out
             stages.append(Stage(f"drift:{task}", "drift",
-                                (lambda t=task, tu=tuned, o=out: run_drift(
+                                (lambda t=task, tu=tuned, o=out, d=data: run_drift(
                                     t, model_name, tu, o, max_examples=st.drift_examples,
-                                    batch_size=st.drift_batch_size, data_dir=data_dir)),
+                                    batch_size=st.drift_batch_size, data=d, reduction=st.drift_reduction,
+                                    tokens=st.drift_tokens)),
                                 {"examples": st.drift_examples, "batch": st.drift_batch_size, "model": model_name,
-                                 "data": dataclasses.asdict(study.base.data)}, deps, [out]))
+                                 "data": dataclasses.asdict(data), "reduction": st.drift_reduction,
+                                 "tokens": st.drift_tokens}, deps, [out]))
             wout = run_dir / "weights" / task
             stages.append(Stage(f"weights:{task}", "weights",
                                 (lambda tu=tuned, o=wout: run_weights(model_name, tu, o)),

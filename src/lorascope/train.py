@@ -43,8 +43,8 @@ def config_hash(cfg: Config) -> str:
     d = cfg.to_dict()
     d.pop("eval")
     d["data"]["dir"] = cfg.data.resolved_dir()  # $LORASCOPE_DATA_DIR counts too
-    for k in ("output_dir", "log_every", "save_every", "trackers"):
-        d["train"].pop(k)
+    for k in ("output_dir", "log_every", "save_every", "trackers", "drift_snapshots"):
+        d["train"].pop(k, None)
     if d["train"]["method"] == "full":
         d.pop("lora")
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -183,6 +183,8 @@ def _train(cfg: Config, on_step=None) -> Path:
             accelerator.log({k: v for k, v in rec.items() if v is not None}, step=done_steps)
         if args.save_every and done_steps % args.save_every == 0 and done_steps < total_steps:
             _checkpoint(accelerator, wrapper, optimizer, scheduler, out, done_steps)
+        if done_steps in snapshot_steps(total_steps, args.drift_snapshots):
+            save_snapshot(accelerator, wrapper, tok, out, done_steps, cfg)
         if fault_after and done_steps == fault_after:
             os._exit(137)
     bar.close()
@@ -459,7 +461,7 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     for k in keys:
         if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
             out += _diff(a[k], b[k], f"{prefix}{k}.")
-        elif a.get(k) != b.get(k) and k not in ("output_dir", "log_every", "save_every", "trackers"):
+        elif a.get(k) != b.get(k) and k not in ("output_dir", "log_every", "save_every", "trackers", "drift_snapshots"):
             out.append(f"{prefix}{k}")
     return out
 
@@ -502,3 +504,31 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
     return out
+
+
+def snapshot_steps(total_steps: int, n: int) -> set[int]:
+    """N evenly spaced optimizer steps ending with the last: round(k * total / N), k = 1..N."""
+    if n <= 0 or total_steps <= 0:
+        return set()
+    n = min(n, total_steps)
+    return {max(1, round(k * total_steps / n)) for k in range(1, n + 1)}
+
+
+def save_snapshot(accelerator, wrapper, tok, out: Path, step: int, cfg: Config) -> None:
+    """The tuned weights at `step` as a loadable checkpoint in OUT/snapshots/step-K (safetensors).
+
+    LoRA: the PEFT adapter; full: the whole model. `lorascope drift --along` reads them.
+    The folder appears complete or not at all.
+    """
+    state = accelerator.get_state_dict(wrapper)
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(wrapper).model
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    with atomic_path(out / "snapshots" / f"step-{step:07d}", is_dir=True) as tmp:
+        unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        write_json(tmp / "lorascope-model.json", {
+            "base_model": cfg.model.name, "base_revision": cfg.model.revision, "method": cfg.train.method,
+            "task": cfg.train.task, "step": step, "seed": cfg.train.seed,
+            "lora": cfg.to_dict()["lora"] if cfg.train.method == "lora" else None})

@@ -49,8 +49,14 @@ def make_batches(lengths: list[int], group_of: list[int], batch_size: int) -> li
     return batches
 
 
-def collate(token_ids: list[list[int]], pad_id: int, *, drop_first_position: bool, device) -> dict[str, Any]:
-    """Right-padded ids, attention mask, and the mask of tokens to measure."""
+def collate(token_ids: list[list[int]], pad_id: int, *, drop_first_position: bool = False,
+            select: list[list[bool]] | None = None, device) -> dict[str, Any]:
+    """Right-padded ids, attention mask, and the mask of tokens to measure.
+
+    `select` (one bool per token of each prompt) picks the measured tokens, e.g. the
+    content tokens; without it every real token is measured (minus position 0 with
+    `drop_first_position`).
+    """
     import torch
 
     width = max(len(t) for t in token_ids)
@@ -59,9 +65,15 @@ def collate(token_ids: list[list[int]], pad_id: int, *, drop_first_position: boo
     for i, t in enumerate(token_ids):
         ids[i, :len(t)] = torch.tensor(t, dtype=torch.long)
         mask[i, :len(t)] = 1
-    select = mask.bool()
-    if drop_first_position:
-        select[:, 0] = False
+    if select is None:
+        select = mask.bool()
+        if drop_first_position:
+            select[:, 0] = False
+    else:
+        chosen = torch.zeros((len(token_ids), width), dtype=torch.bool)
+        for i, s in enumerate(select):
+            chosen[i, :len(s)] = torch.tensor(s, dtype=torch.bool)
+        select = chosen & mask.bool()
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "select": select.to(device),
             "counts": select.sum(1).tolist()}
 

@@ -10,36 +10,46 @@ that training did not use: for MRPC the dev split (408 pairs), filled up from th
 split when more are asked for; for SQuAD v2 the held-out ("eval") questions. Asking
 for more than exist is an error that says how many there are.
 
+Tokens: by default the examples' own content tokens only (MRPC: the two sentences; SQuAD:
+context and question; see :func:`select_tokens`): position 0 (an attention sink) and every
+chat-template / instruction token are left out of every measure; ``tokens="all"`` keeps
+every real token for comparison. ``drift.json["selection"]`` records the counts by kind.
+
 Measures, per layer and pair (reference = the first model of the pair):
 
-- ``token_cka``: linear CKA over all selected tokens (padding excluded; position 0 too
-  with ``drop_first_position``), exact and streaming: each batch's co-moments are folded
-  into :class:`~lorascope.similarity.StreamingCKA` accumulators (float64, Chan merge),
-  so memory does not grow with the number of examples. With ``zscore`` every feature is
-  divided by its global standard deviation first; the standard deviations are the
-  diagonals of the accumulated co-moments, so this needs no second pass (see
+- ``token_cka`` (the primary): linear CKA over the selected tokens (padding excluded),
+  exact and streaming: each batch's co-moments are folded into
+  :class:`~lorascope.similarity.StreamingCKA` accumulators (float64, Chan merge), so
+  memory does not grow with the number of examples.
+- ``token_cka_std``: the same on per-feature standardised states; the standard deviations
+  are the diagonals of the accumulated co-moments, so this needs no second pass (see
   :func:`~lorascope.drift.stats.zscore_state`).
 - ``example_cka`` / ``example_cka_debiased``: linear CKA of the mean-pooled states (mean
-  over the selected tokens of each prompt), plug-in and debiased (Song et al. 2012)
-  estimators; z-scored columns with ``zscore``.
+  over the selected tokens of each prompt), plug-in and debiased (Song et al. 2012).
 - ``cosine``: cosine similarity of each token's state in the two models; ``mean`` and
   quantiles ``q05``..``q95`` (quantiles from a histogram of 1 - cosine on log-spaced
   bins 1 % wide, see :data:`~lorascope.drift.stats.HIST_EDGES`).
 - ``relative_change``: ``||h_other - h_ref|| / ||h_ref||`` per token; mean and quantiles.
+
+Pairs whose states are bitwise identical in every batch get similarity exactly 1 (drift 0).
 
 Intervals (95 %): delete-a-group jackknife over groups of whole prompts (see
 :mod:`lorascope.drift.stats`): ``jackknife_groups`` groups (default 5) for the
 token-level measures, whose per-group co-moments cost
 ``groups x (layers + 1) x (models + pairs) x hidden^2 x 8`` bytes (SmolLM2-135M, 3 models,
 5 groups: 2.5 GB); up to 100 groups (one prompt each when there are fewer) for the
-example-level CKA, computed from Gram matrices with exact downdates. Summary: drift =
-1 - CKA averaged over the layer states, per tuned model against the base, and the ratio
-lora drift / full drift, each with its jackknife interval.
+example-level CKA, computed from Gram matrices with exact downdates. Summary (see
+:func:`summarise`): per measure, drift averaged over the layer states per tuned model, the
+ratio lora / full per checkpoint pair and per layer, per method pooled over seeds (with the
+seed variance in the interval), the seed-to-seed noise floor, and criterion 2a
+(:func:`lorascope.drift.criterion.judge_drift`). Diagnostics of the base model's Gram
+energy by token kind: :mod:`lorascope.drift.diagnostics`.
 
 Outputs in ``output_dir`` (each written atomically): ``drift.json`` (config, models,
 number of examples and tokens, sha256 of the example ids, ``layers``, ``pairs``
 (per-layer tables), ``summary``, ``methods``, ``timing``, ``provenance``), ``drift.csv``
-(one row per pair and layer), ``cka_vs_layer.png`` and ``cosine_vs_layer.png``.
+(one row per pair and layer), ``cka_vs_layer.png``, ``cosine_vs_layer.png`` and
+``diagnostics.png``.
 
 Distributed: under ``torchrun`` every process takes every ``world``-th batch; the
 accumulators are gathered (gloo) and merged on rank 0, which writes the outputs. The
@@ -53,6 +63,7 @@ import contextlib
 import csv
 import hashlib
 import logging
+import math
 import os
 import re
 import time
@@ -73,6 +84,11 @@ EXAMPLE_GROUPS = 100
 # MRPC: the dev split first, then the (unlabelled) test split; other tasks: their eval split
 EXAMPLE_SPLITS = {"mrpc": ["eval", "test"]}
 NAME_RE = re.compile(r"^[A-Za-z0-9_.]+$")
+TOKEN_MODES = ("content", "all")
+PRIMARY = "token_cka"
+#: measure -> (how a layer's value becomes a drift, the measure's range); drift averages over layers
+MEASURES = {"token_cka": "1 - CKA", "token_cka_std": "1 - CKA", "example_cka": "1 - CKA",
+            "example_cka_debiased": "1 - CKA", "cosine": "1 - cosine", "relative_change": "relative change"}
 
 
 def parse_tuned(values) -> dict[str, str]:
@@ -103,8 +119,9 @@ def parse_tuned(values) -> dict[str, str]:
 
 
 def run_drift(task: str, base: str, tuned, output_dir: str | os.PathLike, *, max_examples: int = 1000,
-              batch_size: int = 8, data_dir: str | None = None, drop_first_position: bool = False,
-              zscore: bool = False, jackknife_groups: int = 5, float32_products: bool = False,
+              batch_size: int = 8, data_dir: str | None = None, data=None, tokens: str = "content",
+              drop_first_position: bool = False, max_tokens: int | None = None, jackknife_groups: int = 5,
+              float32_products: bool = False, diagnostic_examples: int = 128, reduction: float = 0.20,
               plots: bool = True, seed: int = 0) -> dict[str, Any] | None:
     """Compare the hidden states of `base` and each tuned checkpoint, layer by layer.
 
@@ -113,17 +130,27 @@ def run_drift(task: str, base: str, tuned, output_dir: str | os.PathLike, *, max
     task : registered task name (mrpc, squad_v2).
     base : the base model (Hub id, local directory, or 'smollm2-135m').
     tuned : {name: checkpoint} or ['name=checkpoint', ...]; full model directories or
-        PEFT adapter directories of the same architecture and tokenizer as `base`.
+        PEFT adapter directories of the same architecture and tokenizer as `base`. Names
+        ending in ``_s<seed>`` (full_s0, full_s1, lora_r8_s0, ...) are seeds of one method:
+        the method ratio pools them and two seeds of a method give its noise floor.
     output_dir : where drift.json, drift.csv and the figures go.
     max_examples : prompts to compare (an error if the held-out data has fewer).
     batch_size : prompts per forward pass.
     data_dir : local data folder (default: $LORASCOPE_DATA_DIR, else the Hub).
-    drop_first_position : leave out each prompt's first token (an attention sink whose
-        state is huge and nearly input-independent) from every measure.
-    zscore : CKA of per-feature z-scored states (token-level and example-level).
+    data : the study's :class:`~lorascope.config.DataConfig` (subset seed, SQuAD eval share,
+        ...), so that the held-out prompts are those training did not see; `data_dir`, when
+        given, overrides its folder.
+    tokens : ``content`` (default): only the example's own tokens (MRPC: the two
+        sentences; SQuAD: context and question), never position 0 or template tokens;
+        ``all``: every real token (for comparison; minus position 0 with `drop_first_position`).
+    max_tokens : truncate prompts to this many tokens (None: no truncation); a prompt left
+        with no content token is skipped and counted.
     jackknife_groups : groups of prompts for the token-level intervals (memory grows with it).
     float32_products : form each batch's co-moment matrices in float32 (about twice as
         fast on CPUs, CKA within ~1e-6); merging and everything else stay float64.
+    diagnostic_examples : prompts (the first ones) on which the base model's Gram-energy
+        diagnostics are computed over all tokens by kind (0: none).
+    reduction : criterion 2a: LoRA's drift at least this much below full fine-tuning's.
     plots : write the PNG figures.
     seed : seed of the random split of the prompts into jackknife groups.
 
@@ -131,12 +158,14 @@ def run_drift(task: str, base: str, tuned, output_dir: str | os.PathLike, *, max
     -------
     The content of drift.json (with ``output_dir``) on rank 0; None on other ranks.
     """
+    import dataclasses
+
     import torch
     from tqdm.auto import tqdm
 
     from lorascope.config import DataConfig
+    from lorascope.drift import criterion
     from lorascope.drift.capture import LayerCapture, assign_groups, collate, forward_lockstep, make_batches
-    from lorascope.tasks.base import prompt_ids
 
     t_start = time.time()
     tuned = parse_tuned(tuned)
@@ -146,19 +175,36 @@ def run_drift(task: str, base: str, tuned, output_dir: str | os.PathLike, *, max
         raise LorascopeError(f"--batch-size: must be a positive integer, got {batch_size}")
     if jackknife_groups < 2:
         raise LorascopeError(f"--jackknife-groups: must be at least 2, got {jackknife_groups}")
+    if tokens not in TOKEN_MODES:
+        raise LorascopeError(f"--tokens: got {tokens!r}; accepted: {', '.join(TOKEN_MODES)}")
+    if max_tokens is not None and max_tokens < 2:
+        raise LorascopeError(f"--max-tokens: must be at least 2 (or unset), got {max_tokens}")
+    if diagnostic_examples < 0:
+        raise LorascopeError(f"--diagnostic-examples: must be >= 0, got {diagnostic_examples}")
+    if not 0.0 < reduction < 1.0:
+        raise LorascopeError(f"drift reduction: must be between 0 and 1, got {reduction}")
     world, rank, pg, created = _distributed()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if torch.cuda.is_available() \
         else torch.device("cpu")
-    data = DataConfig(dir=data_dir)
+    data = dataclasses.replace(data) if data is not None else DataConfig()
+    if data_dir is not None:
+        data.dir = data_dir
     examples, splits = drift_examples(task, data, max_examples)
     names, models, tok, infos, warnings = load_models(base, tuned, device)
     pairs = [(a, b) for a in range(len(names)) for b in range(a + 1, len(names))]
     t_loaded = time.time()
 
-    token_ids = [prompt_ids(tok, e.prompt) for e in examples]
-    short = [e.id for e, t in zip(examples, token_ids) if len(t) < (2 if drop_first_position else 1)]
-    if short:
-        raise LorascopeError(f"drift: {len(short)} prompt(s) have no token left to measure (e.g. {short[0]})")
+    sel = select_tokens(tok, examples, tokens=tokens, drop_first_position=drop_first_position,
+                        max_tokens=max_tokens, model=base)
+    if sel["skipped"]:
+        warnings.append(f"{len(sel['skipped'])} of {len(examples)} prompt(s) have no token left to measure "
+                        f"after truncation to {max_tokens} tokens and are skipped (e.g. {sel['skipped'][0]})")
+        log.warning(warnings[-1])
+    keep = sel["kept"]
+    examples = [examples[i] for i in keep]
+    token_ids = [sel["ids"][i] for i in keep]
+    select = [sel["select"][i] for i in keep]
+    kinds = [sel["kinds"][i] for i in keep] if sel["kinds"] is not None else None
     n = len(examples)
     groups = min(jackknife_groups, n)
     group_of = assign_groups(n, groups, f"lorascope-drift-{seed}")
@@ -181,12 +227,20 @@ def run_drift(task: str, base: str, tuned, output_dir: str | os.PathLike, *, max
             hooks.enter_context(c)
         for b in mine:
             batch = collate([token_ids[i] for i in b.examples], tok.pad_token_id,
-                            drop_first_position=drop_first_position, device=device)
+                            select=[select[i] for i in b.examples], device=device)
             states = forward_lockstep(models, captures, batch)
             acc.add(states, b, batch["counts"], names)
             bar.update(len(b.examples))
-    del models, captures
+    del captures
     t_loop = time.time()
+    diagnostics = None
+    if rank == 0 and kinds is not None and diagnostic_examples:
+        from lorascope.drift.diagnostics import kind_diagnostics
+
+        k = min(diagnostic_examples, n)
+        diagnostics = kind_diagnostics(models[0], token_ids[:k], kinds[:k], tok.pad_token_id, batch_size, device)
+    del models
+    t_diag = time.time()
 
     gathered = acc.gather(world, rank, pg)
     if created:
@@ -199,42 +253,105 @@ def run_drift(task: str, base: str, tuned, output_dir: str | os.PathLike, *, max
 
     layers = ["embedding"] + [f"layer_{i}" for i in range(n_states - 1)]
     try:
-        tables, loo = finalise(acc, names, pairs, layers, zscore, np.asarray(ex_group_of), ex_groups)
+        tables, loo = finalise(acc, names, pairs, layers, np.asarray(ex_group_of), ex_groups)
     finally:
         acc.close()
-    summary = summarise(tables, loo, names, infos, pairs)
+    summary = summarise(tables, loo, names, infos, pairs, layers)
+    summary["criterion_2a"] = [criterion.judge_drift(m, threshold=1.0 - reduction, primary=PRIMARY, tokens=tokens)
+                               for m in summary["method_ratios"]]
     t_done = time.time()
 
     out = Path(output_dir)
     ids = [e.id for e in examples]
     result = {
         "config": {"task": task, "base": base, "tuned": tuned, "max_examples": max_examples,
-                   "batch_size": batch_size, "data_dir": data.resolved_dir(), "drop_first_position": drop_first_position,
-                   "zscore": zscore, "jackknife_groups": groups, "example_jackknife_groups": ex_groups,
-                   "float32_products": float32_products, "seed": seed, "processes": world,
-                   "confidence": stats.CONFIDENCE},
+                   "batch_size": batch_size, "data_dir": data.resolved_dir(), "data": dataclasses.asdict(data),
+                   "tokens": tokens, "drop_first_position": drop_first_position, "max_tokens": max_tokens,
+                   "jackknife_groups": groups, "example_jackknife_groups": ex_groups,
+                   "float32_products": float32_products, "diagnostic_examples": diagnostic_examples,
+                   "reduction": reduction, "seed": seed, "processes": world, "confidence": stats.CONFIDENCE},
         "models": {name: info for name, info in zip(names, infos)},
         "n_examples": n, "example_splits": splits, "n_tokens": int(acc.n_tokens.sum()),
         "n_tokens_per_group": acc.n_tokens.tolist(),
+        "selection": {"tokens": tokens, "kept_by_kind": sel["kept_by_kind"], "dropped_by_kind": sel["dropped_by_kind"],
+                      "truncated_prompts": sel["truncated"], "skipped_prompts": len(sel["skipped"]),
+                      "skipped_ids": sel["skipped"][:20]},
         "example_ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
         "layers": layers, "final_norm_included": False,
         "pairs": {f"{names[a]}-{names[b]}": {"reference": names[a], "other": names[b], "layers": tables[p]}
                   for p, (a, b) in enumerate(pairs)},
         "summary": summary,
-        "methods": methods(groups, ex_groups, zscore, drop_first_position),
+        "diagnostics": diagnostics,
+        "methods": methods(groups, ex_groups, tokens, drop_first_position),
         "warnings": warnings,
-        "timing": {"load_s": t_loaded - t_start, "measure_s": t_loop - t_loaded, "finalise_s": t_done - t_loop,
-                   "measure_and_finalise_s": t_done - t_loaded},
+        "timing": {"load_s": t_loaded - t_start, "measure_s": t_loop - t_loaded, "diagnostics_s": t_diag - t_loop,
+                   "finalise_s": t_done - t_diag, "measure_and_finalise_s": (t_loop - t_loaded) + (t_done - t_diag)},
         "provenance": provenance(),
     }
     write_json(out / "drift.json", _nan_to_none(result))
     write_csv(out / "drift.csv", result)
     if plots:
-        from lorascope.drift.plots import plot_drift
+        from lorascope.drift.plots import plot_diagnostics, plot_drift, plot_ratio_by_layer
 
         plot_drift(result, out)
+        plot_ratio_by_layer(result, out / "ratio_vs_layer.png")
+        if diagnostics:
+            plot_diagnostics(result, out / "diagnostics.png")
     result["output_dir"] = str(out)
     return result
+
+
+def select_tokens(tok, examples, *, tokens: str = "content", drop_first_position: bool = False,
+                  max_tokens: int | None = None, model: str = "the model") -> dict[str, Any]:
+    """Token ids, the tokens to measure and the kind of every token, per example.
+
+    Returns a dict: ``ids``, ``select`` (bools per token), ``kinds`` (per token, see
+    :data:`~lorascope.tasks.base.TOKEN_KINDS`; None when the kinds cannot be located and
+    ``tokens == "all"``), ``kept`` (indices of the examples with at least one token to
+    measure), ``skipped`` (ids of the others), ``truncated`` (count), ``kept_by_kind`` and
+    ``dropped_by_kind`` (token counts over the kept examples).
+    """
+    from lorascope.tasks.base import TOKEN_KINDS, prompt_ids, prompt_token_kinds
+
+    ids, kinds, select = [], [], []
+    located = True
+    for e in examples:
+        try:
+            i, k = prompt_token_kinds(tok, e, model=model)
+        except LorascopeError:
+            if tokens == "content":
+                raise
+            located = False
+            i, k = prompt_ids(tok, e.prompt), None
+        ids.append(i)
+        kinds.append(k)
+    truncated = 0
+    if max_tokens is not None:
+        truncated = sum(len(i) > max_tokens for i in ids)
+        ids = [i[:max_tokens] for i in ids]
+        kinds = [k[:max_tokens] if k is not None else None for k in kinds]
+    for i, k in zip(ids, kinds):
+        if tokens == "content":
+            select.append([x == "content" for x in k])
+        else:
+            select.append([not (drop_first_position and j == 0) for j in range(len(i))])
+    kept = [j for j, s in enumerate(select) if any(s)]
+    skipped = [examples[j].id for j, s in enumerate(select) if not any(s)]
+    if not kept:
+        raise LorascopeError(f"drift: none of the {len(examples)} prompts has a token left to measure"
+                             + (f" after truncation to {max_tokens} tokens" if max_tokens else "")
+                             + (" (no content token)" if tokens == "content" else ""))
+    kept_by_kind = {k: 0 for k in TOKEN_KINDS}
+    dropped_by_kind = {k: 0 for k in TOKEN_KINDS}
+    if located:
+        for j in kept:
+            for kind, s in zip(kinds[j], select[j]):
+                (kept_by_kind if s else dropped_by_kind)[kind] += 1
+    else:
+        kept_by_kind = {"all": sum(sum(select[j]) for j in kept)}
+        dropped_by_kind = {"first_position": sum(len(select[j]) - sum(select[j]) for j in kept)}
+    return {"ids": ids, "select": select, "kinds": kinds if located else None, "kept": kept, "skipped": skipped,
+            "truncated": truncated, "kept_by_kind": kept_by_kind, "dropped_by_kind": dropped_by_kind}
 
 
 # ---------------------------------------------------------------------------
@@ -384,6 +501,8 @@ class Accumulators:
         self.rel_sum = np.zeros((G, P, L))
         self.rel_n = np.zeros((G, P, L))
         self.n_tokens = np.zeros(G, np.int64)
+        # pairs whose states were bitwise equal in every batch: their similarities are exactly 1
+        self.identical = np.ones((P, L), bool)
         self._spill = tempfile.TemporaryFile(prefix="lorascope-pooled-")
         self._spilled: list[np.ndarray] = []  # example indices, in the order their rows were written
 
@@ -411,6 +530,8 @@ class Accumulators:
             self._fold(g, layer, na, nb, means, selfs, crosses, ext)
             sq = [np.einsum("ij,ij->i", x, x) for x in xs]  # squared row norms: float32 data cannot overflow here
             for p, (a, b) in enumerate(self.pairs):
+                if self.identical[p, layer] and not np.array_equal(xs[a], xs[b]):
+                    self.identical[p, layer] = False
                 with np.errstate(divide="ignore", invalid="ignore"):
                     den = np.sqrt(sq[a] * sq[b])
                     cos = np.where(den > 0, np.clip(np.einsum("ij,ij->i", xs[a], xs[b]) / den, -1.0, 1.0), np.nan)
@@ -509,7 +630,7 @@ class Accumulators:
         got = gather((rows, pooled[:, :, rows]))
         del pooled
         sums = ("cos_hist", "rel_hist", "cos_sum", "cos_n", "rel_sum", "rel_n", "n_tokens")
-        got_sums = gather({k: getattr(self, k) for k in sums})
+        got_sums = gather({**{k: getattr(self, k) for k in sums}, "identical": self.identical})
         if rank != 0:
             return None
         self._spill.seek(0, os.SEEK_END)
@@ -520,6 +641,7 @@ class Accumulators:
                 self.seen[r] = True
         for k in sums:
             setattr(self, k, sum(d[k] for d in got_sums))
+        self.identical = np.logical_and.reduce([d["identical"] for d in got_sums])
         return self
 
 
@@ -545,23 +667,25 @@ def _merged(parts: list[StreamingCKA]) -> StreamingCKA:
     return out
 
 
-def finalise(acc: Accumulators, names, pairs, layers, zscore: bool, ex_group_of: np.ndarray, ex_groups: int):
+def finalise(acc: Accumulators, names, pairs, layers, ex_group_of: np.ndarray, ex_groups: int):
     """Per-pair, per-layer tables and the leave-one-group-out values behind every interval."""
     P, L, G = len(pairs), len(layers), acc.groups
     loo = {k: np.full((P, L, G if k.startswith(("token", "cosine", "relative")) else ex_groups), np.nan)
-           for k in ("token_cka", "example_cka", "example_cka_debiased", "cosine", "relative_change")}
+           for k in MEASURES}
     value = {k: np.full((P, L), np.nan) for k in loo}
     w = stats.leave_group_out_weights(ex_group_of, ex_groups)
     all_pooled = acc.pooled_states()
     for layer in range(L):
         for p in range(P):
             parts = [acc.token_state(g, p, layer) for g in range(G)]
-            value["token_cka"][p, layer] = _token_cka(_merged(parts), zscore)
+            merged = _merged(parts)
+            value["token_cka"][p, layer] = _token_cka(merged, False)
+            value["token_cka_std"][p, layer] = _token_cka(merged, True)
             for g in range(G):
-                loo["token_cka"][p, layer, g] = _token_cka(_merged(parts[:g] + parts[g + 1:]), zscore)
+                rest = _merged(parts[:g] + parts[g + 1:])
+                loo["token_cka"][p, layer, g] = _token_cka(rest, False)
+                loo["token_cka_std"][p, layer, g] = _token_cka(rest, True)
         pooled = [all_pooled[m, layer].astype(np.float64) for m in range(len(names))]
-        if zscore:
-            pooled = [stats.zscore_columns(x) for x in pooled]
         grams = [stats.centred_gram(x) for x in pooled]
         self_terms = {}
         for m in sorted({i for pair in pairs for i in pair}):
@@ -579,14 +703,18 @@ def finalise(acc: Accumulators, names, pairs, layers, zscore: bool, ex_group_of:
         with np.errstate(divide="ignore", invalid="ignore"):
             value[key] = total_s / total_c
             loo[key] = np.moveaxis((total_s[None] - s) / (total_c[None] - c), 0, -1)
-    bounds = {"token_cka": (0.0, 1.0), "example_cka": (0.0, 1.0), "example_cka_debiased": None,
-              "cosine": (-1.0, 1.0), "relative_change": (0.0, np.inf)}
+    for p, layer in zip(*np.nonzero(acc.identical)):  # the same states: exactly 1, whatever the rounding
+        for key in ("token_cka", "token_cka_std", "example_cka", "example_cka_debiased", "cosine"):
+            value[key][p, layer] = 1.0
+            loo[key][p, layer] = 1.0
+    bounds = {"token_cka": (0.0, 1.0), "token_cka_std": (0.0, 1.0), "example_cka": (0.0, 1.0),
+              "example_cka_debiased": None, "cosine": (-1.0, 1.0), "relative_change": (0.0, np.inf)}
     tables = []
     for p in range(P):
         rows = []
         for layer in range(L):
             row: dict[str, Any] = {"index": layer, "layer": layers[layer]}
-            for key in ("token_cka", "example_cka", "example_cka_debiased"):
+            for key in ("token_cka", "token_cka_std", "example_cka", "example_cka_debiased"):
                 row[key] = stats.jackknife_interval(value[key][p, layer], loo[key][p, layer], bounds=bounds[key])
             for key, hist, flip in (("cosine", acc.cos_hist, True), ("relative_change", acc.rel_hist, False)):
                 r = stats.jackknife_interval(value[key][p, layer], loo[key][p, layer], bounds=bounds[key])
@@ -603,67 +731,161 @@ def finalise(acc: Accumulators, names, pairs, layers, zscore: bool, ex_group_of:
     return tables, {"value": value, "loo": loo}
 
 
-def summarise(tables, values, names, infos, pairs) -> dict[str, Any]:
-    """Drift = 1 - CKA averaged over layer states, per tuned model vs base; lora/full ratios."""
+SEED_RE = re.compile(r"^(.+)_s\d+$")
+DRIFT_BOUNDS = {"token_cka": (0.0, 1.0), "token_cka_std": (0.0, 1.0), "example_cka": (0.0, 1.0),
+                "example_cka_debiased": None, "cosine": (0.0, 2.0), "relative_change": (0.0, np.inf)}
+
+
+def method_of(name: str) -> str:
+    """'full_s1' -> 'full', 'lora_r8_s0' -> 'lora_r8': the seeds of one method share it."""
+    m = SEED_RE.match(name)
+    return m.group(1) if m else name
+
+
+def layer_drift(key: str, v):
+    """A measure's per-layer value as a drift (0: no change): 1 - similarity, or the relative change itself."""
+    return v if key == "relative_change" else 1.0 - v
+
+
+def summarise(tables, values, names, infos, pairs, layers) -> dict[str, Any]:
+    """Per measure: drift averaged over layer states per tuned model vs base, LoRA / full ratios
+    (per checkpoint pair, per layer, and per method pooled over seeds, seed variance included),
+    and the seed-to-seed noise floor of every method with two or more seeds."""
     value, loo = values["value"], values["loo"]
-    per_model, drift, drift_loo = {}, {}, {}
-    for p, (a, b) in enumerate(pairs):
-        if a != 0:
-            continue
-        name = names[b]
-        per_model[name] = {"kind": infos[b]["kind"]}
-        for key, bounds in (("token_cka", (0.0, 1.0)), ("example_cka", (0.0, 1.0)), ("example_cka_debiased", None),
-                            ("cosine", (0.0, 2.0))):
-            d = 1.0 - value[key][p].mean()
-            d_loo = 1.0 - loo[key][p].mean(axis=0)
-            drift[name, key], drift_loo[name, key] = d, d_loo
-            per_model[name][f"{key}_drift"] = stats.jackknife_interval(d, d_loo, bounds=bounds)
-    ratios = []
+    index = {pair: p for p, pair in enumerate(pairs)}
+    per_model: dict[str, Any] = {}
+    drift, drift_loo, per_layer, per_layer_loo = {}, {}, {}, {}
+    for b in range(1, len(names)):
+        name, p = names[b], index[(0, b)]
+        per_model[name] = {"kind": infos[b]["kind"], "method": method_of(name)}
+        for key in MEASURES:
+            d, d_loo = layer_drift(key, value[key][p]), layer_drift(key, loo[key][p])
+            per_layer[name, key], per_layer_loo[name, key] = d, d_loo
+            drift[name, key], drift_loo[name, key] = d.mean(), d_loo.mean(axis=0)
+            per_model[name][f"{key}_drift"] = stats.jackknife_interval(drift[name, key], drift_loo[name, key],
+                                                                       bounds=DRIFT_BOUNDS[key])
     loras = [names[i] for i in range(1, len(names)) if infos[i]["kind"] == "lora"]
     fulls = [names[i] for i in range(1, len(names)) if infos[i]["kind"] == "full"]
+    ratios = []
     for lo in loras:
         for fu in fulls:
-            entry: dict[str, Any] = {"lora": lo, "full": fu}
-            for key in ("token_cka", "example_cka", "example_cka_debiased"):
-                den, den_loo = drift[fu, key], drift_loo[fu, key]
-                if not (abs(den) > 0 and np.all(np.abs(den_loo) > 0)):
-                    entry[key] = {"value": None, "ci_low": None, "ci_high": None, "se": None,
-                                  "note": f"the full model's drift is 0 ({fu} equals the base here)"}
-                    continue
-                r = stats.jackknife_interval(drift[lo, key] / den, drift_loo[lo, key] / den_loo)
-                r["lora_at_least_20pct_less"] = None if r["value"] is None else bool(r["value"] <= 0.8)
-                r["ci_high_at_most_0.8"] = None if r["ci_high"] is None else bool(r["ci_high"] <= 0.8)
-                entry[key] = r
+            entry: dict[str, Any] = {"lora": lo, "full": fu, "per_layer": {}}
+            for key in MEASURES:
+                entry[key] = _ratio_interval(drift[lo, key], drift_loo[lo, key], drift[fu, key], drift_loo[fu, key], fu)
+                entry["per_layer"][key] = [
+                    _ratio_interval(per_layer[lo, key][i], per_layer_loo[lo, key][i], per_layer[fu, key][i],
+                                    per_layer_loo[fu, key][i], fu) for i in range(len(layers))]
             ratios.append(entry)
-    return {"definition": "drift = 1 - CKA averaged over the layer states (embedding and every decoder layer); "
-                          "cosine_drift = 1 - mean cosine averaged over the layer states; ratio = lora drift / "
-                          "full drift; 95% delete-a-group jackknife intervals",
-            "primary": "token_cka", "per_model": per_model, "ratios": ratios}
+
+    groups: dict[str, list[str]] = {}
+    for name in loras + fulls:
+        groups.setdefault(method_of(name), []).append(name)
+    noise = {}
+    for method, members in groups.items():
+        if len(members) < 2:
+            continue
+        within = [index[(names.index(a), names.index(b))] for i, a in enumerate(members) for b in members[i + 1:]]
+        noise[method] = {"seeds": members, "pairs": len(within)}
+        for key in MEASURES:
+            d = np.mean([layer_drift(key, value[key][p]).mean() for p in within])
+            d_loo = np.mean([layer_drift(key, loo[key][p]).mean(axis=0) for p in within], axis=0)
+            noise[method][key] = stats.jackknife_interval(d, d_loo, bounds=DRIFT_BOUNDS[key])
+    method_ratios = []
+    lora_methods = [m for m in groups if infos[names.index(groups[m][0])]["kind"] == "lora"]
+    full_methods = [m for m in groups if infos[names.index(groups[m][0])]["kind"] == "full"]
+    for lm in lora_methods:
+        for fm in full_methods:
+            entry = {"lora": lm, "full": fm, "lora_seeds": groups[lm], "full_seeds": groups[fm],
+                     "noise_floor": {m: noise[m] for m in (lm, fm) if m in noise}}
+            for key in MEASURES:
+                entry[key] = _method_ratio([drift[x, key] for x in groups[lm]], [drift_loo[x, key] for x in groups[lm]],
+                                           [drift[x, key] for x in groups[fm]], [drift_loo[x, key] for x in groups[fm]])
+            method_ratios.append(entry)
+    return {"definition": "drift = per-layer drift averaged over the layer states (embedding and every decoder "
+                          "layer): 1 - CKA for the CKA measures, 1 - mean cosine, mean relative change; ratio = "
+                          "lora drift / full drift; 95% intervals: delete-a-group jackknife over prompts, plus the "
+                          "between-seed variance when a method has two or more seeds",
+            "primary": PRIMARY, "measures": list(MEASURES), "per_model": per_model, "ratios": ratios,
+            "noise_floor": noise, "method_ratios": method_ratios}
 
 
-def methods(groups: int, ex_groups: int, zscore: bool, drop_first: bool) -> dict[str, str]:
-    tokens = "all non-padding prompt tokens" + (" except position 0" if drop_first else "")
-    z = " of per-feature z-scored states (global standard deviations)" if zscore else ""
+def _ratio_interval(lo, lo_loo, fu, fu_loo, full_name: str) -> dict[str, Any]:
+    lo_loo, fu_loo = np.asarray(lo_loo, float), np.asarray(fu_loo, float)
+    if not (abs(fu) > 0 and np.all(np.abs(fu_loo) > 0)):
+        return {"value": None, "ci_low": None, "ci_high": None, "se": None,
+                "note": f"the full model's drift is 0 ({full_name} equals the base here)"}
+    return stats.jackknife_interval(lo / fu, lo_loo / fu_loo)
+
+
+def _method_ratio(lora: list[float], lora_loo: list, full: list[float], full_loo: list) -> dict[str, Any]:
+    """Ratio of the mean drift over LoRA seeds to the mean over full seeds, with a 95 % interval.
+
+    Variance = the delete-a-group jackknife variance over prompts (the same deletions in
+    every model) + the between-seed variance of each method's mean (delta method:
+    r^2 (s_L^2 / (k_L L^2) + s_F^2 / (k_F F^2))); Student t with Welch-Satterthwaite
+    degrees of freedom. With one seed per method the seed term is absent and the interval
+    covers prompt sampling only (``seed_variance_included: false``).
+    """
+    L, F = float(np.mean(lora)), float(np.mean(full))
+    Lg, Fg = np.mean(np.asarray(lora_loo, float), axis=0), np.mean(np.asarray(full_loo, float), axis=0)
+    out: dict[str, Any] = {"value": None, "ci_low": None, "ci_high": None, "se": None, "lora_drift": L,
+                           "full_drift": F, "seeds_lora": len(lora), "seeds_full": len(full),
+                           "seed_variance_included": len(lora) > 1 or len(full) > 1}
+    if not (abs(F) > 0 and np.all(np.abs(Fg) > 0)) or not np.isfinite(L):
+        out["note"] = "the full models' drift is 0 or undefined"
+        return out
+    r = L / F
+    jk = stats.jackknife_interval(r, Lg / Fg)
+    out["value"] = r
+    if jk["se"] is None:
+        return out
+    g = jk["groups"]
+    parts = [(jk["se"] ** 2, g - 1)]
+    for vals, mean in ((lora, L), (full, F)):
+        if len(vals) > 1 and mean != 0:
+            parts.append((r**2 * float(np.var(vals, ddof=1)) / len(vals) / mean**2, len(vals) - 1))
+    var = sum(v for v, _ in parts)
+    den = sum(v**2 / df for v, df in parts)
+    df = var**2 / den if den > 0 else g - 1
+    se = math.sqrt(var)
+    half = stats.t975(max(1, int(math.floor(df)))) * se
+    out.update(ci_low=r - half, ci_high=r + half, se=se, se_prompts=jk["se"],
+               se_seeds=math.sqrt(max(var - jk["se"] ** 2, 0.0)), df=df)
+    return out
+
+
+def methods(groups: int, ex_groups: int, tokens: str, drop_first: bool) -> dict[str, str]:
+    what = ("the example's own content tokens (MRPC: the two sentences; SQuAD v2: context and question); "
+            "position 0 and every template token (system prompt, role tags, instruction text, generation "
+            "prompt) left out" if tokens == "content"
+            else "all non-padding prompt tokens" + (" except position 0" if drop_first else ""))
     return {
         "states": "output of the token embedding and of every decoder layer; the last is before the final norm",
-        "tokens": tokens,
-        "token_cka": f"exact streaming linear CKA{z} over {tokens} (float64, Chan merge)",
-        "example_cka": f"linear CKA{z} of mean-pooled states (mean over {tokens} of each prompt), plug-in estimator",
+        "tokens": what,
+        "token_cka": "primary: exact streaming linear CKA over the selected tokens (float64, Chan merge)",
+        "token_cka_std": "linear CKA of per-feature standardised token states (global standard deviations, "
+                         "from the same co-moments)",
+        "example_cka": "linear CKA of mean-pooled states (mean over the selected tokens of each prompt), plug-in "
+                       "estimator",
         "example_cka_debiased": "as example_cka with the unbiased HSIC estimator (Song et al. 2012)",
-        "cosine": f"cosine similarity of each token's state in the two models, over {tokens}; quantiles from "
+        "cosine": f"cosine similarity of each selected token's state in the two models; quantiles from "
                   f"a histogram of 1 - cosine with {stats.HIST_RESOLUTION}",
-        "relative_change": f"||h_other - h_reference|| / ||h_reference|| per token; quantiles from a histogram "
-                           f"with {stats.HIST_RESOLUTION}",
+        "relative_change": f"||h_other - h_reference|| / ||h_reference|| per selected token; quantiles from a "
+                           f"histogram with {stats.HIST_RESOLUTION}",
         "intervals": f"95% delete-a-group jackknife over random groups of whole prompts, t quantile with G-1 "
-                     f"degrees of freedom: G={groups} for token_cka, cosine and relative_change, G={ex_groups} "
-                     f"for example-level CKA; clipped to the measure's range. They describe sampling "
-                     f"variation over prompts for these fixed checkpoints, not over training seeds."
-                     + (" Token-level z-scoring is redone in every replicate; example-level z-scoring keeps the "
-                        "full-sample standard deviations." if zscore else ""),
+                     f"degrees of freedom: G={groups} for the token-level measures, cosine and relative_change, "
+                     f"G={ex_groups} for example-level CKA; clipped to the measure's range. Per-checkpoint "
+                     f"intervals describe sampling variation over prompts for these fixed checkpoints; the "
+                     f"method ratios add the between-seed variance when a method has two or more seeds.",
+        "diagnostics": "base model, all tokens of the first diagnostic_examples prompts: share of the centred "
+                       "Gram energy ||K||_F^2 (K = Xc Xc^T, the quantity CKA is built from) carried by the rows "
+                       "of each token kind, sum_{i in kind} sum_j K_ij^2 / ||K||_F^2 = tr(S C_kind) / tr(S^2), "
+                       "and the feature dimensions with the largest share of the variance",
     }
 
 
-CSV_MEASURES = {"token_cka": ("value", "ci_low", "ci_high"), "example_cka": ("value", "ci_low", "ci_high"),
+CSV_MEASURES = {"token_cka": ("value", "ci_low", "ci_high"), "token_cka_std": ("value", "ci_low", "ci_high"),
+                "example_cka": ("value", "ci_low", "ci_high"),
                 "example_cka_debiased": ("value", "ci_low", "ci_high"),
                 "cosine": ("mean", "ci_low", "ci_high", "q05", "q25", "q50", "q75", "q95"),
                 "relative_change": ("mean", "ci_low", "ci_high", "q05", "q25", "q50", "q75", "q95")}

@@ -44,6 +44,13 @@ def _mark(ok: bool | None) -> str:
     return "-" if ok is None else ("PASS" if ok else "FAIL")
 
 
+def _drift_seeds(dr: dict) -> str:
+    s = dr.get("seeds") or {}
+    if not s.get("lora") or not s.get("full"):
+        return "seeds unknown"
+    return f"seeds LoRA {s['lora']}, full {s['full']}"
+
+
 def _seeds(acc: dict) -> str:
     s = acc.get("seeds", {})
     return f"{s.get('full', 0)} full, {s.get('lora', 0)} LoRA"
@@ -190,7 +197,7 @@ def render_report(run_dir: str | Path) -> Path:
                          f"{acc['status']}: {acc['reason']}"])
         if dr:
             rows.append([task, f"(2a) LoRA drift at least {crit['drift_reduction']:.0%} below full",
-                         f"{dr['measured']}; seed {verdict['seeds'][0]} only", f"{dr['status']}: {dr['reason']}"])
+                         f"{dr['measured']}; {_drift_seeds(dr)}", f"{dr['status']}: {dr['reason']}"])
         if sv:
             rows.append([task, f"(2b) unmerged serving overhead at most {crit['max_serving_overhead']:.0%}",
                          f"{sv['engine']}: {_pct(sv['min'])} to {_pct(sv['max'])} over batch sizes "
@@ -291,6 +298,7 @@ def render_report(run_dir: str | Path) -> Path:
               f"layer ({'the last includes' if d.get('final_norm_included') else 'before'} the final norm).")
         doc.fig(run_dir / "drift" / task / "cka_vs_layer.png", f"{task}: linear CKA with the base model per layer")
         doc.fig(run_dir / "drift" / task / "cosine_vs_layer.png", f"{task}: cosine similarity with the base per layer")
+        drift_sensitivity(doc, d, run_dir / "drift" / task)
 
     doc.h(2, "Weight space")
     for task in tasks:
@@ -387,3 +395,44 @@ def render_report(run_dir: str | Path) -> Path:
         (tmp / "index.html").write_text(doc.html("lorascope report"))
         (tmp / "verdict.json").write_text(json.dumps(verdict, indent=2))
     return out / "index.html"
+
+
+def drift_sensitivity(doc: "Doc", d: dict[str, Any], folder: Path) -> None:
+    """Criterion 2a per drift measure, the seed noise floor, the token selection and the diagnostics figure."""
+    from lorascope.drift.criterion import LABELS
+
+    sel = d.get("selection")
+    if sel:
+        kept = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sel["kept_by_kind"].items() if v)
+        dropped = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sel["dropped_by_kind"].items() if v)
+        doc.p(f"Tokens measured ({sel['tokens']}): {kept}; left out: {dropped or 'none'}"
+              + (f"; {sel['skipped_prompts']} prompt(s) skipped (no content token left after truncation)"
+                 if sel.get("skipped_prompts") else "") + ".")
+    summary = d["summary"]
+    for c, m in zip(summary.get("criterion_2a", []), summary.get("method_ratios", [])):
+        doc.p(f"Criterion 2a, {c['lora']} vs {c['full']} ({len(m['lora_seeds'])} and {len(m['full_seeds'])} "
+              f"seed(s)): **{c['status']}**: {c['reason']}.")
+        rows = []
+        for r in c["rows"]:
+            mr = m.get(r["measure"], {})
+            ci = "" if r["ci_low"] is None else f" [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+            rows.append([r.get("label", LABELS.get(r["measure"], r["measure"]))
+                         + (" (primary)" if r["measure"] == c["primary"] else ""),
+                         _f(mr.get("lora_drift"), ".3g"), _f(mr.get("full_drift"), ".3g"),
+                         ("n/a" if r["ratio"] is None else f"{r['ratio']:.2f}") + ci,
+                         {True: "yes", False: "no", None: "n/a"}[r["meets"]],
+                         {True: "yes", False: "no", None: "n/a"}[r["confident"]]])
+        doc.table(["drift measure", "LoRA drift", "full drift", "ratio LoRA / full (95%)",
+                   f"ratio <= {c['threshold']:g}", "whole interval <= threshold"], rows)
+        for method, floor in (m.get("noise_floor") or {}).items():
+            v = floor.get(c["primary"], {})
+            doc.p(f"Noise floor of {method}: drift between its seeds {', '.join(floor['seeds'])} "
+                  f"({LABELS[c['primary']]}) {_f(v.get('value'), '.3g')}.")
+    if (folder / "ratio_vs_layer.png").is_file():
+        doc.fig(folder / "ratio_vs_layer.png", "drift ratio LoRA / full per layer, for every measure")
+    if (folder / "diagnostics.png").is_file():
+        doc.fig(folder / "diagnostics.png", "why token statistics over all tokens mislead: the base model's Gram "
+                                            "energy by token kind, and the variance share of the largest features")
+    if (folder / "along" / "drift_along.png").is_file():
+        doc.fig(folder / "along" / "drift_along.png", "drift along training, against step and against the "
+                                                       "validation metric")

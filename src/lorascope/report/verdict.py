@@ -12,8 +12,10 @@ it is all on the bad side, INCONCLUSIVE when it straddles it or cannot be comput
 1. Accuracy: LoRA (the primary rank) within `accuracy_margin` points of full fine-tuning
    on the task's primary metric (MRPC accuracy, SQuAD v2 F1), mean over seeds.
    INCONCLUSIVE unless both methods learned the task.
-2a. Drift: LoRA's drift (1 - token-level CKA averaged over layers) at least
-    `drift_reduction` below full fine-tuning's (ratio <= 1 - drift_reduction). Judged only
+2a. Drift: LoRA's drift (1 - content-token CKA averaged over layers) at least
+    `drift_reduction` below full fine-tuning's, judged by
+    :func:`lorascope.drift.criterion.judge_drift`: PASS only when the primary ratio's
+    interval is below 1 - drift_reduction and the other drift measures agree. Judged only
     between models that learned the task (INCONCLUSIVE otherwise).
 2b. Serving: the unmerged adapter's overhead over merged serving at most
     `max_serving_overhead` at every batch size measured (median of paired repetitions).
@@ -216,28 +218,42 @@ def accuracy_criterion(task: str, run_dir: Path, seeds: list[int], rank: int, ma
     return acc
 
 
-def drift_2a(drift_summary: dict[str, Any], *, lora: str, full: str, reduction: float) -> tuple[str, str, str]:
-    """Criterion 2a from a drift.json summary: (status, reason, measured text).
+def drift_criterion(drift: dict[str, Any], rank: int, reduction: float, learned: bool) -> dict[str, Any]:
+    """Criterion 2a for LoRA rank `rank` against full fine-tuning, from a drift.json.
 
-    The one place 2a is computed: swap this function to change how drift is judged.
+    The judgement over measures is :func:`lorascope.drift.criterion.judge_drift` (seeds of a
+    method pooled); here it is re-applied at this study's threshold, and models that have not
+    learned the task are not judged at all.
     """
-    rows = [r for r in drift_summary.get("ratios", []) if r["lora"] == lora and r["full"] == full]
-    if not rows or rows[0]["token_cka"].get("value") is None:
-        return INCONCLUSIVE, f"no drift ratio {lora} / {full} was measured", "-"
-    r = rows[0]["token_cka"]
-    per = drift_summary.get("per_model", {})
-    dl = per.get(lora, {}).get("token_cka_drift", {}).get("value")
-    df = per.get(full, {}).get("token_cka_drift", {}).get("value")
-    drifts = f" (drift {dl:.2e} vs {df:.2e})" if dl is not None and df is not None else ""
-    limit = 1 - reduction
-    if r.get("ci_low") is None or r.get("ci_high") is None:
-        return INCONCLUSIVE, "the ratio's interval is undefined", f"ratio {r['value']:.3f} [undefined]{drifts}"
-    measured = f"ratio {r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]{drifts}"
-    if r["ci_high"] <= limit:
-        return PASS, f"interval at or below {limit:.2f}", measured
-    if r["ci_low"] > limit:
-        return FAIL, f"interval above {limit:.2f}", measured
-    return INCONCLUSIVE, f"interval straddles {limit:.2f}", measured
+    from lorascope.drift.criterion import criterion_from_drift, judge_drift
+
+    lora, full = f"lora_r{rank}", "full"
+    summary = drift.get("summary", {})
+    entry = next((m for m in summary.get("method_ratios", []) if m.get("lora") == lora and m.get("full") == full),
+                 None)
+    c = criterion_from_drift(drift, lora, full)
+    if entry is None or c is None:
+        return {"status": INCONCLUSIVE, "pass": False, "ratio": None,
+                "reason": f"drift.json has no content-token comparison {lora} / {full} (written by an older "
+                          f"lorascope?); rerun the drift stage", "measured": "-", "seeds": None}
+    tokens = (drift.get("selection") or {}).get("tokens", "content")
+    c.update(judge_drift(entry, threshold=1 - reduction, tokens=tokens))
+    p = entry.get(c["primary"]) or {}
+    if c["ratio"] is None:
+        measured = "ratio undefined"
+    elif c["ci_low"] is None or c["ci_high"] is None:
+        measured = f"ratio {c['ratio']:.3f} [undefined]"
+    else:
+        measured = f"ratio {c['ratio']:.3f} [{c['ci_low']:.3f}, {c['ci_high']:.3f}]"
+    if p.get("lora_drift") is not None and p.get("full_drift") is not None:
+        measured += f" (drift {p['lora_drift']:.2e} vs {p['full_drift']:.2e})"
+    c["measured"] = measured
+    c["seeds"] = {"lora": p.get("seeds_lora"), "full": p.get("seeds_full")}
+    if not learned:
+        c["status"], c["reason"] = INCONCLUSIVE, ("drift is judged only between models that learned the task "
+                                                  "(see criterion 1)")
+    c["pass"] = c["confident"] = c["status"] == PASS
+    return c
 
 
 def serving_2b(serve: dict[str, Any], task: str, max_overhead: float) -> dict[str, Any] | None:
@@ -278,12 +294,7 @@ def judge(run_dir: str | Path) -> dict[str, Any]:
         both_learned = bool(acc and acc.get("learned") and all(v["learned"] for v in acc["learned"].values()))
         drift = _load(run_dir / "drift" / task / "drift.json")
         if drift:
-            status, reason, measured = drift_2a(drift["summary"], lora=f"lora_r{rank}_s{seeds[0]}",
-                                                full=f"full_s{seeds[0]}", reduction=cfg["drift_reduction"])
-            if not both_learned:
-                status, reason = INCONCLUSIVE, ("drift is judged only between models that learned the task "
-                                                "(see criterion 1)")
-            t["drift"] = {"status": status, "reason": reason, "measured": measured, "seeds": 1}
+            t["drift"] = drift_criterion(drift, rank, cfg["drift_reduction"], both_learned)
         serve = _load(run_dir / "serve" / f"r{rank}" / "serve.json")
         if serve:
             sv = serving_2b(serve, task, cfg["max_serving_overhead"])

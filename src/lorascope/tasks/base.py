@@ -35,6 +35,19 @@ class Example:
     prompt: str  # the user's message: instruction and inputs
     answer: str | None  # training target; None when the split has no labels
     meta: dict[str, Any] = field(default_factory=dict)
+    # character spans [start, end) of `prompt` that are the example's own content (MRPC: the two
+    # sentences; SQuAD: context and question), as opposed to instruction text shared by every prompt
+    content: list[tuple[int, int]] = field(default_factory=list)
+
+
+def build_prompt(*pieces: tuple[str, bool]) -> tuple[str, list[tuple[int, int]]]:
+    """Join (text, is_content) pieces into the user message; return it and its content spans."""
+    text, spans = "", []
+    for piece, is_content in pieces:
+        if is_content and piece:
+            spans.append((len(text), len(text) + len(piece)))
+        text += piece
+    return text, spans
 
 
 @dataclass
@@ -167,3 +180,49 @@ def answer_ids(tok, answer: str | None, *, eos: bool = True) -> list[int]:
     text = answer if uses_chat_template(tok) else " " + answer
     ids = tok(text, add_special_tokens=False)["input_ids"]
     return ids + [tok.eos_token_id] if eos else ids
+
+
+# ---------------------------------------------------------------------------
+# which prompt tokens are the example's own content
+# ---------------------------------------------------------------------------
+
+#: kinds of prompt tokens: position 0 (an attention sink in Llama-family models, whatever the
+#: token), template (chat template, system prompt, role tags, instruction text, generation
+#: prompt: the same in every prompt) and content (the example's own text)
+TOKEN_KINDS = ("first_position", "template", "content")
+
+
+def prompt_token_kinds(tok, ex: Example, *, model: str = "the model") -> tuple[list[int], list[str]]:
+    """The prompt's token ids (as :func:`prompt_ids`) and the kind of each token (:data:`TOKEN_KINDS`).
+
+    A token is content when one of its non-blank characters lies in a content span of
+    ``ex.content``, located in the rendered prompt through the tokenizer's character offsets.
+    Position 0 is always ``first_position``. Raises a LorascopeError naming `model` when the
+    template does not contain the user message verbatim or the tokenizer gives no offsets.
+    """
+    if not ex.content:
+        raise LorascopeError(f"example {ex.id}: the prompt builder marked no content span; content-token "
+                             f"drift needs them (or include all tokens: --tokens all)")
+    text = prompt_text(tok, ex.prompt)
+    at = text.find(ex.prompt)
+    if at < 0:
+        raise LorascopeError(f"the chat template of {model} does not contain the prompt verbatim, so its content "
+                             f"tokens cannot be located (example {ex.id}); include all tokens instead (--tokens all)")
+    if not getattr(tok, "is_fast", False):
+        raise LorascopeError(f"the tokenizer of {model} is not a fast tokenizer and gives no character offsets, so "
+                             f"content tokens cannot be located; include all tokens instead (--tokens all)")
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    if not uses_chat_template(tok) and tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
+        ids, offsets = [tok.bos_token_id] + ids, [(0, 0)] + offsets
+    solid = [False] * (len(text) + 1)
+    for a, b in ex.content:
+        for c in range(at + a, at + b):
+            solid[c] = not text[c].isspace()
+    kinds = []
+    for i, (a, b) in enumerate(offsets):
+        if i == 0:
+            kinds.append("first_position")
+        else:
+            kinds.append("content" if any(solid[a:b]) else "template")
+    return ids, kinds

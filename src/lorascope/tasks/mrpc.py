@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lorascope import LorascopeError
-from lorascope.tasks.base import Example, Task, answer_ids, prompt_ids, register
+from lorascope.tasks.base import Example, Task, answer_ids, build_prompt, prompt_ids, register
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,13 @@ FILES = {"train": ["train.tsv", "msr_paraphrase_train.txt"], "eval": ["dev.tsv"]
 
 
 def make_prompt(s1: str, s2: str) -> str:
-    return (f"Sentence 1: {s1}\nSentence 2: {s2}\n"
-            "Do the two sentences mean the same thing? Answer yes or no.")
+    return prompt_and_content(s1, s2)[0]
+
+
+def prompt_and_content(s1: str, s2: str) -> tuple[str, list[tuple[int, int]]]:
+    """The user message and the character spans of the two sentences in it."""
+    return build_prompt(("Sentence 1: ", False), (s1, True), ("\nSentence 2: ", False), (s2, True),
+                        ("\nDo the two sentences mean the same thing? Answer yes or no.", False))
 
 
 def read_tsv(path: Path) -> list[dict[str, Any]]:
@@ -88,9 +93,12 @@ class MRPC(Task):
             raise LorascopeError(f"mrpc: unknown split {split!r}; accepted: {', '.join(FILES)}")
         root = data.resolved_dir()
         rows = self._local(Path(root), split) if root else self._hub(split)
-        return [Example(r["id"], make_prompt(r["s1"], r["s2"]),
-                        LABELS[r["label"]] if r["label"] is not None else None, {"label": r["label"]})
-                for r in rows]
+        out = []
+        for r in rows:
+            prompt, content = prompt_and_content(r["s1"], r["s2"])
+            out.append(Example(r["id"], prompt, LABELS[r["label"]] if r["label"] is not None else None,
+                               {"label": r["label"]}, content=content))
+        return out
 
     def _local(self, root: Path, split: str) -> list[dict]:
         d = root / "mrpc" if (root / "mrpc").is_dir() else root

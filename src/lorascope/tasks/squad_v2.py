@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lorascope import LorascopeError
 from lorascope.tasks import squad_metric
-from lorascope.tasks.base import Example, Feature, Task, answer_ids, prompt_ids, register
+from lorascope.tasks.base import Example, Feature, Task, answer_ids, build_prompt, prompt_ids, register
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +25,14 @@ NO_ANSWER = "unanswerable"
 
 
 def make_prompt(context: str, question: str) -> str:
-    return (f"Context: {context}\nQuestion: {question}\n"
-            f"Answer with a short span copied from the context, or with \"{NO_ANSWER}\" "
-            "if the context does not contain the answer.")
+    return prompt_and_content(context, question)[0]
+
+
+def prompt_and_content(context: str, question: str) -> tuple[str, list[tuple[int, int]]]:
+    """The user message and the character spans of the context and the question in it."""
+    return build_prompt(("Context: ", False), (context, True), ("\nQuestion: ", False), (question, True),
+                        (f"\nAnswer with a short span copied from the context, or with \"{NO_ANSWER}\" "
+                         "if the context does not contain the answer.", False))
 
 
 def to_prediction(text: str) -> str:
@@ -129,7 +134,8 @@ def articles_to_examples(articles: list[dict]) -> list[Example]:
                      "answers": [{"text": x["text"], "answer_start": x.get("answer_start", -1)} for x in answers],
                      # unanswerable questions' plausible answers: only to place training windows (see features)
                      "plausible_answers": [{"text": x["text"], "answer_start": x.get("answer_start", -1)}
-                                           for x in qa.get("plausible_answers") or []]}))
+                                           for x in qa.get("plausible_answers") or []]},
+                    content=prompt_and_content(p["context"], qa["question"])[1]))
     return out
 
 
@@ -182,7 +188,7 @@ class SquadV2(Task):
             out.append(Example(r["id"], make_prompt(r["context"], r["question"]),
                                answers[0]["text"] if answers else NO_ANSWER,
                                {"title": r["title"], "context": r["context"], "question": r["question"],
-                                "answers": answers}))
+                                "answers": answers}, content=prompt_and_content(r["context"], r["question"])[1]))
         return out
 
     def features(self, tok, examples, max_len):
