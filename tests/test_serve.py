@@ -13,7 +13,7 @@ from lorascope import LorascopeError
 
 MODES_ALL = ("merged", "unmerged", "multi")
 ROW_METRICS = ("tokens_per_second", "tokens_per_second_min", "tokens_per_second_max", "latency_p50_s",
-               "latency_p95_s", "ttft_p50_s", "tpot_p50_s", "peak_rss_mb")
+               "latency_max_s", "ttft_p50_s", "tpot_p50_s", "peak_rss_mb", "peak_pss_mb", "samples")
 
 
 def make_adapter(base: Path, out: Path, task: str, *, seed: int, rank: int = 8) -> Path:
@@ -56,14 +56,25 @@ def _check_report(out: Path, configs: set[str], sizes: list[int]) -> dict:
         for k in ROW_METRICS:
             assert r[k] is not None and r[k] > 0, (r["config"], r["batch_size"], k)
         assert r["tokens_per_second_min"] <= r["tokens_per_second"] <= r["tokens_per_second_max"]
-        assert r["latency_p50_s"] <= r["latency_p95_s"]
+        assert r["latency_p50_s"] <= r["latency_p95_s"] <= r["latency_max_s"]
         if r["mode"] == "merged":
-            assert r["overhead"] is None and r["expected_overhead_flops"] is None
+            assert r["overhead"] is None and r["expected_overhead_flops"] is None and r["ttft_overhead"] is None
         else:
             assert r["overhead_min"] <= r["overhead"] <= r["overhead_max"]
+            assert r["overhead_ci_low"] <= r["overhead"] <= r["overhead_ci_high"]
+            assert r["ttft_overhead"] is not None and r["tpot_overhead"] is not None
             assert 0 < r["expected_overhead_flops"] < 1
-    header = (out / "serve.csv").read_text().splitlines()[0].split(",")
-    assert "overhead" in header and "expected_overhead_flops" in header and "latency_p95_s" in header
+    import csv
+
+    with open(out / "serve.csv") as fh:
+        table = list(csv.DictReader(fh))
+    for k in ("overhead", "expected_overhead_flops", "latency_p95_s", "samples", "ttft_overhead", "tpot_overhead"):
+        assert k in table[0]
+    assert len(table) == len(rows)
+    for t, r in zip(table, rows):
+        assert int(t["samples"]) == r["samples"] == r["rounds"] * r["batch_size"]
+        assert (t["ttft_overhead"] == "") == (r["mode"] == "merged")
+        assert (t["latency_p95_s"] == "") == (r["samples"] < 20)  # printed only where the samples support it
     for png in ("serve_throughput.png", "serve_latency_p95.png", "serve_memory.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["provenance"]["versions"]["torch"]
@@ -117,8 +128,14 @@ def test_transformers_multi_adapter_mixed_batches(serve_model, adapters, small_d
     _check_report(out, {"merged:mrpc", "unmerged:mrpc", "merged:squad", "unmerged:squad", "multi"}, [2, 4])
     _check_agreement(report, ["mrpc", "squad"])
     mem = report["summary"]["memory"]
-    assert mem["merged_alternative_for_all_tasks_mb"] == pytest.approx(
-        mem["merged:mrpc"]["peak_rss_mb"] + mem["merged:squad"]["peak_rss_mb"])
+    # the merged alternative: one more copy of the weights (+ its KV cache) per further task, not another engine
+    biggest = max(mem["merged:mrpc"]["peak_pss_mb"], mem["merged:squad"]["peak_pss_mb"])
+    assert mem["merged_alternative_mib"] == pytest.approx(biggest + mem["weights_mib"])
+    for name in ("merged:mrpc", "unmerged:mrpc", "multi"):
+        b = mem[name]["breakdown_mib"]
+        assert b["weights"] + b["adapters"] + b["kv_cache_reserved"] + b["engine_runtime"] == pytest.approx(
+            mem[name]["peak_pss_mb"])
+    assert mem["multi"]["breakdown_mib"]["adapters"] == pytest.approx(sum(mem["adapters_mib"].values()))
     spec = json.loads((out / "configs" / "multi.spec.json").read_text())
     # requests of both adapters alternate, so every batch of 2 or more mixes them
     assert [it["adapter"] for it in spec["items"][:4]] == ["mrpc", "squad", "mrpc", "squad"]
