@@ -189,8 +189,10 @@ def flop_overhead(adapter: dict[str, Any], shapes: dict[str, list[int]], tied_em
 
 
 def build_workload(adapters: list[dict[str, Any]], base_dir: Path, settings: ServeSettings,
-                   data_dir: str | None) -> dict[str, list[dict[str, Any]]]:
-    """Per adapter: its task's evaluation prompts as token ids (the same ids for every engine)."""
+                   data_dir: str | None, info: dict[str, Any] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Per adapter: its task's evaluation prompts as token ids (the same ids for every engine).
+
+    `info`, if given, gets per task the number of distinct prompts and of requests per batch size."""
     from lorascope.config import DataConfig
     from lorascope.models import load_tokenizer
     from lorascope.tasks import get_task
@@ -222,6 +224,9 @@ def build_workload(adapters: list[dict[str, Any]], base_dir: Path, settings: Ser
                 log.warning("task %s: %d evaluation prompts for %d requests per batch size ((warm-up + batches) x "
                             "largest batch): later batches reuse prompts", task_name, len(prompts), want)
             cache[task_name] = prompts
+            if info is not None:
+                info[task_name] = {"distinct_prompts": len(prompts), "requests_per_batch_size_largest": want,
+                                   "prompts_reused_across_batches": len(prompts) < want}
         out[a["name"]] = cache[task_name]
     return out
 
@@ -652,7 +657,8 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
     for a in adapters:
         a["flops"] = flop_overhead(a, shapes, tied)
         a["base_sha256"] = base_sha
-    workload = build_workload(adapters, base_dir, settings, data_dir) if adapters else {}
+    workload_info: dict[str, Any] = {}
+    workload = build_workload(adapters, base_dir, settings, data_dir, workload_info) if adapters else {}
 
     # base_sha256 and each adapter's sha256 are in the specs: cached timings are keyed by contents, not paths
     common = {"base_sha256": base_sha, "engine": settings.engine, "batch_sizes": settings.batch_sizes,
@@ -713,6 +719,7 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
               "adapters": adapters, "adapter_problems": problems, "kv_cache_bytes_per_token": per_token,
               "configs": [{k: v for k, v in r.items() if k not in ("check", "check_base")} for r in results],
               "summary": summary, "schedule": schedule, "eager": _eager_record(settings),
+              "workload": workload_info,
               "base_requests_mixed_into_lora_batches": False, "provenance": provenance()}
     n_ok = sum(r.get("status") == "ok" for r in results)
     report["status"] = "complete" if not summary["failed"] else ("partial" if n_ok else "failed")
