@@ -463,3 +463,17 @@ def test_eager_only_where_the_engine_needs_it(monkeypatch):
     assert bench._engine_args(s)["enforce_eager"] is True and "vLLM-CPU" in bench._eager_record(s)["reason"]
     s.enforce_eager = False
     assert bench._engine_args(s)["enforce_eager"] is False and bench._eager_record(s)["reason"] == "set by the user"
+
+
+def test_report_serving_cells():
+    """The report prints a p95 only from 20 requests on, else the max, marked; overheads with their interval."""
+    from lorascope.report.render import _serve_ov, _serve_tail
+
+    few = {"stats": {"latency": {"samples": 3, "p95": 1.9, "max": 2.0,
+                                 "supported": {"p50": True, "p95": False, "p99": False}}}}
+    many = {"stats": {"latency": {"samples": 20, "p95": 1.9, "max": 2.0,
+                                  "supported": {"p50": True, "p95": True, "p99": False}}}}
+    assert _serve_tail(few) == "max 2.000 (only 3 requests)" and _serve_tail(many) == "1.900"
+    row = {"ttft_overhead": 0.5, "ttft_overhead_ci_low": 0.25, "ttft_overhead_ci_high": 0.75}
+    assert "50" in _serve_ov(row, "ttft_overhead") and "25" in _serve_ov(row, "ttft_overhead")
+    assert _serve_ov({"tpot_overhead": None}, "tpot_overhead") == "-"

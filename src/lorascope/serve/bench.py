@@ -363,9 +363,11 @@ class _Worker:
         deadline = time.monotonic() + timeout
         while b"\n" not in self._buf:
             left = deadline - time.monotonic()
-            ready = select.select([self.fd], [], [], max(left, 0))[0] if left > 0 else []
-            chunk = os.read(self.fd, 1 << 20) if ready else None
-            if not chunk:  # timed out (None) or the worker closed the pipe (b""): it is gone
+            ready = select.select([self.fd], [], [], min(left, 1.0))[0] if left > 0 else []
+            if not ready and left > 0 and self.proc.poll() is None:
+                continue  # still working
+            chunk = os.read(self.fd, 1 << 20) if ready else (b"" if left > 0 else None)
+            if not chunk:  # timed out (None), or the worker exited / closed the pipe (b""): it is gone
                 if chunk is None:
                     reason = f"timed out after {timeout:.0f} s"
                 else:

@@ -351,7 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m lorascope.serve.worker SPEC.json REPLY_FD (commands on stdin)", file=sys.stderr)
         return 2
     spec = json.loads(Path(argv[0]).read_text())
-    replies = os.fdopen(int(argv[1]), "w")
+    fd = int(argv[1])
+    os.set_inheritable(fd, False)  # the engine's own processes must not hold the pipe open after this one dies
+    replies = os.fdopen(fd, "w")
     return serve_loop(spec, sys.stdin, replies)
 
 
