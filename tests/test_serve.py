@@ -477,3 +477,22 @@ def test_report_serving_cells():
     row = {"ttft_overhead": 0.5, "ttft_overhead_ci_low": 0.25, "ttft_overhead_ci_high": 0.75}
     assert "50" in _serve_ov(row, "ttft_overhead") and "25" in _serve_ov(row, "ttft_overhead")
     assert _serve_ov({"tpot_overhead": None}, "tpot_overhead") == "-"
+
+
+def test_a_worker_that_dies_fails_alone(serve_model, tmp_path):
+    """One configuration's engine cannot start: it fails with its log; the other runs all its rounds."""
+    from lorascope.serve.bench import ServeSettings, run_group
+
+    items = [{"key": f"k{i}", "adapter": None, "prompt_ids": [5 + i, 6, 7]} for i in range(4)]
+    good = {"name": "merged:a", "mode": "merged", "engine": "transformers", "model": str(serve_model), "adapters": [],
+            "items": items, "check_items": items[:1], "output_tokens": 2, "ignore_eos": True, "dtype": "float32",
+            "kv_cache_gb": 1}
+    bad = dict(good, name="unmerged:a", mode="unmerged", model=str(tmp_path / "no-such-model"))
+    settings = ServeSettings(engine="transformers", batch_sizes=[1], batches=2, warmup=0, timeout_seconds=300)
+    results, schedule = run_group([good, bad], tmp_path, settings)
+    ok, failed = results
+    assert ok["status"] == "ok" and [x["round"] for x in ok["batches"][0]["rounds"]] == [0, 1]
+    assert failed["status"] == "failed" and failed["error"].startswith("unmerged:a: exit status")
+    assert (tmp_path / "configs" / "unmerged-a.log").is_file() and failed["log_tail"]
+    assert [s["config"] for s in schedule] == ["merged:a", "merged:a"]
+    assert not (tmp_path / "configs" / "unmerged-a.json").exists()
