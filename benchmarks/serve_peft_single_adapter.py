@@ -30,6 +30,9 @@ def main() -> int:
     ap.add_argument("--output-tokens", type=int, default=16)
     ap.add_argument("--data-dir")
     a = ap.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from lorascope.serve import ServeSettings, run_serve_bench
 
     res = Path(a.results)
