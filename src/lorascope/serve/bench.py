@@ -462,7 +462,7 @@ def run_group(specs: list[dict[str, Any]], out_dir: Path, settings: ServeSetting
                 cached[sp["name"]] = prev
     if specs and len(cached) == len(specs):
         log.info("reusing every configuration's result under %s (same configurations)", cfg_dir)
-        schedule_file = cfg_dir / "schedule.json"
+        schedule_file = cfg_dir / f"schedule-{_group_id(specs)}.json"
         schedule = json.loads(schedule_file.read_text()) if schedule_file.is_file() else []
         return [cached[sp["name"]] for sp in specs], schedule
     for sp in specs:  # a result from an earlier run cannot stand beside this run's
@@ -539,8 +539,12 @@ def run_group(specs: list[dict[str, Any]], out_dir: Path, settings: ServeSetting
                    spec_hash=hashes[wk.name], status="ok", seconds=time.time() - wk.t0, log=str(wk.log_file))
         write_json(cfg_dir / f"{safe[wk.name]}.json", res)
         results.append(res)
-    write_json(cfg_dir / "schedule.json", schedule)
+    write_json(cfg_dir / f"schedule-{_group_id(specs)}.json", schedule)
     return results, schedule
+
+
+def _group_id(specs: list[dict[str, Any]]) -> str:
+    return "+".join(sp["name"].replace(":", "-") for sp in specs)
 
 
 def _batch_items(spec: dict[str, Any], bs: int, index: int) -> list[dict[str, Any]]:
@@ -712,7 +716,16 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
                               items=interleave([items_for(a, a["name"]) for a in adapters]),
                               check_items=interleave([check_for(a, a["name"]) for a in adapters])))
 
-    results, schedule = run_group(specs, out_dir, settings)
+    # engines alive at once: merged:X with unmerged:X (memory for two engines, not for every configuration);
+    # multi runs on its own afterwards, its rounds paired by index with the merged engines' (not in time)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for sp in specs:
+        groups.setdefault(sp["name"].split(":", 1)[-1], []).append(sp)
+    results, schedule = [], []
+    for group in groups.values():
+        res, sched = run_group(group, out_dir, settings)
+        results += res
+        schedule += [dict(x, seq=len(schedule) + i) for i, x in enumerate(sched)]
     results += failures
     summary = summarize(results, adapters, settings)
     memory_breakdown(summary["memory"], results, adapters, shapes, dtype)
@@ -948,6 +961,8 @@ def summarize(results: list[dict[str, Any]], adapters: list[dict[str, Any]], set
                 ref = _mean_rounds(ms)  # the merged alternative: one engine per task, each at this batch size
         po = paired_overhead(rounds_of[(x["config"], x["batch_size"])], ref) if ref else {}
         x["paired"] = po or None
+        # unmerged:X ran beside merged:X, round by round; multi ran on its own (its rounds paired by index)
+        x["paired_in_time"] = (x["mode"] == "unmerged") if po else None
         for key, col in (("e2e", "overhead"), ("ttft", "ttft_overhead"), ("tpot", "tpot_overhead")):
             d = po.get(key)
             x[col] = d["median"] if d else None
@@ -1009,7 +1024,7 @@ CSV_FIELDS = ["config", "mode", "batch_size", "rounds", "samples", "tokens_per_s
               "tpot_p50_s", "tpot_p95_s", "tpot_p99_s", "tpot_max_s",
               "overhead", "overhead_ci_low", "overhead_ci_high", "overhead_min", "overhead_max",
               "ttft_overhead", "ttft_overhead_ci_low", "ttft_overhead_ci_high",
-              "tpot_overhead", "tpot_overhead_ci_low", "tpot_overhead_ci_high", "disagreeing_rounds",
+              "tpot_overhead", "tpot_overhead_ci_low", "tpot_overhead_ci_high", "disagreeing_rounds", "paired_in_time",
               "expected_overhead_flops", "peak_rss_mb", "peak_pss_mb", "device_used_mb", "kv_cache_reserved_mb"]
 
 
