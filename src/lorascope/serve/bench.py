@@ -1004,7 +1004,7 @@ def summarize(results: list[dict[str, Any]], adapters: list[dict[str, Any]], set
         # measurement, not the method, decided (shared cores, frequency scaling, another process)
         if x["mode"] == "unmerged" and x["overhead_max"] is not None and x["overhead_max"] < 0:
             warnings.append(f"{x['config']} at batch {x['batch_size']}: unmerged measured faster than merged in "
-                            f"every round (overhead {x['overhead']:+.0%}, range [{x['overhead_min']:+.0%}, "
+                            f"every repetition (round paired in time; overhead {x['overhead']:+.0%}, range [{x['overhead_min']:+.0%}, "
                             f"{x['overhead_max']:+.0%}]) although it does strictly more work; the timings are "
                             f"unreliable (busy or shared machine?)")
         for key, d in (x["paired"] or {}).items():
