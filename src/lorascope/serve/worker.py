@@ -30,8 +30,10 @@ from typing import Any
 class MemorySampler:
     """Peak resident memory of this process and all its descendants (engine workers included)."""
 
-    def __init__(self, interval: float = 0.05):
+    def __init__(self, interval: float = 0.05, pss_interval: float = 5.0):
         self.interval = interval
+        self.pss_interval = pss_interval
+        self._pss_at = 0.0
         self.peak = 0
         self.peak_pss = 0
         self.last_pss = 0
@@ -49,12 +51,19 @@ class MemorySampler:
         self.sample()
         return self.peak
 
-    def sample(self) -> int:
-        """RSS and PSS of the process tree now; the peaks are kept over the whole run."""
-        now, pss = tree_memory_bytes(os.getpid())
+    def sample(self, pss: bool = False) -> int:
+        """RSS of the process tree now (cheap: /proc/PID/status), and PSS (smaps_rollup: tens of ms for a
+        large process, so not every 50 ms) when asked, when the RSS reaches a new peak, or every
+        `pss_interval` seconds; the peaks are kept over the whole run."""
+        pid = os.getpid()
+        now = tree_rss_bytes(pid)
+        t = time.monotonic()
+        if pss or now > self.peak or t - self._pss_at >= self.pss_interval:
+            p = tree_memory_bytes(pid)[1]
+            self._pss_at = t
+            self.last_pss = p
+            self.peak_pss = max(self.peak_pss, p)
         self.peak = max(self.peak, now)
-        self.last_pss = pss
-        self.peak_pss = max(self.peak_pss, pss)
         return now
 
     def _run(self) -> None:
@@ -78,7 +87,7 @@ def _children(pid: int) -> list[int]:
 
 def tree_rss_bytes(pid: int) -> int:
     """Resident set size of `pid` and its descendants, from /proc (Linux); 0 elsewhere."""
-    return tree_memory_bytes(pid)[0]
+    return tree_memory_bytes(pid, pss=False)[0]
 
 
 def _pss(pid: int) -> int:
@@ -93,12 +102,12 @@ def _pss(pid: int) -> int:
     return 0
 
 
-def tree_memory_bytes(pid: int) -> tuple[int, int]:
+def tree_memory_bytes(pid: int, pss: bool = True) -> tuple[int, int]:
     """(RSS summed, PSS summed) over `pid` and its descendants, from /proc (Linux); zeros elsewhere.
 
     The RSS sum counts pages shared between the processes once per process; the PSS sum counts
     each page once in all."""
-    total, pss, stack, seen = 0, 0, [pid], set()
+    total, pss_total, stack, seen = 0, 0, [pid], set()
     while stack:
         p = stack.pop()
         if p in seen:
@@ -112,9 +121,10 @@ def tree_memory_bytes(pid: int) -> tuple[int, int]:
                         break
         except OSError:
             continue
-        pss += _pss(p)
+        if pss:
+            pss_total += _pss(p)
         stack += _children(p)
-    return total, pss
+    return total, pss_total
 
 
 def device_used_bytes() -> int | None:
@@ -308,7 +318,7 @@ def serve_loop(spec: dict[str, Any], commands, replies) -> int:
     t_start = time.perf_counter()
     engine = (VllmEngine if spec["engine"] == "vllm" else TransformersEngine)(spec)
     startup_s = time.perf_counter() - t_start
-    after_load = mem.sample()
+    after_load = mem.sample(pss=True)
 
     def reply(obj: dict[str, Any]) -> None:
         replies.write(json.dumps(obj) + "\n")
@@ -340,6 +350,7 @@ def serve_loop(spec: dict[str, Any], commands, replies) -> int:
                "records": [{"first": r["first"], "done": r["done"], "n_tokens": len(r["token_ids"])} for r in recs],
                "peak_rss_bytes": mem.peak, "peak_pss_bytes": mem.peak_pss, "device_used_bytes": device_used_bytes()})
     mem.stop()
+    mem.sample(pss=True)
     engine.close()
     reply({"event": "closed", "peak_rss_bytes": mem.peak, "peak_pss_bytes": mem.peak_pss})
     return 0
