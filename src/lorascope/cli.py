@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "output token and peak memory at each batch size for three modes: each adapter "
                                    "merged into a copy of the base weights; the base model with one adapter chosen "
                                    "per request; and all adapters side by side with requests for each mixed in every "
-                                   "batch. Each configuration runs in its own process with the same prompts (the "
+                                   "batch. Each configuration runs in its own long-lived process; merged and unmerged "
+                                   "alternate round by round (20 timed batches by default), with the same prompts (the "
                                    "adapters' tasks' evaluation prompts), the same output length and the same engine "
                                    "settings; greedy outputs of merged and unmerged are compared. Writes serve.json, "
                                    "serve.csv and PNG figures.")
@@ -147,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let vLLM compile / capture graphs on CPU too (default: as deployed: vLLM's default graph "
                         "capture and compilation on GPU, eager on vLLM-CPU, which needs it for LoRA; both arms alike)")
     p.add_argument("--enforce-eager", action="store_true", help="eager mode on GPU too (both arms alike)")
-    p.add_argument("--timeout", type=int, default=3600, help="seconds per configuration before it is failed")
+    p.add_argument("--timeout", type=int, default=3600,
+                   help="seconds a configuration's engine may take to load or to run one batch before it is failed")
     p.add_argument("--data-dir", help="local data folder with mrpc/ and squad_v2/ (default: $LORASCOPE_DATA_DIR, "
                                       "else the Hugging Face Hub)")
 
