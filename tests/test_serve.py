@@ -477,6 +477,7 @@ def test_report_serving_cells():
     row = {"ttft_overhead": 0.5, "ttft_overhead_ci_low": 0.25, "ttft_overhead_ci_high": 0.75}
     assert "50" in _serve_ov(row, "ttft_overhead") and "25" in _serve_ov(row, "ttft_overhead")
     assert _serve_ov({"tpot_overhead": None}, "tpot_overhead") == "-"
+    assert "75% coverage" in _serve_ov(dict(row, ttft_overhead_ci_coverage=0.75), "ttft_overhead")
 
 
 def test_a_worker_that_dies_fails_alone(serve_model, tmp_path):

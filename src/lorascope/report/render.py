@@ -135,8 +135,11 @@ def _serve_tail(r: dict) -> str:
 def _serve_ov(r: dict, col: str) -> str:
     if r.get(col) is None:
         return "-"
-    lo, hi = r.get(f"{col}_ci_low"), r.get(f"{col}_ci_high")
-    return f"{_pct(r[col])} [{_pct(lo)}, {_pct(hi)}]" if lo is not None else _pct(r[col])
+    lo, hi, cov = r.get(f"{col}_ci_low"), r.get(f"{col}_ci_high"), r.get(f"{col}_ci_coverage")
+    if lo is None:
+        return _pct(r[col])
+    note = f" (min-max of too few rounds: {cov:.0%} coverage)" if cov is not None and cov < 0.95 else ""
+    return f"{_pct(r[col])} [{_pct(lo)}, {_pct(hi)}]{note}"
 
 
 def render_report(run_dir: str | Path) -> Path:

@@ -968,6 +968,7 @@ def summarize(results: list[dict[str, Any]], adapters: list[dict[str, Any]], set
             x[col] = d["median"] if d else None
             x[f"{col}_ci_low"] = d["ci_low"] if d else None
             x[f"{col}_ci_high"] = d["ci_high"] if d else None
+            x[f"{col}_ci_coverage"] = d["coverage"] if d else None  # below 0.95 with fewer than 6 rounds
             if key == "e2e":
                 x["overhead_min"] = d["min"] if d else None
                 x["overhead_max"] = d["max"] if d else None
@@ -1089,7 +1090,9 @@ def tail_label(row: dict[str, Any], key: str = "latency", q: str = "p95") -> str
 def _ov(row: dict[str, Any], col: str) -> str:
     if row.get(col) is None:
         return ""
-    return f"{row[col]:+.0%} [{row[col + '_ci_low']:+.0%},{row[col + '_ci_high']:+.0%}]"
+    cov = row.get(col + "_ci_coverage")
+    mark = "*" if cov is not None and cov < 0.95 else ""
+    return f"{row[col]:+.0%} [{row[col + '_ci_low']:+.0%},{row[col + '_ci_high']:+.0%}]{mark}"
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -1105,7 +1108,7 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{_ov(r, 'ttft_overhead'):>17s} {_ov(r, 'tpot_overhead'):>17s} {fl:>10s} "
                      f"{r.get('peak_pss_mb', 0):8.0f}")
     lines.append("n: requests timed; a p95 needs n >= 20 (else the max is shown); overheads vs merged: median over "
-                 "rounds paired in time [95% interval]")
+                 "rounds paired in time [95% interval; * = fewer than 6 rounds: min-max, coverage below 95%]")
     for k, v in report["summary"]["agreement"].items():
         if v:
             lines.append(f"agreement {k}: {v['identical']}/{v['n']} identical, mean common prefix "
