@@ -13,7 +13,7 @@ from lorascope import LorascopeError
 
 MODES_ALL = ("merged", "unmerged", "multi")
 ROW_METRICS = ("tokens_per_second", "tokens_per_second_min", "tokens_per_second_max", "latency_p50_s",
-               "latency_p95_s", "ttft_p50_s", "tpot_p50_s", "peak_rss_mb")
+               "latency_max_s", "ttft_p50_s", "tpot_p50_s", "peak_rss_mb", "peak_pss_mb", "samples")
 
 
 def make_adapter(base: Path, out: Path, task: str, *, seed: int, rank: int = 8) -> Path:
@@ -56,14 +56,25 @@ def _check_report(out: Path, configs: set[str], sizes: list[int]) -> dict:
         for k in ROW_METRICS:
             assert r[k] is not None and r[k] > 0, (r["config"], r["batch_size"], k)
         assert r["tokens_per_second_min"] <= r["tokens_per_second"] <= r["tokens_per_second_max"]
-        assert r["latency_p50_s"] <= r["latency_p95_s"]
+        assert r["latency_p50_s"] <= r["latency_p95_s"] <= r["latency_max_s"]
         if r["mode"] == "merged":
-            assert r["overhead"] is None and r["expected_overhead_flops"] is None
+            assert r["overhead"] is None and r["expected_overhead_flops"] is None and r["ttft_overhead"] is None
         else:
             assert r["overhead_min"] <= r["overhead"] <= r["overhead_max"]
+            assert r["overhead_ci_low"] <= r["overhead"] <= r["overhead_ci_high"]
+            assert r["ttft_overhead"] is not None and r["tpot_overhead"] is not None
             assert 0 < r["expected_overhead_flops"] < 1
-    header = (out / "serve.csv").read_text().splitlines()[0].split(",")
-    assert "overhead" in header and "expected_overhead_flops" in header and "latency_p95_s" in header
+    import csv
+
+    with open(out / "serve.csv") as fh:
+        table = list(csv.DictReader(fh))
+    for k in ("overhead", "expected_overhead_flops", "latency_p95_s", "samples", "ttft_overhead", "tpot_overhead"):
+        assert k in table[0]
+    assert len(table) == len(rows)
+    for t, r in zip(table, rows):
+        assert int(t["samples"]) == r["samples"] == r["rounds"] * r["batch_size"]
+        assert (t["ttft_overhead"] == "") == (r["mode"] == "merged")
+        assert (t["latency_p95_s"] == "") == (r["samples"] < 20)  # printed only where the samples support it
     for png in ("serve_throughput.png", "serve_latency_p95.png", "serve_memory.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["provenance"]["versions"]["torch"]
@@ -117,8 +128,14 @@ def test_transformers_multi_adapter_mixed_batches(serve_model, adapters, small_d
     _check_report(out, {"merged:mrpc", "unmerged:mrpc", "merged:squad", "unmerged:squad", "multi"}, [2, 4])
     _check_agreement(report, ["mrpc", "squad"])
     mem = report["summary"]["memory"]
-    assert mem["merged_alternative_for_all_tasks_mb"] == pytest.approx(
-        mem["merged:mrpc"]["peak_rss_mb"] + mem["merged:squad"]["peak_rss_mb"])
+    # the merged alternative: one more copy of the weights (+ its KV cache) per further task, not another engine
+    biggest = max(mem["merged:mrpc"]["peak_pss_mb"], mem["merged:squad"]["peak_pss_mb"])
+    assert mem["merged_alternative_mib"] == pytest.approx(biggest + mem["weights_mib"])
+    for name in ("merged:mrpc", "unmerged:mrpc", "multi"):
+        b = mem[name]["breakdown_mib"]
+        assert b["weights"] + b["adapters"] + b["kv_cache_reserved"] + b["engine_runtime"] == pytest.approx(
+            mem[name]["peak_pss_mb"])
+    assert mem["multi"]["breakdown_mib"]["adapters"] == pytest.approx(sum(mem["adapters_mib"].values()))
     spec = json.loads((out / "configs" / "multi.spec.json").read_text())
     # requests of both adapters alternate, so every batch of 2 or more mixes them
     assert [it["adapter"] for it in spec["items"][:4]] == ["mrpc", "squad", "mrpc", "squad"]
@@ -298,3 +315,185 @@ def test_natural_lengths_stop_at_eos(serve_model, adapters, small_data, tmp_path
         ids = c["token_ids"]
         assert 1 <= len(ids) <= 6 and (eos not in ids or ids.index(eos) == len(ids) - 1)
     assert report["summary"]["rows"][0]["tokens_per_second"] > 0
+
+
+# ---------------------------------------------------------------------------------------
+# samples, interleaving, prefill/decode apart (issue 13)
+
+
+def test_p95_is_numpys_percentile_and_the_arms_alternate(serve_model, adapters, small_data, tmp_path):
+    """20 timed batches per point: the reported p95 is numpy's percentile of the recorded samples; the
+    schedule alternates merged and unmerged round by round, on the same prompts, back to back."""
+    import csv
+
+    import numpy as np
+
+    from lorascope.serve import ServeSettings, run_serve_bench
+
+    settings = ServeSettings(engine="transformers", batch_sizes=[1, 2], output_tokens=3, check_prompts=2,
+                             modes=["merged", "unmerged"])
+    assert settings.batches == 20  # the default
+    report = run_serve_bench(str(serve_model), [f"squad={adapters['squad']}"], str(tmp_path), settings,
+                             data_dir=str(small_data))
+    rows = {(r["config"], r["batch_size"]): r for r in report["summary"]["rows"]}
+    for cfg in report["configs"]:
+        for b in cfg["batches"]:
+            rounds = b["rounds"]
+            assert [x["round"] for x in rounds] == list(range(20))
+            keys = [k for x in rounds for k in x["keys"]]
+            pool = report["workload"]["squad_v2"]["distinct_prompts"]  # the small fixture has fewer than 42
+            assert len(keys) == 20 * b["batch_size"] and len(set(keys)) == min(len(keys), pool)
+            assert all(len(set(x["keys"])) == len(x["keys"]) for x in rounds)  # distinct within a batch
+            stream = [it["key"] for it in json.loads((tmp_path / "configs" / f"{cfg['name'].replace(':', '-')}.spec.json")
+                                                     .read_text())["items"]]
+            bs = b["batch_size"]
+            # the warm-up batch took the stream's first bs prompts; timed round k the (k+1)-th batch
+            assert rounds[0]["keys"] == [stream[(bs + i) % len(stream)] for i in range(bs)]
+            row = rows[(cfg["name"], b["batch_size"])]
+            for key in ("latency", "ttft", "tpot"):
+                samples = [v for x in rounds for v in x[key]]
+                assert row["stats"][key]["samples"] == len(samples) == 20 * b["batch_size"]
+                for q in (50, 95, 99):
+                    assert row[f"{key}_p{q}_s"] == pytest.approx(np.percentile(samples, q), rel=1e-12)
+                assert row[f"{key}_max_s"] == max(samples)
+            assert row["stats"]["latency"]["supported"] == {"p50": True, "p95": True, "p99": False}
+    with open(tmp_path / "serve.csv") as fh:
+        table = list(csv.DictReader(fh))
+    for t in table:
+        assert t["latency_p95_s"] != "" and t["latency_p99_s"] == ""  # 20 or 40 samples: p95 yes, p99 no
+        assert float(t["latency_p95_s"]) == pytest.approx(rows[(t["config"], int(t["batch_size"]))]["latency_p95_s"],
+                                                          rel=1e-5)
+    # the schedule: warm engines side by side, merged and unmerged alternating A B A B ...
+    sched = report["schedule"]
+    assert [s["config"] for s in sched] == ["merged:squad", "unmerged:squad"] * 40
+    assert [(s["batch_size"], s["round"]) for s in sched[::2]] == [(b, k) for b in (1, 2) for k in range(20)]
+    assert [(s["batch_size"], s["round"]) for s in sched[1::2]] == [(b, k) for b in (1, 2) for k in range(20)]
+    assert all(x["t_start"] <= y["t_start"] for x, y in zip(sched, sched[1:]))
+    m, u = (next(c for c in report["configs"] if c["name"] == n) for n in ("merged:squad", "unmerged:squad"))
+    for bm, bu in zip(m["batches"], u["batches"]):
+        assert [x["keys"] for x in bm["rounds"]] == [x["keys"] for x in bu["rounds"]]  # the same prompts per round
+    r = rows[("unmerged:squad", 2)]
+    assert r["paired"]["e2e"]["n"] == 20 and len(r["paired"]["tpot"]["per_round"]) == 20
+    assert report["eager"]["enforce_eager"] is None  # transformers: recorded as not applicable
+    assert u["settings"]["peft_path"] == "single adapter (no adapter_names)"
+
+
+def test_paired_overheads_by_hand():
+    """Round-by-round pairing of end-to-end, TTFT and TPOT overheads, recomputed with a plain loop."""
+    from lorascope.serve.bench import median_ci, paired_overhead
+
+    merged, unmerged = [], []
+    for k in range(8):
+        merged.append({"round": k, "tokens_per_second": 100.0 + k, "ttft": [0.10, 0.12], "tpot": [0.010, 0.012]})
+        slow = 3.0 if k == 5 else 1.0  # round 5: a burst of load on the unmerged side only
+        unmerged.append({"round": k, "tokens_per_second": (100.0 + k) / (1.2 * slow), "ttft": [0.15 * slow, 0.18 * slow],
+                         "tpot": [0.0105 * slow, 0.0126 * slow]})
+    po = paired_overhead(unmerged, merged)
+    e2e = [1.2 * (3.0 if k == 5 else 1.0) - 1 for k in range(8)]
+    assert po["e2e"]["per_round"] == pytest.approx(e2e)
+    assert po["e2e"]["median"] == pytest.approx(sorted(e2e)[3] / 2 + sorted(e2e)[4] / 2)
+    assert po["ttft"]["median"] == pytest.approx(0.5)  # prefill +50 %
+    assert po["tpot"]["median"] == pytest.approx(0.05)  # decode +5 %
+    assert [d["round"] for d in po["e2e"]["disagreeing_rounds"]] == [5]
+    assert [d["round"] for d in po["tpot"]["disagreeing_rounds"]] == [5]
+    # the median's interval from order statistics: n = 20 gives the 6th and 15th values (95.9 % coverage)
+    ci = median_ci([float(v) for v in range(20)])
+    assert (ci["ci_low"], ci["ci_high"]) == (5.0, 14.0) and ci["coverage"] == pytest.approx(0.9586, abs=1e-4)
+    # coverage by brute force over all 2**n sign patterns of a median-zero symmetric variable
+    import itertools
+
+    n, lo_i, hi_i = 9, None, None
+    ci9 = median_ci(list(range(n)))
+    lo_i, hi_i = ci9["ci_low"], ci9["ci_high"]
+    inside = sum(sum(bits) > lo_i and n - sum(bits) > n - 1 - hi_i for bits in itertools.product((0, 1), repeat=n))
+    assert inside / 2**n == pytest.approx(ci9["coverage"])
+
+
+def test_transformers_single_adapter_takes_peft_plain_path(serve_model, adapters, monkeypatch):
+    """One adapter: generate without adapter_names (PEFT's plain path); base requests via disable_adapter;
+    multi (two adapters): adapter_names per request."""
+    from lorascope.serve.worker import TransformersEngine
+
+    spec = {"model": str(serve_model), "dtype": "float32", "output_tokens": 3, "ignore_eos": True,
+            "adapters": [{"name": "mrpc", "path": str(adapters["mrpc"])}]}
+    items = [{"key": "a", "adapter": "mrpc", "prompt_ids": [5, 6, 7]}, {"key": "b", "adapter": "mrpc",
+                                                                        "prompt_ids": [8, 9]}]
+    eng = TransformersEngine(spec)
+    seen = []
+    real = eng.model.generate
+    monkeypatch.setattr(eng.model, "generate", lambda **kw: seen.append(kw) or real(**kw))
+    with_adapter = eng.run(items)
+    assert "adapter_names" not in seen[-1] and eng.settings["peft_path"] == "single adapter (no adapter_names)"
+    base = eng.run([dict(it, adapter=None) for it in items])
+    assert "adapter_names" not in seen[-1]
+    assert [r["token_ids"] for r in base] != [r["token_ids"] for r in with_adapter]  # the adapter was off
+    with pytest.raises(ValueError, match="batches hold either mrpc or base-model requests only"):
+        eng.run([items[0], dict(items[1], adapter=None)])
+    # the old path, kept for comparison, gives the same tokens
+    forced = TransformersEngine(dict(spec, force_adapter_names=True))
+    assert [r["token_ids"] for r in forced.run(items)] == [r["token_ids"] for r in with_adapter]
+    multi = TransformersEngine(dict(spec, adapters=[{"name": "mrpc", "path": str(adapters["mrpc"])},
+                                                   {"name": "squad", "path": str(adapters["squad"])}]))
+    seen_m = []
+    real_m = multi.model.generate
+    monkeypatch.setattr(multi.model, "generate", lambda **kw: seen_m.append(kw) or real_m(**kw))
+    multi.run([items[0], dict(items[1], adapter="squad")])
+    assert seen_m[-1]["adapter_names"] == ["mrpc", "squad"]
+
+
+def test_bad_counts_one_clear_line(serve_model, adapters, tmp_path):
+    for flag, value, msg in (("--batches", "0", "--batches 0: expected a positive number of timed batches"),
+                             ("--repetitions", "-2", "--repetitions -2: expected a positive number"),
+                             ("--warmup", "-1", "--warmup -1: expected 0 or more")):
+        r = run_cli("serve-bench", "--engine", "transformers", "--base", str(serve_model), "--adapter",
+                    f"a={adapters['mrpc']}", flag, value, "--output-dir", str(tmp_path / "o"))
+        assert r.returncode == 2 and msg in r.stderr, r.stderr[-1000:]
+        assert "Traceback" not in r.stderr
+    assert not (tmp_path / "o" / "serve.json").exists()
+
+
+def test_eager_only_where_the_engine_needs_it(monkeypatch):
+    from lorascope.serve import bench
+
+    s = bench.ServeSettings(engine="vllm")
+    monkeypatch.setattr(bench, "_on_cpu", lambda: False)
+    assert bench._engine_args(s)["enforce_eager"] is False  # GPU: vLLM's graphs and compilation in both arms
+    assert "default graph capture" in bench._eager_record(s)["reason"]
+    monkeypatch.setattr(bench, "_on_cpu", lambda: True)
+    assert bench._engine_args(s)["enforce_eager"] is True and "vLLM-CPU" in bench._eager_record(s)["reason"]
+    s.enforce_eager = False
+    assert bench._engine_args(s)["enforce_eager"] is False and bench._eager_record(s)["reason"] == "set by the user"
+
+
+def test_report_serving_cells():
+    """The report prints a p95 only from 20 requests on, else the max, marked; overheads with their interval."""
+    from lorascope.report.render import _serve_ov, _serve_tail
+
+    few = {"stats": {"latency": {"samples": 3, "p95": 1.9, "max": 2.0,
+                                 "supported": {"p50": True, "p95": False, "p99": False}}}}
+    many = {"stats": {"latency": {"samples": 20, "p95": 1.9, "max": 2.0,
+                                  "supported": {"p50": True, "p95": True, "p99": False}}}}
+    assert _serve_tail(few) == "max 2.000 (only 3 requests)" and _serve_tail(many) == "1.900"
+    row = {"ttft_overhead": 0.5, "ttft_overhead_ci_low": 0.25, "ttft_overhead_ci_high": 0.75}
+    assert "50" in _serve_ov(row, "ttft_overhead") and "25" in _serve_ov(row, "ttft_overhead")
+    assert _serve_ov({"tpot_overhead": None}, "tpot_overhead") == "-"
+    assert "75% coverage" in _serve_ov(dict(row, ttft_overhead_ci_coverage=0.75), "ttft_overhead")
+
+
+def test_a_worker_that_dies_fails_alone(serve_model, tmp_path):
+    """One configuration's engine cannot start: it fails with its log; the other runs all its rounds."""
+    from lorascope.serve.bench import ServeSettings, run_group
+
+    items = [{"key": f"k{i}", "adapter": None, "prompt_ids": [5 + i, 6, 7]} for i in range(4)]
+    good = {"name": "merged:a", "mode": "merged", "engine": "transformers", "model": str(serve_model), "adapters": [],
+            "items": items, "check_items": items[:1], "output_tokens": 2, "ignore_eos": True, "dtype": "float32",
+            "kv_cache_gb": 1}
+    bad = dict(good, name="unmerged:a", mode="unmerged", model=str(tmp_path / "no-such-model"))
+    settings = ServeSettings(engine="transformers", batch_sizes=[1], batches=2, warmup=0, timeout_seconds=300)
+    results, schedule = run_group([good, bad], tmp_path, settings)
+    ok, failed = results
+    assert ok["status"] == "ok" and [x["round"] for x in ok["batches"][0]["rounds"]] == [0, 1]
+    assert failed["status"] == "failed" and failed["error"].startswith("unmerged:a: exit status")
+    assert (tmp_path / "configs" / "unmerged-a.log").is_file() and failed["log_tail"]
+    assert [s["config"] for s in schedule] == ["merged:a", "merged:a"]
+    assert not (tmp_path / "configs" / "unmerged-a.json").exists()

@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "output token and peak memory at each batch size for three modes: each adapter "
                                    "merged into a copy of the base weights; the base model with one adapter chosen "
                                    "per request; and all adapters side by side with requests for each mixed in every "
-                                   "batch. Each configuration runs in its own process with the same prompts (the "
+                                   "batch. Each configuration runs in its own long-lived process; merged and unmerged "
+                                   "alternate round by round (20 timed batches by default), with the same prompts (the "
                                    "adapters' tasks' evaluation prompts), the same output length and the same engine "
                                    "settings; greedy outputs of merged and unmerged are compared. Writes serve.json, "
                                    "serve.csv and PNG figures.")
@@ -155,7 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-tokens", type=int, default=32, help="tokens generated per request (default 32)")
     p.add_argument("--natural-lengths", action="store_true",
                    help="stop at end-of-sequence instead of generating exactly --output-tokens")
-    p.add_argument("--repetitions", type=int, default=3, help="timed repetitions per batch size (default 3)")
+    p.add_argument("--batches", type=int, default=20,
+                   help="timed batches (rounds) per configuration and batch size, each with prompts of its own "
+                        "(default 20; a p95 needs 20 samples, a p99 100)")
+    p.add_argument("--repetitions", type=int, help="the old name of --batches (sets it)")
+    p.add_argument("--force-adapter-names", action="store_true",
+                   help="transformers engine, one adapter: take PEFT's mixed-batch path (adapter_names) anyway, "
+                        "to measure what it costs")
     p.add_argument("--warmup", type=int, default=1, help="untimed batches per batch size first (default 1)")
     p.add_argument("--modes", default="merged,unmerged,multi", help="subset of merged,unmerged,multi")
     p.add_argument("--check-prompts", type=int, default=8,
@@ -167,8 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPUs, bfloat16 on GPUs), float32, bfloat16")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM tensor parallelism (GPUs)")
     p.add_argument("--no-enforce-eager", action="store_true",
-                   help="let vLLM compile / capture graphs (both arms alike; vLLM-CPU disables it with LoRA)")
-    p.add_argument("--timeout", type=int, default=3600, help="seconds per configuration before it is failed")
+                   help="let vLLM compile / capture graphs on CPU too (default: as deployed: vLLM's default graph "
+                        "capture and compilation on GPU, eager on vLLM-CPU, which needs it for LoRA; both arms alike)")
+    p.add_argument("--enforce-eager", action="store_true", help="eager mode on GPU too (both arms alike)")
+    p.add_argument("--timeout", type=int, default=3600,
+                   help="seconds a configuration's engine may take to load or to run one batch before it is failed")
     p.add_argument("--data-dir", help="local data folder with mrpc/ and squad_v2/ (default: $LORASCOPE_DATA_DIR, "
                                       "else the Hugging Face Hub)")
 
@@ -303,12 +313,13 @@ def _run(args: argparse.Namespace) -> int:
             raise LorascopeError(f"--batch-sizes {args.batch_sizes!r}: expected comma-separated integers, "
                                  f"e.g. 1,2,4,8,16") from None
         settings = ServeSettings(engine=args.engine, batch_sizes=sizes, output_tokens=args.output_tokens,
-                                 natural_lengths=args.natural_lengths, repetitions=args.repetitions,
+                                 natural_lengths=args.natural_lengths, batches=args.batches,
+                                 repetitions=args.repetitions, force_adapter_names=args.force_adapter_names,
                                  warmup=args.warmup, check_prompts=args.check_prompts,
                                  max_prompt_tokens=args.max_prompt_tokens, max_lora_rank=args.max_lora_rank,
                                  dtype=args.dtype, kv_cache_gb=args.kv_cache_gb, max_model_len=args.max_model_len,
                                  tensor_parallel_size=args.tensor_parallel_size,
-                                 enforce_eager=not args.no_enforce_eager,
+                                 enforce_eager=(False if args.no_enforce_eager else True if args.enforce_eager else None),
                                  modes=[m.strip() for m in args.modes.split(",") if m.strip()],
                                  timeout_seconds=args.timeout)
         report = run_serve_bench(args.base, args.adapter, args.output_dir, settings, data_dir=args.data_dir)

@@ -61,7 +61,8 @@ class StudyArgs:
     serve_engine: str = field(default="vllm", metadata={"help": "vllm or transformers"})
     serve_batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16], metadata={"help": "batch sizes"})
     serve_output_tokens: int = field(default=32, metadata={"help": "tokens generated per request"})
-    serve_repetitions: int = field(default=3, metadata={"help": "timed repetitions per batch size"})
+    serve_batches: int = field(default=20, metadata={"help": "timed batches (rounds) per configuration and batch size"})
+    serve_repetitions: int | None = field(default=None, metadata={"help": "the old name of serve_batches (sets it)"})
     serve_check_prompts: int = field(default=8, metadata={"help": "prompts per adapter in the agreement check"})
     serve_kv_cache_gb: float = field(default=1.0, metadata={"help": "vLLM KV-cache reservation (GiB)"})
     serve_max_prompt_tokens: int = field(default=512, metadata={"help": "leave longer prompts out of the workload"})
@@ -111,6 +112,11 @@ class StudyArgs:
         for t in self.per_task:
             if t not in self.tasks:
                 out.append(f"study.per_task: {t!r} is not one of study.tasks ({', '.join(self.tasks)})")
+        if self.serve_batches < 1:
+            out.append(f"study.serve_batches: must be at least 1 (default 20), got {self.serve_batches}")
+        if self.serve_repetitions is not None and self.serve_repetitions < 1:
+            out.append(f"study.serve_repetitions (the old name of serve_batches): must be at least 1, "
+                       f"got {self.serve_repetitions}")
         if self.drift_examples < 2:
             out.append(f"study.drift_examples: must be at least 2, got {self.drift_examples}")
         for name in ("lr_full", "lr_lora"):
@@ -356,7 +362,8 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
         for r in serve_ranks:
             adapters = [f"{task}={train_dir(task, f'lora_r{r}_s{study.seeds[0]}') / 'model'}" for task in st.tasks]
             settings = ServeSettings(engine=st.serve_engine, batch_sizes=st.serve_batch_sizes,
-                                     output_tokens=st.serve_output_tokens, repetitions=st.serve_repetitions,
+                                     output_tokens=st.serve_output_tokens, batches=st.serve_batches,
+                                     repetitions=st.serve_repetitions,
                                      check_prompts=st.serve_check_prompts, kv_cache_gb=st.serve_kv_cache_gb,
                                      max_prompt_tokens=st.serve_max_prompt_tokens,
                                      max_model_len=st.serve_max_model_len,

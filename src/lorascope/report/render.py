@@ -161,6 +161,25 @@ th{background:#f3f3f3}.pass{background:#dff5df}.fail{background:#fbe0e0}.inconcl
 figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}pre{background:#f7f7f7;padding:8px;overflow-x:auto}"""
 
 
+def _serve_tail(r: dict) -> str:
+    st = (r.get("stats") or {}).get("latency")
+    if st is None:  # a serve.json written before the sample counts were recorded
+        return _f(r.get("latency_p95_s"), ".3f")
+    if st["supported"]["p95"]:
+        return f"{st['p95']:.3f}"
+    return f"max {st['max']:.3f} (only {st['samples']} requests)"
+
+
+def _serve_ov(r: dict, col: str) -> str:
+    if r.get(col) is None:
+        return "-"
+    lo, hi, cov = r.get(f"{col}_ci_low"), r.get(f"{col}_ci_high"), r.get(f"{col}_ci_coverage")
+    if lo is None:
+        return _pct(r[col])
+    note = f" (min-max of too few rounds: {cov:.0%} coverage)" if cov is not None and cov < 0.95 else ""
+    return f"{_pct(r[col])} [{_pct(lo)}, {_pct(hi)}]{note}"
+
+
 def render_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     study = _load(run_dir / "study.json")
@@ -234,9 +253,9 @@ def render_report(run_dir: str | Path) -> Path:
           f"method and then over evaluation clusters (unit: {', '.join(units) or 'example'})"
           + (": with 1 seed they cover the choice of evaluation examples only, not seed variance"
              if n_seeds < 2 else "")
-          + "; drift ratio, delete-a-group jackknife over prompts (seed "
-          f"{verdict['seeds'][0]}). Serving overhead = merged tokens/s / unmerged tokens/s - 1, median of paired "
-          "repetitions per batch size.")
+          + "; drift ratio, delete-a-group jackknife over prompts, plus the between-seed variance when a method "
+          "has two or more seeds. Serving overhead = merged tokens/s / unmerged tokens/s - 1, median of rounds "
+          "paired in time per batch size.")
 
     _lr_section(doc, run_dir, tasks)
 
@@ -340,20 +359,36 @@ def render_report(run_dir: str | Path) -> Path:
         for sf in serve_dirs:
             s = _load(sf)
             doc.h(3, f"{sf.parent.name} ({s['settings']['engine']})")
-            rows = [[r["config"], str(r["batch_size"]), _f(r["tokens_per_second"]),
-                     _f(r["latency_p95_s"], ".3f"), _f(r["ttft_p50_s"], ".3f"),
-                     (f"{_pct(r['overhead'])} [{_pct(r['overhead_min'])}, {_pct(r['overhead_max'])}]"
-                      if r["overhead"] is not None else "-"), _pct(r["expected_overhead_flops"]),
-                     _f(r["peak_rss_mb"], ".0f")] for r in s["summary"]["rows"]]
-            doc.table(["config", "batch", "tokens/s", "p95 latency s", "TTFT s", "overhead [range]",
-                       "FLOP limit", "peak MiB"], rows)
+            rows = [[r["config"], str(r["batch_size"]), str(r.get("samples", "")), _f(r["tokens_per_second"]),
+                     _serve_tail(r), _f(r["ttft_p50_s"], ".3f"), _serve_ov(r, "overhead"),
+                     _serve_ov(r, "ttft_overhead"), _serve_ov(r, "tpot_overhead"), _pct(r["expected_overhead_flops"]),
+                     _f(r.get("peak_pss_mb") or r["peak_rss_mb"], ".0f")] for r in s["summary"]["rows"]]
+            doc.table(["config", "batch", "requests timed", "tokens/s", "p95 latency s", "TTFT p50 s",
+                       "end-to-end overhead [95% CI]", "TTFT (prefill) overhead", "TPOT (decode) overhead",
+                       "FLOP limit", "peak PSS MiB"], rows)
+            n_rounds = s["settings"].get("batches") or s["settings"].get("repetitions")
+            doc.p(f"Overheads vs merged: median over {n_rounds} rounds per batch size in which merged and unmerged "
+                  f"ran back to back on the same prompts (engines warm side by side, arms alternating), with a "
+                  f"distribution-free 95% interval of the median. End to end: time per output token including "
+                  f"prefill; TTFT: time to first token (prefill); TPOT: time per output token after the first "
+                  f"(decode). A p95 is shown only from 20 requests on (else the max, marked). Engine mode: "
+                  f"{(s.get('eager') or {}).get('reason', 'not recorded')}.")
+            for w in s["summary"].get("warnings", []):
+                doc.p(f"Caution: {w}")
             ag = [f"{k}: {v['identical']}/{v['n']} identical" for k, v in s["summary"]["agreement"].items() if v]
             if ag:
                 doc.p("Greedy output agreement: " + "; ".join(ag) + ".")
             mem = s["summary"]["memory"]
-            if "merged_alternative_for_all_tasks_mb" in mem:
-                doc.p(f"Memory: all adapters in one engine {mem['multi']['peak_rss_mb']:.0f} MiB vs one merged "
-                      f"engine per task {mem['merged_alternative_for_all_tasks_mb']:.0f} MiB.")
+            if "merged_alternative_mib" in mem:
+                doc.p(f"Memory (peak PSS over the run, MiB = 2^20 bytes): all adapters in one engine "
+                      f"{mem['multi']['peak_pss_mb']:.0f} MiB vs the merged alternative "
+                      f"{mem['merged_alternative_mib']:.0f} MiB ({mem['merged_alternative_rule']}).")
+            bd = [[n, *(_f(m["breakdown_mib"][k], ".0f") for k in ("weights", "adapters", "kv_cache_reserved",
+                                                                  "engine_runtime", "total_peak_pss"))]
+                  for n, m in mem.items() if isinstance(m, dict) and "breakdown_mib" in m]
+            if bd:
+                doc.table(["config", "weights MiB", "adapters MiB", "KV cache reserved MiB", "engine runtime MiB",
+                           "peak PSS MiB"], bd)
             for fig, cap in (("serve_throughput.png", "output tokens/s vs batch size"),
                              ("serve_latency_p95.png", "p95 latency vs batch size"),
                              ("serve_memory.png", "memory per configuration")):

@@ -42,7 +42,8 @@ class ServeSettings:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     output_tokens: int = 32
     natural_lengths: bool = False  # stop at EOS instead of a fixed output length
-    repetitions: int = 3
+    batches: int = 20  # timed batches (rounds) per configuration and batch size
+    repetitions: int | None = None  # the old name of `batches`; when given it sets `batches`
     warmup: int = 1
     check_prompts: int = 8  # per adapter, for the merged/unmerged agreement check
     max_prompt_tokens: int = 512  # prompts longer than this are left out of the workload
@@ -51,7 +52,10 @@ class ServeSettings:
     kv_cache_gb: float = 1.0  # vLLM KV-cache reservation (CPU: VLLM_CPU_KVCACHE_SPACE; GPU: kv_cache_memory_bytes)
     max_model_len: int = 1024
     tensor_parallel_size: int = 1
-    enforce_eager: bool = True  # vLLM-CPU turns compilation off with LoRA; both arms run the same way
+    # None: as deployed. GPU: vLLM's default graph capture and compilation in both arms; CPU: eager in both
+    # arms (vLLM-CPU needs it with LoRA; merged runs the same way so the arms differ only in LoRA). Recorded.
+    enforce_eager: bool | None = None
+    force_adapter_names: bool = False  # transformers, one adapter: PEFT's mixed-batch path (for comparison)
     modes: list[str] = field(default_factory=lambda: ["merged", "unmerged", "multi"])
     timeout_seconds: int = 3600  # per configuration
     seed: int = 0
@@ -185,16 +189,18 @@ def flop_overhead(adapter: dict[str, Any], shapes: dict[str, list[int]], tied_em
 
 
 def build_workload(adapters: list[dict[str, Any]], base_dir: Path, settings: ServeSettings,
-                   data_dir: str | None) -> dict[str, list[dict[str, Any]]]:
-    """Per adapter: its task's evaluation prompts as token ids (the same ids for every engine)."""
+                   data_dir: str | None, info: dict[str, Any] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Per adapter: its task's evaluation prompts as token ids (the same ids for every engine).
+
+    `info`, if given, gets per task the number of distinct prompts and of requests per batch size."""
     from lorascope.config import DataConfig
     from lorascope.models import load_tokenizer
     from lorascope.tasks import get_task
     from lorascope.tasks.base import prompt_ids
 
     tok = load_tokenizer(str(base_dir))
-    need = (settings.warmup + settings.repetitions) * max(settings.batch_sizes)
-    need = max(need, settings.check_prompts)
+    want = (settings.warmup + settings.batches) * max(settings.batch_sizes)  # distinct prompts in every batch
+    need = max(max(settings.batch_sizes), settings.check_prompts)  # distinct within a batch, at least
     data = DataConfig(dir=data_dir)
     out: dict[str, list[dict[str, Any]]] = {}
     cache: dict[str, list[dict[str, Any]]] = {}
@@ -208,13 +214,19 @@ def build_workload(adapters: list[dict[str, Any]], base_dir: Path, settings: Ser
                 ids = prompt_ids(tok, ex.prompt)
                 if len(ids) <= settings.max_prompt_tokens and len(ids) + settings.output_tokens <= settings.max_model_len:
                     prompts.append({"key": f"{task_name}/{ex.id}", "prompt_ids": ids})
-                if len(prompts) == need:
+                if len(prompts) == want:
                     break
             if len(prompts) < need:
                 raise LorascopeError(f"task {task_name}: only {len(prompts)} evaluation prompts of at most "
-                                     f"{settings.max_prompt_tokens} tokens; the workload needs {need} (warm-up + "
-                                     f"repetitions x largest batch); raise --max-prompt-tokens or lower the batch sizes")
+                                     f"{settings.max_prompt_tokens} tokens; the workload needs {need} (the largest "
+                                     f"batch, or --check-prompts); raise --max-prompt-tokens or lower the batch sizes")
+            if len(prompts) < want:
+                log.warning("task %s: %d evaluation prompts for %d requests per batch size ((warm-up + batches) x "
+                            "largest batch): later batches reuse prompts", task_name, len(prompts), want)
             cache[task_name] = prompts
+            if info is not None:
+                info[task_name] = {"distinct_prompts": len(prompts), "requests_per_batch_size_largest": want,
+                                   "prompts_reused_across_batches": len(prompts) < want}
         out[a["name"]] = cache[task_name]
     return out
 
@@ -260,8 +272,27 @@ def merged_copy(adapter: dict[str, Any], base_dir: Path, out_root: Path) -> Path
 # running configurations
 
 
+def _enforce_eager(settings: ServeSettings) -> bool:
+    if settings.enforce_eager is not None:
+        return settings.enforce_eager
+    return settings.engine == "vllm" and _on_cpu()
+
+
+def _eager_record(settings: ServeSettings) -> dict[str, Any]:
+    if settings.engine != "vllm":
+        return {"enforce_eager": None, "reason": "transformers engine: eager PyTorch in every mode"}
+    eager = _enforce_eager(settings)
+    if settings.enforce_eager is not None:
+        reason = "set by the user"
+    elif eager:
+        reason = ("vLLM-CPU runs LoRA eagerly; merged runs the same way, so the arms differ only in LoRA")
+    else:
+        reason = "GPU: vLLM's default graph capture and compilation in every mode, as it is deployed"
+    return {"enforce_eager": eager, "reason": reason}
+
+
 def _engine_args(settings: ServeSettings) -> dict[str, Any]:
-    args: dict[str, Any] = {"enforce_eager": settings.enforce_eager, "max_model_len": settings.max_model_len,
+    args: dict[str, Any] = {"enforce_eager": _enforce_eager(settings), "max_model_len": settings.max_model_len,
                             "max_num_seqs": max(max(settings.batch_sizes), settings.check_prompts * 2),
                             "enable_prefix_caching": False, "tensor_parallel_size": settings.tensor_parallel_size}
     if not _on_cpu():
@@ -292,60 +323,234 @@ def kv_bytes_per_token(base_dir: Path, dtype: str) -> int:
     return 2 * cfg["num_hidden_layers"] * kv * head_dim * (4 if dtype == "float32" else 2)
 
 
-def run_config(spec: dict[str, Any], out_dir: Path, timeout: int) -> dict[str, Any]:
-    """Run one configuration in a fresh process; return its result or a failure record with its log."""
+class _Worker:
+    """One configuration's long-lived engine process: JSON commands on stdin, JSON replies on a pipe."""
+
+    def __init__(self, spec: dict[str, Any], cfg_dir: Path, safe: str):
+        self.spec = spec
+        self.name = spec["name"]
+        self.log_file = cfg_dir / f"{safe}.log"
+        spec_file = cfg_dir / f"{safe}.spec.json"
+        write_json(spec_file, spec)
+        env = dict(os.environ)
+        if spec["engine"] == "vllm" and _on_cpu():
+            # vLLM-CPU sizes its KV cache from this variable (GiB)
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(spec["kv_cache_gb"])))
+        log.info("%s: starting (%s engine, log %s)", self.name, spec["engine"], self.log_file)
+        r, w = os.pipe()
+        self._logfh = open(self.log_file, "w")
+        self.t0 = time.time()
+        try:
+            # its own process group (vLLM's engine processes join it), killed as a whole on a timeout or an
+            # exception here; and a parent-death signal, so a kill -9 of the parent does not leave a worker
+            # measuring beside the rerun
+            self.proc = subprocess.Popen([sys.executable, "-m", "lorascope.serve.worker", str(spec_file), str(w)],
+                                         stdin=subprocess.PIPE, stdout=self._logfh, stderr=subprocess.STDOUT,
+                                         env=env, start_new_session=True, preexec_fn=_die_with_parent,
+                                         pass_fds=(w,), text=True)
+        finally:
+            os.close(w)
+        self.fd = r
+        self._buf = b""
+        self.error: str | None = None
+
+    def read(self, timeout: float) -> dict[str, Any] | None:
+        """The next reply, or None (and self.error set) if the worker died or ran past `timeout`."""
+        import select
+
+        if self.error is not None:
+            return None
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            ready = select.select([self.fd], [], [], min(left, 1.0))[0] if left > 0 else []
+            if not ready and left > 0 and self.proc.poll() is None:
+                continue  # still working
+            chunk = os.read(self.fd, 1 << 20) if ready else (b"" if left > 0 else None)
+            if not chunk:  # timed out (None), or the worker exited / closed the pipe (b""): it is gone
+                if chunk is None:
+                    reason = f"timed out after {timeout:.0f} s"
+                else:
+                    try:
+                        rc = self.proc.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        rc = None
+                    reason = f"exit status {rc}"
+                self.fail(reason)
+                return None
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return json.loads(line)
+
+    def send(self, obj: dict[str, Any]) -> bool:
+        try:
+            self.proc.stdin.write(json.dumps(obj) + "\n")
+            self.proc.stdin.flush()
+            return True
+        except (BrokenPipeError, OSError):
+            self.fail("exit status %s" % self.proc.poll())
+            return False
+
+    def fail(self, reason: str) -> None:
+        if self.error is None:
+            self.kill()
+            self._logfh.flush()
+            tail = self.log_file.read_text(errors="replace").strip().splitlines()[-40:]
+            self.error = f"{self.name}: {reason}; {explain_failure(tail)}"
+            self.tail = tail
+            log.error("%s", self.error)
+
+    def failure(self) -> dict[str, Any]:
+        return {"name": self.name, "mode": self.spec["mode"], "engine": self.spec["engine"], "status": "failed",
+                "error": self.error, "log": str(self.log_file), "log_tail": getattr(self, "tail", []),
+                "seconds": time.time() - self.t0}
+
+    def close(self, timeout: float) -> dict[str, Any] | None:
+        if self.error is None and self.send({"cmd": "close"}):
+            out = self.read(timeout)
+            try:
+                self.proc.wait(timeout=min(timeout, 120))
+            except subprocess.TimeoutExpired:
+                pass
+            self.kill()
+            return out
+        self.kill()
+        return None
+
+    def kill(self) -> None:
+        _kill_group(self.proc)  # also when the worker has exited: the engine's own processes may outlive it
+        self._logfh.flush()
+
+    def release(self) -> None:
+        for fh in (self.proc.stdin, self._logfh):
+            try:
+                fh.close()
+            except OSError:
+                pass
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+def _spec_hash(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_group(specs: list[dict[str, Any]], out_dir: Path, settings: ServeSettings) -> tuple[list, list]:
+    """Run the configurations interleaved in time; return (results, schedule).
+
+    Every configuration's engine stays up for the whole run. At each batch size, every
+    configuration first runs its warm-up batches; then come the timed rounds: in round k each
+    configuration, in turn (merged, unmerged, ..., in the order given), runs the k-th batch of
+    the workload, so the arms alternate A B A B ... and round k of every arm sees the same
+    prompts at nearly the same time. A configuration whose worker dies or stops answering is
+    failed with its log tail; the others go on. Results are cached per configuration
+    (configs/NAME.json, keyed by the spec's hash) and reused only when every configuration of
+    the run is cached, since timings from another run are not interleaved with this one's.
+    """
     cfg_dir = out_dir / "configs"
     cfg_dir.mkdir(parents=True, exist_ok=True)
-    safe = spec["name"].replace(":", "-")
-    spec_hash = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    result_file = cfg_dir / f"{safe}.json"
-    log_file = cfg_dir / f"{safe}.log"
-    if result_file.is_file():
-        prev = json.loads(result_file.read_text())
-        if prev.get("spec_hash") == spec_hash:
-            log.info("%s: reusing %s (same configuration)", spec["name"], result_file)
-            return prev
-    spec_file = cfg_dir / f"{safe}.spec.json"
-    write_json(spec_file, spec)
-    raw = cfg_dir / f".{safe}.raw.json"
-    raw.unlink(missing_ok=True)
-    env = dict(os.environ)
-    if spec["engine"] == "vllm" and _on_cpu():
-        # vLLM-CPU sizes its KV cache from this variable (GiB)
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(spec["kv_cache_gb"])))
-    log.info("%s: starting (%s engine, log %s)", spec["name"], spec["engine"], log_file)
-    t0 = time.time()
-    with open(log_file, "w") as logfh:
-        # its own process group (vLLM's engine processes join it), killed as a whole on a timeout or an
-        # exception here; and a parent-death signal, so a kill -9 of this process does not leave a worker
-        # measuring beside the rerun for up to `timeout` seconds
-        proc = subprocess.Popen([sys.executable, "-m", "lorascope.serve.worker", str(spec_file), str(raw)],
-                                stdout=logfh, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                preexec_fn=_die_with_parent)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            rc = None
-        except BaseException:
-            _kill_group(proc)
-            raise
-        finally:
-            if proc.poll() is None or rc is None:
-                _kill_group(proc)
-    seconds = time.time() - t0
-    if rc == 0 and raw.is_file():
-        res = json.loads(raw.read_text())
-        res.update(spec_hash=spec_hash, status="ok", seconds=seconds, log=str(log_file))
-        write_json(result_file, res)
-        raw.unlink(missing_ok=True)
-        return res
-    tail = log_file.read_text(errors="replace").strip().splitlines()[-40:]
-    reason = "timed out after %d s" % timeout if rc is None else f"exit status {rc}"
-    fail = {"name": spec["name"], "mode": spec["mode"], "engine": spec["engine"], "status": "failed",
-            "error": f"{spec['name']}: {reason}; {explain_failure(tail)}", "log": str(log_file),
-            "log_tail": tail, "seconds": seconds}
-    log.error("%s", fail["error"])
-    return fail
+    safe = {sp["name"]: sp["name"].replace(":", "-") for sp in specs}
+    hashes = {sp["name"]: _spec_hash(sp) for sp in specs}
+    cached = {}
+    for sp in specs:
+        f = cfg_dir / f"{safe[sp['name']]}.json"
+        if f.is_file():
+            prev = json.loads(f.read_text())
+            if prev.get("spec_hash") == hashes[sp["name"]]:
+                cached[sp["name"]] = prev
+    if specs and len(cached) == len(specs):
+        log.info("reusing every configuration's result under %s (same configurations)", cfg_dir)
+        schedule_file = cfg_dir / f"schedule-{_group_id(specs)}.json"
+        schedule = json.loads(schedule_file.read_text()) if schedule_file.is_file() else []
+        return [cached[sp["name"]] for sp in specs], schedule
+    for sp in specs:  # a result from an earlier run cannot stand beside this run's
+        (cfg_dir / f"{safe[sp['name']]}.json").unlink(missing_ok=True)
+    timeout = settings.timeout_seconds
+    workers: list[_Worker] = []
+    ready: dict[str, dict[str, Any]] = {}
+    try:
+        for sp in specs:
+            workers.append(_Worker(sp, cfg_dir, safe[sp["name"]]))
+        for wk in workers:  # engines load in parallel; each must answer within the timeout
+            msg = wk.read(timeout)
+            if msg is not None:
+                ready[wk.name] = msg
+        live = [wk for wk in workers if wk.error is None]
+        rounds: dict[str, list[dict[str, Any]]] = {wk.name: [] for wk in workers}
+        schedule: list[dict[str, Any]] = []
+        for bs in settings.batch_sizes:
+            for wk in live:
+                for w_i in range(settings.warmup):
+                    if wk.error is None and wk.send({"cmd": "run", "items": _batch_items(wk.spec, bs, w_i)}):
+                        wk.read(timeout)
+            for k in range(settings.batches):
+                for wk in live:
+                    if wk.error is not None:
+                        continue
+                    items = _batch_items(wk.spec, bs, settings.warmup + k)
+                    if not wk.send({"cmd": "run", "items": items}):
+                        continue
+                    msg = wk.read(timeout)
+                    if msg is None:
+                        continue
+                    recs = msg["records"]
+                    n_out = sum(r["n_tokens"] for r in recs)
+                    rounds[wk.name].append({
+                        "batch_size": bs, "round": k, "t_start": msg["t_start"], "wall_seconds": msg["wall_seconds"],
+                        "output_tokens": n_out, "tokens_per_second": n_out / msg["wall_seconds"],
+                        "keys": [it["key"] for it in items],
+                        "latency": [r["done"] for r in recs], "ttft": [r["first"] for r in recs],
+                        "tpot": [(r["done"] - r["first"]) / (r["n_tokens"] - 1)
+                                 if r["first"] is not None and r["n_tokens"] > 1 else None for r in recs],
+                        "peak_rss_bytes": msg["peak_rss_bytes"], "peak_pss_bytes": msg["peak_pss_bytes"],
+                        "device_used_bytes": msg.get("device_used_bytes")})
+                    schedule.append({"seq": len(schedule), "config": wk.name, "batch_size": bs, "round": k,
+                                     "t_start": msg["t_start"]})
+            medians = {wk.name: statistics.median(r["tokens_per_second"] for r in rounds[wk.name]
+                                                  if r["batch_size"] == bs)
+                       for wk in live if any(r["batch_size"] == bs for r in rounds[wk.name])}
+            log.info("batch %d: %s", bs, ", ".join(f"{n} {v:.1f} tok/s" for n, v in medians.items()))
+        closed = {wk.name: wk.close(timeout) for wk in workers}
+    except BaseException:
+        for wk in workers:
+            wk.kill()
+        raise
+    finally:
+        for wk in workers:
+            wk.release()
+    results = []
+    for wk in workers:
+        if wk.error is not None or wk.name not in ready or closed.get(wk.name) is None:
+            if wk.error is None:
+                wk.fail("no final reply")
+            results.append(wk.failure())
+            continue
+        msg, fin = ready[wk.name], closed[wk.name]
+        batches = []
+        for bs in settings.batch_sizes:
+            rs = [r for r in rounds[wk.name] if r["batch_size"] == bs]
+            batches.append({"batch_size": bs, "rounds": rs,
+                            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs),
+                            "device_used_bytes": rs[-1]["device_used_bytes"]})
+        res = {k: v for k, v in msg.items() if k != "event"}
+        res.update(batches=batches, peak_rss_bytes=fin["peak_rss_bytes"], peak_pss_bytes=fin["peak_pss_bytes"],
+                   spec_hash=hashes[wk.name], status="ok", seconds=time.time() - wk.t0, log=str(wk.log_file))
+        write_json(cfg_dir / f"{safe[wk.name]}.json", res)
+        results.append(res)
+    write_json(cfg_dir / f"schedule-{_group_id(specs)}.json", schedule)
+    return results, schedule
+
+
+def _group_id(specs: list[dict[str, Any]]) -> str:
+    return "+".join(sp["name"].replace(":", "-") for sp in specs)
+
+
+def _batch_items(spec: dict[str, Any], bs: int, index: int) -> list[dict[str, Any]]:
+    """The index-th batch of size bs from the configuration's request stream (the same for every configuration)."""
+    items = spec["items"]
+    return [items[(index * bs + i) % len(items)] for i in range(bs)]
 
 
 def _die_with_parent() -> None:
@@ -403,8 +608,21 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
         raise LorascopeError(f"--modes {','.join(settings.modes)}: accepted: merged, unmerged, multi")
     if not settings.batch_sizes or min(settings.batch_sizes) < 1:
         raise LorascopeError(f"--batch-sizes {settings.batch_sizes}: expected positive integers, e.g. 1,2,4,8,16")
-    if settings.repetitions < 1 or settings.output_tokens < 2:
-        raise LorascopeError("--repetitions must be >= 1 and --output-tokens >= 2")
+    if settings.repetitions is not None:
+        if settings.repetitions < 1:
+            raise LorascopeError(f"--repetitions {settings.repetitions}: expected a positive number of timed batches "
+                                 f"(it is the old name of --batches)")
+        settings.batches = settings.repetitions
+    if settings.batches < 1:
+        raise LorascopeError(f"--batches {settings.batches}: expected a positive number of timed batches per "
+                             f"configuration and batch size (default 20; a p95 needs >= 20 samples)")
+    if settings.warmup < 0:
+        raise LorascopeError(f"--warmup {settings.warmup}: expected 0 or more untimed batches")
+    if settings.output_tokens < 2:
+        raise LorascopeError(f"--output-tokens {settings.output_tokens}: expected at least 2 (time per output "
+                             f"token needs a second token)")
+    if settings.check_prompts < 1:
+        raise LorascopeError(f"--check-prompts {settings.check_prompts}: expected a positive number")
     if settings.engine == "vllm":
         import importlib.util
 
@@ -445,11 +663,12 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
     for a in adapters:
         a["flops"] = flop_overhead(a, shapes, tied)
         a["base_sha256"] = base_sha
-    workload = build_workload(adapters, base_dir, settings, data_dir) if adapters else {}
+    workload_info: dict[str, Any] = {}
+    workload = build_workload(adapters, base_dir, settings, data_dir, workload_info) if adapters else {}
 
     # base_sha256 and each adapter's sha256 are in the specs: cached timings are keyed by contents, not paths
-    common = {"base_sha256": base_sha, "engine": settings.engine, "batch_sizes": settings.batch_sizes, "repetitions": settings.repetitions,
-              "warmup": settings.warmup, "output_tokens": settings.output_tokens,
+    common = {"base_sha256": base_sha, "engine": settings.engine, "batch_sizes": settings.batch_sizes,
+              "batches": settings.batches, "warmup": settings.warmup, "force_adapter_names": settings.force_adapter_names, "output_tokens": settings.output_tokens,
               "ignore_eos": not settings.natural_lengths, "dtype": dtype, "engine_args": _engine_args(settings),
               "max_lora_rank": max_rank, "kv_cache_gb": settings.kv_cache_gb}
 
@@ -497,22 +716,70 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
                               items=interleave([items_for(a, a["name"]) for a in adapters]),
                               check_items=interleave([check_for(a, a["name"]) for a in adapters])))
 
-    results = []
-    for spec in specs:
-        results.append(run_config(spec, out_dir, settings.timeout_seconds))
+    # engines alive at once: merged:X with unmerged:X (memory for two engines, not for every configuration);
+    # multi runs on its own afterwards, its rounds paired by index with the merged engines' (not in time)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for sp in specs:
+        groups.setdefault(sp["name"].split(":", 1)[-1], []).append(sp)
+    results, schedule = [], []
+    for group in groups.values():
+        res, sched = run_group(group, out_dir, settings)
+        results += res
+        schedule += [dict(x, seq=len(schedule) + i) for i, x in enumerate(sched)]
     results += failures
     summary = summarize(results, adapters, settings)
+    memory_breakdown(summary["memory"], results, adapters, shapes, dtype)
     report = {"settings": asdict(settings), "engine_args": common["engine_args"], "dtype": dtype,
               "max_lora_rank": max_rank, "base_model": base, "base_dir": str(base_dir),
               "adapters": adapters, "adapter_problems": problems, "kv_cache_bytes_per_token": per_token,
               "configs": [{k: v for k, v in r.items() if k not in ("check", "check_base")} for r in results],
-              "summary": summary, "provenance": provenance()}
+              "summary": summary, "schedule": schedule, "eager": _eager_record(settings),
+              "workload": workload_info,
+              "base_requests_mixed_into_lora_batches": False, "provenance": provenance()}
     n_ok = sum(r.get("status") == "ok" for r in results)
     report["status"] = "complete" if not summary["failed"] else ("partial" if n_ok else "failed")
     for w in summary["warnings"]:
         log.warning("%s", w)
     write_outputs(report, out_dir)
     return report
+
+
+def memory_breakdown(memory: dict[str, Any], results: list[dict[str, Any]], adapters: list[dict[str, Any]],
+                     shapes: dict[str, list[int]], dtype: str) -> None:
+    """Per configuration: weights, adapters, KV-cache reservation and the rest (engine runtime: the
+    framework, activations, allocator slack), all MiB (2**20 bytes), from the peak PSS of the process
+    tree over the whole run. The merged alternative to multi: the largest merged engine plus one more
+    copy of the weights and of its KV-cache reservation per further task (one process can hold them)."""
+    size = 4 if dtype == "float32" else 2
+    weights = sum(math.prod(s) for s in shapes.values()) * size / 2**20
+    adapter_mib = {a["name"]: sum(m["rank"] * (m["d_in"] + m["d_out"]) for m in a["modules"]) * size / 2**20
+                   for a in adapters}
+    for r in results:
+        if r.get("status") != "ok" or r["name"] not in memory:
+            continue
+        m = memory[r["name"]]
+        if r["mode"] == "merged":
+            ad = 0.0
+        elif r["mode"] == "multi":
+            ad = sum(adapter_mib.values())
+        else:
+            ad = adapter_mib.get(r["name"].split(":", 1)[1], 0.0)
+        kv = m["kv_cache_reserved_mb"]
+        peak = m["peak_pss_mb"] or m["peak_rss_mb"]
+        m["breakdown_mib"] = {"weights": weights, "adapters": ad, "kv_cache_reserved": kv,
+                              "engine_runtime": peak - weights - ad - kv, "total_peak_pss": peak}
+    merged = [memory[f"merged:{a['name']}"] for a in adapters if f"merged:{a['name']}" in memory]
+    if "multi" in memory and merged and len(merged) == len(adapters):
+        biggest = max(m["peak_pss_mb"] or m["peak_rss_mb"] for m in merged)
+        extra = (len(adapters) - 1) * (weights + statistics.fmean(m["kv_cache_reserved_mb"] for m in merged))
+        memory["merged_alternative_mib"] = biggest + extra
+        memory["multi_vs_merged_alternative"] = (memory["multi"]["peak_pss_mb"] or
+                                                 memory["multi"]["peak_rss_mb"]) / memory["merged_alternative_mib"]
+        memory["merged_alternative_rule"] = ("the largest merged engine's peak PSS + (tasks - 1) x (one copy of the "
+                                             "weights + its KV-cache reservation)")
+    memory["units"] = "MiB (2**20 bytes)"
+    memory["weights_mib"] = weights
+    memory["adapters_mib"] = adapter_mib
 
 
 def base_digest(base_dir: Path) -> str:
@@ -560,53 +827,158 @@ def _agreement(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, An
             "mean_common_prefix": statistics.fmean(prefix(x, y) for x, y in pairs)}
 
 
+# a percentile is printed only where the samples support it (the nearest rank needs n >= 1 / (1 - q))
+MIN_SAMPLES = {"p50": 1, "p95": 20, "p99": 100}
+METRICS = (("latency", "request latency"), ("ttft", "time to first token"), ("tpot", "time per output token"))
+
+
+def sample_stats(values: list[float]) -> dict[str, Any]:
+    """Sample count, p50/p95/p99 (numpy's linear interpolation), max, and which percentiles the count supports."""
+    import numpy as np
+
+    vals = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if not len(vals):
+        return {"samples": 0, "p50": None, "p95": None, "p99": None, "max": None,
+                "supported": {k: False for k in MIN_SAMPLES}}
+    out: dict[str, Any] = {"samples": int(len(vals))}
+    for k, q in (("p50", 50), ("p95", 95), ("p99", 99)):
+        out[k] = float(np.percentile(vals, q))
+    out["max"] = float(vals.max())
+    out["supported"] = {k: len(vals) >= n for k, n in MIN_SAMPLES.items()}
+    return out
+
+
+def median_ci(values: list[float], level: float = 0.95) -> dict[str, Any]:
+    """Median with a distribution-free interval from order statistics (binomial, n values); its coverage."""
+    vals = sorted(values)
+    n = len(vals)
+    if not n:
+        return {"median": None, "ci_low": None, "ci_high": None, "coverage": None, "n": 0}
+    r = 1  # the largest r with 2 P(B <= r - 1) <= 1 - level, B ~ Binomial(n, 1/2); 1 (min, max) at least
+    for cand in range(2, n // 2 + 1):
+        if 2 * sum(math.comb(n, k) for k in range(cand)) / 2**n <= 1 - level:
+            r = cand
+        else:
+            break
+    tail = sum(math.comb(n, k) for k in range(r)) / 2**n
+    return {"median": statistics.median(vals), "ci_low": vals[r - 1], "ci_high": vals[n - r],
+            "coverage": 1 - 2 * tail, "n": n}
+
+
+def paired_overhead(arm: list[dict[str, Any]], ref: list[dict[str, Any]]) -> dict[str, Any]:
+    """Overheads of `arm` vs `ref`, round by round (round k of both saw the same prompts, back to back).
+
+    end to end: ref tokens/s / arm tokens/s - 1 (time per output token, prefill included); ttft: ratio
+    of the rounds' median time to first token - 1 (prefill); tpot: ratio of the rounds' median time per
+    output token after the first - 1 (decode). Each: the median over rounds, its interval, min, max,
+    the interquartile range, and the rounds outside [Q1 - 1.5 IQR, Q3 + 1.5 IQR] (they disagree with
+    the others by more than the rounds' spread).
+    """
+    ref_by = {x["round"]: x for x in ref}
+    per: dict[str, list[tuple[int, float]]] = {"e2e": [], "ttft": [], "tpot": []}
+    for x in arm:
+        m = ref_by.get(x["round"])
+        if m is None:
+            continue
+        per["e2e"].append((x["round"], m["tokens_per_second"] / x["tokens_per_second"] - 1))
+        for key in ("ttft", "tpot"):
+            a = [v for v in x[key] if v is not None]
+            b = [v for v in m[key] if v is not None]
+            if a and b and statistics.median(b) > 0:
+                per[key].append((x["round"], statistics.median(a) / statistics.median(b) - 1))
+    out: dict[str, Any] = {}
+    for key, pairs in per.items():
+        vals = [v for _, v in pairs]
+        if not vals:
+            out[key] = None
+            continue
+        ci = median_ci(vals)
+        if len(vals) >= 4:
+            q1, _, q3 = statistics.quantiles(vals, n=4, method="inclusive")
+        else:
+            q1, q3 = min(vals), max(vals)
+        iqr = q3 - q1
+        outliers = [{"round": k, "overhead": v} for k, v in pairs if v < q1 - 1.5 * iqr or v > q3 + 1.5 * iqr]
+        out[key] = dict(ci, min=min(vals), max=max(vals), q1=q1, q3=q3, iqr=iqr, per_round=vals,
+                        disagreeing_rounds=outliers)
+    return out
+
+
+def _rounds(b: dict[str, Any]) -> list[dict[str, Any]]:
+    # "rounds"; results cached by an older version have "repetitions" without round numbers
+    if "rounds" in b:
+        return b["rounds"]
+    return [dict(x, round=i) for i, x in enumerate(b["repetitions"])]
+
+
+def _mean_rounds(groups: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Round by round: the mean over the tasks' merged engines (the merged alternative to multi)."""
+    by = [{x["round"]: x for x in g} for g in groups]
+    common = sorted(set.intersection(*(set(d) for d in by)))
+    out = []
+    for k in common:
+        xs = [d[k] for d in by]
+        out.append({"round": k, "tokens_per_second": statistics.fmean(x["tokens_per_second"] for x in xs),
+                    "ttft": [v for x in xs for v in x["ttft"]], "tpot": [v for x in xs for v in x["tpot"]]})
+    return out
+
+
 def summarize(results: list[dict[str, Any]], adapters: list[dict[str, Any]], settings: ServeSettings) -> dict[str, Any]:
     ok = {r["name"]: r for r in results if r.get("status") == "ok"}
     rows = []
+    rounds_of: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in results:
         if r.get("status") != "ok":
             continue
         for b in r["batches"]:
-            reps = b["repetitions"]
+            reps = _rounds(b)
+            rounds_of[(r["name"], b["batch_size"])] = reps
             tps = [x["tokens_per_second"] for x in reps]
-            lat = [v for x in reps for v in x["latency"]]
-            ttft = [v for x in reps for v in x["ttft"] if v is not None]
-            tpot = [v for x in reps for v in x["tpot"] if v is not None]
-            rows.append({"config": r["name"], "mode": r["mode"], "batch_size": b["batch_size"],
-                         "tokens_per_second": statistics.median(tps), "tokens_per_second_min": min(tps),
-                         "tokens_per_second_max": max(tps),
-                         "latency_p50_s": _pct(lat, 0.5), "latency_p95_s": _pct(lat, 0.95),
-                         "ttft_p50_s": _pct(ttft, 0.5), "tpot_p50_s": _pct(tpot, 0.5),
-                         "peak_rss_mb": b["peak_rss_bytes"] / 2**20,
-                         "device_used_mb": (b["device_used_bytes"] / 2**20) if b.get("device_used_bytes") else None,
-                         "kv_cache_reserved_mb": r["settings"].get("kv_cache_reserved_bytes", 0) / 2**20,
-                         "_tps": tps})
-    # overhead vs merged, paired repetition by repetition: time per token ratio - 1
-    by = {(x["config"], x["batch_size"]): x for x in rows}
+            row: dict[str, Any] = {"config": r["name"], "mode": r["mode"], "batch_size": b["batch_size"],
+                                   "rounds": len(reps), "tokens_per_second": statistics.median(tps),
+                                   "tokens_per_second_min": min(tps), "tokens_per_second_max": max(tps)}
+            stats = {}
+            for key, _ in METRICS:
+                st = sample_stats([v for x in reps for v in x[key]])
+                stats[key] = st
+                for q in ("p50", "p95", "p99", "max"):
+                    row[f"{key}_{q}_s"] = st[q]
+            row["samples"] = stats["latency"]["samples"]
+            row["stats"] = stats
+            row.update(peak_rss_mb=b["peak_rss_bytes"] / 2**20, peak_pss_mb=r.get("peak_pss_bytes", 0) / 2**20,
+                       device_used_mb=(b["device_used_bytes"] / 2**20) if b.get("device_used_bytes") else None,
+                       kv_cache_reserved_mb=r["settings"].get("kv_cache_reserved_bytes", 0) / 2**20)
+            rows.append(row)
+    # overheads vs merged, paired round by round
     names = [a["name"] for a in adapters]
     for x in rows:
-        base_tps = None
+        ref = None
         if x["mode"] == "unmerged":
-            m = by.get((x["config"].replace("unmerged:", "merged:"), x["batch_size"]))
-            base_tps = m["_tps"] if m else None
+            ref = rounds_of.get((x["config"].replace("unmerged:", "merged:"), x["batch_size"]))
         elif x["mode"] == "multi":
-            ms = [by.get((f"merged:{n}", x["batch_size"])) for n in names]
+            ms = [rounds_of.get((f"merged:{n}", x["batch_size"])) for n in names]
             if ms and all(ms):
-                # the merged alternative: one engine per task, each at this batch size
-                base_tps = [statistics.fmean(vals) for vals in zip(*(m["_tps"] for m in ms))]
-        if base_tps:
-            ratios = [b / u - 1 for b, u in zip(base_tps, x["_tps"])]
-            x.update(overhead=statistics.median(ratios), overhead_min=min(ratios), overhead_max=max(ratios))
-        else:
-            x.update(overhead=None, overhead_min=None, overhead_max=None)
+                ref = _mean_rounds(ms)  # the merged alternative: one engine per task, each at this batch size
+        po = paired_overhead(rounds_of[(x["config"], x["batch_size"])], ref) if ref else {}
+        x["paired"] = po or None
+        # unmerged:X ran beside merged:X, round by round; multi ran on its own (its rounds paired by index)
+        x["paired_in_time"] = (x["mode"] == "unmerged") if po else None
+        for key, col in (("e2e", "overhead"), ("ttft", "ttft_overhead"), ("tpot", "tpot_overhead")):
+            d = po.get(key)
+            x[col] = d["median"] if d else None
+            x[f"{col}_ci_low"] = d["ci_low"] if d else None
+            x[f"{col}_ci_high"] = d["ci_high"] if d else None
+            x[f"{col}_ci_coverage"] = d["coverage"] if d else None  # below 0.95 with fewer than 6 rounds
+            if key == "e2e":
+                x["overhead_min"] = d["min"] if d else None
+                x["overhead_max"] = d["max"] if d else None
+        x["disagreeing_rounds"] = sum(len(d["disagreeing_rounds"]) for d in po.values() if d) if po else None
         if x["mode"] != "merged":
             fl = [a["flops"]["expected_overhead_model"] for a in adapters
                   if x["mode"] == "multi" or x["config"] == f"unmerged:{a['name']}"]
             x["expected_overhead_flops"] = statistics.fmean(fl) if fl else None
         else:
             x["expected_overhead_flops"] = None
-    for x in rows:
-        x.pop("_tps")
     # agreement of greedy outputs, merged vs unmerged, on the same prompts
     agreement: dict[str, Any] = {}
     for n in names:
@@ -622,30 +994,52 @@ def summarize(results: list[dict[str, Any]], adapters: list[dict[str, Any]], set
             agreement[f"merged:{n} vs multi"] = _agreement([dict(c, adapter=n) for c in m["check"]],
                                                            ok["multi"]["check"])
     memory: dict[str, Any] = {name: {"peak_rss_mb": r["peak_rss_bytes"] / 2**20,
+                                     "peak_pss_mb": r.get("peak_pss_bytes", 0) / 2**20,
                                      "rss_after_load_mb": r["rss_after_load_bytes"] / 2**20,
                                      "kv_cache_reserved_mb": r["settings"].get("kv_cache_reserved_bytes", 0) / 2**20,
                                      "startup_seconds": r["startup_seconds"]} for name, r in ok.items()}
-    merged_peaks = [memory[f"merged:{n}"]["peak_rss_mb"] for n in names if f"merged:{n}" in memory]
-    if "multi" in memory and len(merged_peaks) == len(names):
-        memory["merged_alternative_for_all_tasks_mb"] = sum(merged_peaks)
-        memory["multi_vs_merged_alternative"] = memory["multi"]["peak_rss_mb"] / sum(merged_peaks)
     failed = [{"name": r["name"], "error": r["error"], "log": r.get("log")} for r in results if r.get("status") != "ok"]
     warnings = []
     for x in rows:
-        # unmerged does strictly more work than merged: faster in every paired repetition means the
+        # unmerged does strictly more work than merged: faster in every paired round means the
         # measurement, not the method, decided (shared cores, frequency scaling, another process)
         if x["mode"] == "unmerged" and x["overhead_max"] is not None and x["overhead_max"] < 0:
             warnings.append(f"{x['config']} at batch {x['batch_size']}: unmerged measured faster than merged in "
-                            f"every repetition (overhead {x['overhead']:+.0%}, range [{x['overhead_min']:+.0%}, "
+                            f"every repetition (round paired in time; overhead {x['overhead']:+.0%}, range [{x['overhead_min']:+.0%}, "
                             f"{x['overhead_max']:+.0%}]) although it does strictly more work; the timings are "
                             f"unreliable (busy or shared machine?)")
+        for key, d in (x["paired"] or {}).items():
+            if d and d["disagreeing_rounds"]:
+                warnings.append(f"{x['config']} at batch {x['batch_size']}: {key} overhead of round(s) "
+                                + ", ".join(f"{o['round']} ({o['overhead']:+.0%})" for o in d["disagreeing_rounds"])
+                                + f" disagree(s) with the median {d['median']:+.0%} by more than 1.5 x the rounds' "
+                                  f"interquartile range {d['iqr']:.0%}")
     return {"rows": rows, "agreement": agreement, "memory": memory, "failed": failed, "warnings": warnings,
-            "flops": {a["name"]: a["flops"] for a in adapters}}
+            "flops": {a["name"]: a["flops"] for a in adapters}, "min_samples_for": MIN_SAMPLES}
 
 
-CSV_FIELDS = ["config", "mode", "batch_size", "tokens_per_second", "tokens_per_second_min", "tokens_per_second_max",
-              "latency_p50_s", "latency_p95_s", "ttft_p50_s", "tpot_p50_s", "overhead", "overhead_min",
-              "overhead_max", "expected_overhead_flops", "peak_rss_mb", "device_used_mb", "kv_cache_reserved_mb"]
+CSV_FIELDS = ["config", "mode", "batch_size", "rounds", "samples", "tokens_per_second", "tokens_per_second_min",
+              "tokens_per_second_max",
+              "latency_p50_s", "latency_p95_s", "latency_p99_s", "latency_max_s",
+              "ttft_p50_s", "ttft_p95_s", "ttft_p99_s", "ttft_max_s",
+              "tpot_p50_s", "tpot_p95_s", "tpot_p99_s", "tpot_max_s",
+              "overhead", "overhead_ci_low", "overhead_ci_high", "overhead_min", "overhead_max",
+              "ttft_overhead", "ttft_overhead_ci_low", "ttft_overhead_ci_high",
+              "tpot_overhead", "tpot_overhead_ci_low", "tpot_overhead_ci_high", "disagreeing_rounds", "paired_in_time",
+              "expected_overhead_flops", "peak_rss_mb", "peak_pss_mb", "device_used_mb", "kv_cache_reserved_mb"]
+
+
+def csv_row(row: dict[str, Any]) -> dict[str, Any]:
+    """One CSV row: a percentile the samples do not support is left empty (the max column is always there)."""
+    out = {}
+    for k in CSV_FIELDS:
+        v = row.get(k)
+        for key, _ in METRICS:
+            for q in ("p95", "p99"):
+                if k == f"{key}_{q}_s" and not row["stats"][key]["supported"][q]:
+                    v = None
+        out[k] = "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)
+    return out
 
 
 def write_outputs(report: dict[str, Any], out_dir: Path) -> None:
@@ -668,7 +1062,7 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> None:
             w = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
             w.writeheader()
             for row in report["summary"]["rows"]:
-                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+                w.writerow(csv_row(row))
     report["figures"] = _figures(report, out_dir)
     write_json(out_dir / "serve.json", report)  # last: its presence means the benchmark completed
 
@@ -683,23 +1077,44 @@ def _figures(report: dict[str, Any], out_dir: Path) -> list:
         return []
 
 
+def tail_label(row: dict[str, Any], key: str = "latency", q: str = "p95") -> str:
+    """The q-percentile of `key` where the samples support it, else the max, labelled (e.g. 'max 1.234 (n=3)')."""
+    st = row["stats"][key]
+    if st["samples"] == 0:
+        return ""
+    if st["supported"][q]:
+        return f"{st[q]:.3f}"
+    return f"max {st['max']:.3f} (n={st['samples']})"
+
+
+def _ov(row: dict[str, Any], col: str) -> str:
+    if row.get(col) is None:
+        return ""
+    cov = row.get(col + "_ci_coverage")
+    mark = "*" if cov is not None and cov < 0.95 else ""
+    return f"{row[col]:+.0%} [{row[col + '_ci_low']:+.0%},{row[col + '_ci_high']:+.0%}]{mark}"
+
+
 def format_table(report: dict[str, Any]) -> str:
-    """A plain-text table of the summary rows, then agreement and memory."""
-    lines = [f"{'config':22s} {'batch':>5s} {'tok/s':>8s} {'p50 s':>7s} {'p95 s':>7s} {'ttft s':>7s} "
-             f"{'overhead':>17s} {'FLOP limit':>10s} {'peak MiB':>9s}"]
+    """A plain-text table of the summary rows (overheads: median over paired rounds [95% interval]), then
+    agreement and memory."""
+    lines = [f"{'config':22s} {'batch':>5s} {'n':>4s} {'tok/s':>8s} {'p50 s':>7s} {'p95 s':>20s} {'ttft p50':>8s} "
+             f"{'end-to-end ovh':>17s} {'TTFT ovh':>17s} {'TPOT ovh':>17s} {'FLOP limit':>10s} {'PSS MiB':>8s}"]
     for r in report["summary"]["rows"]:
-        ov = (f"{r['overhead']:+.0%} [{r['overhead_min']:+.0%},{r['overhead_max']:+.0%}]"
-              if r["overhead"] is not None else "")
         fl = f"{r['expected_overhead_flops']:+.1%}" if r["expected_overhead_flops"] is not None else ""
         ttft = f"{r['ttft_p50_s']:.3f}" if r["ttft_p50_s"] is not None else ""
-        lines.append(f"{r['config']:22s} {r['batch_size']:5d} {r['tokens_per_second']:8.1f} {r['latency_p50_s']:7.3f} "
-                     f"{r['latency_p95_s']:7.3f} {ttft:>7s} {ov:>17s} {fl:>10s} {r['peak_rss_mb']:9.0f}")
+        lines.append(f"{r['config']:22s} {r['batch_size']:5d} {r['samples']:4d} {r['tokens_per_second']:8.1f} "
+                     f"{r['latency_p50_s']:7.3f} {tail_label(r):>20s} {ttft:>8s} {_ov(r, 'overhead'):>17s} "
+                     f"{_ov(r, 'ttft_overhead'):>17s} {_ov(r, 'tpot_overhead'):>17s} {fl:>10s} "
+                     f"{r.get('peak_pss_mb', 0):8.0f}")
+    lines.append("n: requests timed; a p95 needs n >= 20 (else the max is shown); overheads vs merged: median over "
+                 "rounds paired in time [95% interval; * = fewer than 6 rounds: min-max, coverage below 95%]")
     for k, v in report["summary"]["agreement"].items():
         if v:
             lines.append(f"agreement {k}: {v['identical']}/{v['n']} identical, mean common prefix "
                          f"{v['mean_common_prefix']:.2f}")
     mem = report["summary"]["memory"]
-    if "merged_alternative_for_all_tasks_mb" in mem:
-        lines.append(f"memory: multi {mem['multi']['peak_rss_mb']:.0f} MiB vs one merged engine per task "
-                     f"{mem['merged_alternative_for_all_tasks_mb']:.0f} MiB")
+    if "merged_alternative_mib" in mem:
+        lines.append(f"memory: multi {mem['multi']['peak_pss_mb']:.0f} MiB (PSS) vs one merged copy of the weights "
+                     f"per task {mem['merged_alternative_mib']:.0f} MiB")
     return "\n".join(lines)

@@ -15,10 +15,14 @@ def plot_serve(report: dict[str, Any], out_dir: Path) -> list[str]:
     configs = list(dict.fromkeys(r["config"] for r in rows))
     engine = report["settings"]["engine"]
     written = []
+    # the p95 only where every point has the samples for it; else the max, labelled as such
+    p95_ok = all(r["stats"]["latency"]["supported"]["p95"] for r in rows if "stats" in r)
+    tail_key, tail_label = (("latency_p95_s", "p95 request latency (s)") if p95_ok else
+                            ("latency_max_s", "max request latency (s; too few samples for a p95)"))
     for fname, key, lo, hi, ylabel in (
             ("serve_throughput.png", "tokens_per_second", "tokens_per_second_min", "tokens_per_second_max",
              "output tokens / s (median, min-max)"),
-            ("serve_latency_p95.png", "latency_p95_s", None, None, "p95 request latency (s)")):
+            ("serve_latency_p95.png", tail_key, None, None, tail_label)):
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for c in configs:
             rs = sorted((r for r in rows if r["config"] == c), key=lambda r: r["batch_size"])
@@ -39,16 +43,16 @@ def plot_serve(report: dict[str, Any], out_dir: Path) -> list[str]:
         plt.close(fig)
         written.append(fname)
     mem = report["summary"]["memory"]
-    names = [k for k, v in mem.items() if isinstance(v, dict)]
+    names = [k for k, v in mem.items() if isinstance(v, dict) and "peak_rss_mb" in v]
     if names:
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        peaks = [mem[n]["peak_rss_mb"] for n in names]
+        peaks = [mem[n].get("peak_pss_mb") or mem[n]["peak_rss_mb"] for n in names]
         kv = [mem[n]["kv_cache_reserved_mb"] for n in names]
-        ax.bar(names, peaks, label="peak resident memory (engine processes)")
+        ax.bar(names, peaks, label="peak PSS over the run (engine process tree)")
         ax.bar(names, kv, width=0.4, label="of which KV-cache reservation", alpha=0.7)
-        if "merged_alternative_for_all_tasks_mb" in mem:
-            ax.axhline(mem["merged_alternative_for_all_tasks_mb"], color="k", ls="--", lw=1,
-                       label="merged alternative: one engine per task")
+        if "merged_alternative_mib" in mem:
+            ax.axhline(mem["merged_alternative_mib"], color="k", ls="--", lw=1,
+                       label="merged alternative: one more copy of the weights (+ KV) per task")
         ax.set_ylabel("MiB")
         ax.set_title(f"{engine}: memory per configuration")
         ax.tick_params(axis="x", rotation=20)

@@ -1,16 +1,19 @@
-"""One engine configuration, measured in a process of its own.
+"""One engine configuration, in a long-lived process of its own.
 
-`python -m lorascope.serve.worker SPEC.json RESULT.json` builds one engine (vLLM or
-transformers) for one serving mode, generates the correctness-check batch, warms up,
-then times every batch size; it writes RESULT.json atomically at the end. The parent
-(`lorascope.serve.bench`) starts one such process per configuration, so memory figures
-are those of this engine alone and a failing configuration cannot take the others down.
+`python -m lorascope.serve.worker SPEC.json REPLY_FD` builds one engine (vLLM or
+transformers) for one serving mode, generates the correctness-check batch and answers
+"ready" on the pipe REPLY_FD; then it runs each batch the parent sends on stdin (one JSON
+line: {"cmd": "run", "items": [...]}) and answers with every request's timings, until
+{"cmd": "close"}. The parent (`lorascope.serve.bench`) keeps one such process per
+configuration alive and alternates between them round by round, so the arms are measured
+interleaved in time, memory figures are those of one engine alone, and a failing
+configuration cannot take the others down.
 
 SPEC fields: engine, mode, model (the directory the engine loads), adapters ([{name,
-path, int_id, rank}], empty for merged), items ([{key, adapter, prompt_ids}]: the request
-stream, used in order), check_items (same form), batch_sizes, repetitions, warmup,
+path, int_id, rank}], empty for merged), check_items ([{key, adapter, prompt_ids}]),
 output_tokens, ignore_eos, engine_args (vLLM), dtype, check_base (also generate the
-check items without any adapter).
+check items without any adapter, in batches of their own), force_adapter_names
+(transformers, one adapter: take PEFT's mixed-batch path anyway, to measure what it costs).
 """
 
 from __future__ import annotations
@@ -27,9 +30,13 @@ from typing import Any
 class MemorySampler:
     """Peak resident memory of this process and all its descendants (engine workers included)."""
 
-    def __init__(self, interval: float = 0.05):
+    def __init__(self, interval: float = 0.05, pss_interval: float = 5.0):
         self.interval = interval
+        self.pss_interval = pss_interval
+        self._pss_at = 0.0
         self.peak = 0
+        self.peak_pss = 0
+        self.last_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -44,12 +51,18 @@ class MemorySampler:
         self.sample()
         return self.peak
 
-    def reset(self) -> None:
-        self.peak = 0
-        self.sample()
-
-    def sample(self) -> int:
-        now = tree_rss_bytes(os.getpid())
+    def sample(self, pss: bool = False) -> int:
+        """RSS of the process tree now (cheap: /proc/PID/status), and PSS (smaps_rollup: tens of ms for a
+        large process, so not every 50 ms) when asked, when the RSS reaches a new peak, or every
+        `pss_interval` seconds; the peaks are kept over the whole run."""
+        pid = os.getpid()
+        now = tree_rss_bytes(pid)
+        t = time.monotonic()
+        if pss or now > self.peak or t - self._pss_at >= self.pss_interval:
+            p = tree_memory_bytes(pid)[1]
+            self._pss_at = t
+            self.last_pss = p
+            self.peak_pss = max(self.peak_pss, p)
         self.peak = max(self.peak, now)
         return now
 
@@ -74,7 +87,27 @@ def _children(pid: int) -> list[int]:
 
 def tree_rss_bytes(pid: int) -> int:
     """Resident set size of `pid` and its descendants, from /proc (Linux); 0 elsewhere."""
-    total, stack, seen = 0, [pid], set()
+    return tree_memory_bytes(pid, pss=False)[0]
+
+
+def _pss(pid: int) -> int:
+    """Proportional set size (shared pages divided among their users) from smaps_rollup; 0 if unreadable."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def tree_memory_bytes(pid: int, pss: bool = True) -> tuple[int, int]:
+    """(RSS summed, PSS summed) over `pid` and its descendants, from /proc (Linux); zeros elsewhere.
+
+    The RSS sum counts pages shared between the processes once per process; the PSS sum counts
+    each page once in all."""
+    total, pss_total, stack, seen = 0, 0, [pid], set()
     while stack:
         p = stack.pop()
         if p in seen:
@@ -88,8 +121,10 @@ def tree_rss_bytes(pid: int) -> int:
                         break
         except OSError:
             continue
+        if pss:
+            pss_total += _pss(p)
         stack += _children(p)
-    return total
+    return total, pss_total
 
 
 def device_used_bytes() -> int | None:
@@ -184,7 +219,12 @@ class VllmEngine:
 
 
 class TransformersEngine:
-    """transformers `generate` (+ PEFT for unmerged adapters; per-request adapters via adapter_names)."""
+    """transformers `generate` (+ PEFT for unmerged adapters).
+
+    One adapter: PEFT's plain path (the active adapter, no `adapter_names`), as a single-task
+    deployment runs it; base-model requests go through `disable_adapter()` in batches of their
+    own. Several adapters (multi): per-request adapters via `adapter_names` (PEFT's mixed-batch
+    path)."""
 
     def __init__(self, spec: dict[str, Any]):
         import torch
@@ -197,6 +237,7 @@ class TransformersEngine:
         model = load_model(spec["model"], dtype=dtype)
         self.tok = load_tokenizer(spec["model"])
         self.adapters = [a["name"] for a in spec["adapters"]]
+        self.mixed_path = len(self.adapters) > 1 or (bool(self.adapters) and bool(spec.get("force_adapter_names")))
         if spec["adapters"]:
             from peft import PeftModel
 
@@ -208,7 +249,9 @@ class TransformersEngine:
         self.output_tokens = spec["output_tokens"]
         self.ignore_eos = spec["ignore_eos"]
         self.settings = {"dtype": spec["dtype"], "device": self.device, "torch_threads": torch.get_num_threads(),
-                         "adapters_loaded": self.adapters, "kv_cache_reserved_bytes": 0}
+                         "adapters_loaded": self.adapters, "kv_cache_reserved_bytes": 0,
+                         "peft_path": ("mixed-batch (adapter_names)" if self.mixed_path else
+                                       "single adapter (no adapter_names)" if self.adapters else "none (merged)")}
 
     def run(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         torch = self.torch
@@ -219,9 +262,19 @@ class TransformersEngine:
         mask = torch.tensor([[0] * (width - len(it["prompt_ids"])) + [1] * len(it["prompt_ids"]) for it in items],
                             device=self.device)
         kwargs: dict[str, Any] = {}
-        if self.adapters:
+        import contextlib
+
+        ctx: Any = contextlib.nullcontext()
+        names = {it["adapter"] for it in items}
+        if self.mixed_path:
             # base-model requests (adapter None) use PEFT's reserved name
             kwargs["adapter_names"] = [it["adapter"] or "__base__" for it in items]
+        elif self.adapters:
+            if names == {None}:
+                ctx = self.model.disable_adapter()
+            elif names != {self.adapters[0]}:
+                raise ValueError(f"a single-adapter engine got a batch for adapters {sorted(map(str, names))}; "
+                                 f"batches hold either {self.adapters[0]} or base-model requests only")
         if self.ignore_eos:
             kwargs["min_new_tokens"] = self.output_tokens
         stamps: list[float] = []
@@ -234,7 +287,7 @@ class TransformersEngine:
                 stamps.append(time.perf_counter())
 
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), ctx:
             out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.output_tokens,
                                       do_sample=False, pad_token_id=tok.pad_token_id, streamer=Stamp(), **kwargs)
         if self.device == "cuda":
@@ -254,69 +307,65 @@ class TransformersEngine:
 
 
 # ---------------------------------------------------------------------------------------
+# a long-lived worker: the parent sends one JSON command per line on stdin and reads one
+# JSON reply per line on a pipe of its own (the engine's logs go to stdout/stderr)
 
 
-def measure(spec: dict[str, Any]) -> dict[str, Any]:
+def serve_loop(spec: dict[str, Any], commands, replies) -> int:
+    """Build the engine, answer "ready" (settings, load memory, agreement checks), then run
+    batches on request ({"cmd": "run", "items": [...]}) until {"cmd": "close"}."""
     mem = MemorySampler().start()
     t_start = time.perf_counter()
     engine = (VllmEngine if spec["engine"] == "vllm" else TransformersEngine)(spec)
     startup_s = time.perf_counter() - t_start
-    after_load = mem.sample()
-    result: dict[str, Any] = {"engine": spec["engine"], "mode": spec["mode"], "name": spec["name"],
-                              "settings": engine.settings, "startup_seconds": startup_s,
-                              "rss_after_load_bytes": after_load, "device_after_load_bytes": device_used_bytes()}
+    after_load = mem.sample(pss=True)
+
+    def reply(obj: dict[str, Any]) -> None:
+        replies.write(json.dumps(obj) + "\n")
+        replies.flush()
+
+    ready: dict[str, Any] = {"event": "ready", "engine": spec["engine"], "mode": spec["mode"], "name": spec["name"],
+                             "settings": engine.settings, "startup_seconds": startup_s,
+                             "rss_after_load_bytes": after_load, "pss_after_load_bytes": mem.last_pss,
+                             "device_after_load_bytes": device_used_bytes()}
     # correctness check: the same prompts in every configuration (greedy, fixed length)
     check = engine.run(spec["check_items"])
-    result["check"] = [{"key": r["key"], "adapter": r["adapter"], "token_ids": r["token_ids"]} for r in check]
+    ready["check"] = [{"key": r["key"], "adapter": r["adapter"], "token_ids": r["token_ids"]} for r in check]
     if spec.get("check_base"):
+        # base-model requests in a batch of their own, never mixed into a LoRA batch (vLLM #48421)
         base_items = [dict(it, adapter=None) for it in spec["check_items"]]
-        result["check_base"] = [{"key": r["key"], "token_ids": r["token_ids"]} for r in engine.run(base_items)]
-    items = spec["items"]
-    per_batch = []
-    pos = 0
-
-    def take(n: int) -> list[dict[str, Any]]:
-        nonlocal pos
-        chunk = [items[(pos + i) % len(items)] for i in range(n)]
-        pos += n
-        return chunk
-
-    for bs in spec["batch_sizes"]:
-        pos = 0  # every batch size sees the same prompts, and so does every mode
-        for _ in range(spec["warmup"]):
-            engine.run(take(bs))
-        mem.reset()
-        reps = []
-        for _ in range(spec["repetitions"]):
-            t0 = time.perf_counter()
-            recs = engine.run(take(bs))
-            wall = time.perf_counter() - t0
-            n_out = sum(len(r["token_ids"]) for r in recs)
-            reps.append({"wall_seconds": wall, "output_tokens": n_out, "tokens_per_second": n_out / wall,
-                         "latency": [r["done"] for r in recs], "ttft": [r["first"] for r in recs],
-                         "tpot": [(r["done"] - r["first"]) / (len(r["token_ids"]) - 1)
-                                  if r["first"] is not None and len(r["token_ids"]) > 1 else None for r in recs]})
-        per_batch.append({"batch_size": bs, "repetitions": reps, "peak_rss_bytes": mem.peak,
-                          "device_used_bytes": device_used_bytes()})
-        print(f"[{spec['name']}] batch {bs}: " + ", ".join(f"{r['tokens_per_second']:.1f}" for r in reps)
-              + " tokens/s", flush=True)
-    result["batches"] = per_batch
-    result["peak_rss_bytes"] = mem.stop()
+        ready["check_base"] = [{"key": r["key"], "token_ids": r["token_ids"]} for r in engine.run(base_items)]
+    reply(ready)
+    for line in commands:
+        if not line.strip():
+            continue
+        cmd = json.loads(line)
+        if cmd["cmd"] == "close":
+            break
+        t_wall = time.time()
+        t0 = time.perf_counter()
+        recs = engine.run(cmd["items"])
+        wall = time.perf_counter() - t0
+        reply({"event": "batch", "t_start": t_wall, "wall_seconds": wall,
+               "records": [{"first": r["first"], "done": r["done"], "n_tokens": len(r["token_ids"])} for r in recs],
+               "peak_rss_bytes": mem.peak, "peak_pss_bytes": mem.peak_pss, "device_used_bytes": device_used_bytes()})
+    mem.stop()
+    mem.sample(pss=True)
     engine.close()
-    return result
+    reply({"event": "closed", "peak_rss_bytes": mem.peak, "peak_pss_bytes": mem.peak_pss})
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
-        print("usage: python -m lorascope.serve.worker SPEC.json RESULT.json", file=sys.stderr)
+        print("usage: python -m lorascope.serve.worker SPEC.json REPLY_FD (commands on stdin)", file=sys.stderr)
         return 2
     spec = json.loads(Path(argv[0]).read_text())
-    result = measure(spec)
-    from lorascope.runinfo import write_json
-
-    write_json(argv[1], result)
-    return 0
+    fd = int(argv[1])
+    os.set_inheritable(fd, False)  # the engine's own processes must not hold the pipe open after this one dies
+    replies = os.fdopen(fd, "w")
+    return serve_loop(spec, sys.stdin, replies)
 
 
 if __name__ == "__main__":  # vLLM spawns processes: the entry point must be guarded
