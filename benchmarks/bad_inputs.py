@@ -46,8 +46,9 @@ class Fixtures:
         self.data = root / "data"
         (self.data / "mrpc").mkdir(parents=True, exist_ok=True)
         (self.data / "squad_v2").mkdir(exist_ok=True)
-        rows = [f"{i % 2}\t{100 + i}\t{200 + i}\tThe firm said {i} rose.\tProfits rose {i}." for i in range(24)]
-        for split in ("train", "dev"):
+        for split, k0 in (("train", 0), ("dev", 1000)):  # no pair in both splits (the leakage check refuses that)
+            rows = [f"{i % 2}\t{100 + k0 + i}\t{200 + k0 + i}\tThe firm said {k0 + i} rose.\tProfits rose {k0 + i}."
+                    for i in range(24)]
             (self.data / "mrpc" / f"{split}.tsv").write_text("\n".join([MRPC_HEADER, *rows]) + "\n")
         self.squad = self.squad_articles()
         (self.data / "squad_v2" / "dev-v2.0.json").write_text(json.dumps({"version": "v2.0", "data": self.squad}))
