@@ -188,3 +188,23 @@ def test_squad_baseline_and_clusters_come_from_the_predictions(tmp_path):
     assert baseline_scores("squad_v2", f) == {"always_no_answer": {"a": 0.0, "b": 100.0, "c": 0.0}}
     groups, unit = clusters("squad_v2", f)
     assert unit == "paragraph" and groups == {"a": "p1", "b": "p1", "c": "p2"}
+
+
+def test_serving_2b_is_decided_by_the_paired_intervals():
+    from lorascope.report.verdict import serving_2b
+
+    def serve(rows):
+        return {"settings": {"engine": "vllm"}, "summary": {"rows": [
+            {"config": "unmerged:mrpc", "batch_size": b, "overhead": m, "overhead_ci_low": lo, "overhead_ci_high": hi,
+             "overhead_ci_coverage": 0.96, "expected_overhead_flops": 0.02} for b, m, lo, hi in rows]}}
+
+    assert serving_2b(serve([(1, 0.10, 0.05, 0.20), (4, 0.20, 0.10, 0.29)]), "mrpc", 0.3)["status"] == "PASS"
+    s = serving_2b(serve([(1, 0.10, 0.05, 0.20), (4, 0.28, 0.20, 0.40)]), "mrpc", 0.3)
+    assert s["status"] == "INCONCLUSIVE" and "batch 4" in s["reason"] and not s["pass"]
+    s = serving_2b(serve([(1, 0.50, 0.35, 0.70), (4, 0.28, 0.20, 0.40)]), "mrpc", 0.3)
+    assert s["status"] == "FAIL" and "batch 1" in s["reason"]
+    # an older serve.json without intervals: medians decide, and the reason says so
+    old = {"settings": {"engine": "vllm"}, "summary": {"rows": [
+        {"config": "unmerged:mrpc", "batch_size": 1, "overhead": 0.2, "expected_overhead_flops": 0.02}]}}
+    s = serving_2b(old, "mrpc", 0.3)
+    assert s["status"] == "PASS" and "no intervals" in s["reason"]
