@@ -203,6 +203,10 @@ def test_serving_2b_is_decided_by_the_paired_intervals():
     assert s["status"] == "INCONCLUSIVE" and "batch 4" in s["reason"] and not s["pass"]
     s = serving_2b(serve([(1, 0.50, 0.35, 0.70), (4, 0.28, 0.20, 0.40)]), "mrpc", 0.3)
     assert s["status"] == "FAIL" and "batch 1" in s["reason"]
+    few = serve([(1, 0.10, 0.05, 0.20)])
+    few["summary"]["rows"][0]["overhead_ci_coverage"] = 0.75  # 3 rounds: min-max
+    s = serving_2b(few, "mrpc", 0.3)
+    assert s["status"] == "INCONCLUSIVE" and "too few rounds" in s["reason"]
     # an older serve.json without intervals: medians decide, and the reason says so
     old = {"settings": {"engine": "vllm"}, "summary": {"rows": [
         {"config": "unmerged:mrpc", "batch_size": 1, "overhead": 0.2, "expected_overhead_flops": 0.02}]}}
