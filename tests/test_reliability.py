@@ -303,21 +303,40 @@ def test_a_held_train_folder_is_refused_naming_the_holder_and_a_killed_holder_is
 
 
 def test_two_concurrent_runs_on_one_folder(tmp_path):
-    """Two `lorascope run` on the same folder at once: one runs, the other stops at once naming it."""
+    """Two `lorascope run` on the same folder at once: one runs, the other stops at once naming it.
+
+    The overlap is made certain, not left to process start-up times: the first run is paused
+    (SIGSTOP) as soon as it holds the folder's lock, the second starts and must stop, then the
+    first resumes and finishes alone.
+    """
+    import signal
+
     config = kill_study.write_config(tmp_path)
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LORASCOPE_CACHE": str(tmp_path / "cache"),
            "PYTHONPATH": str(REPO / "src")}
-    procs = [subprocess.Popen([sys.executable, "-m", "lorascope", "run", str(config), "--run-dir", str(run_dir),
-                               "--only", "prepare", "--only", "train:mrpc:lora_r4_s0"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-             for _ in range(2)]
-    results = [p.communicate(timeout=600) + (p.returncode, p.pid) for p in procs]
-    codes = sorted(r[2] for r in results)
-    assert codes == [0, 2], [r[1][-1500:] for r in results]
-    winner = next(r for r in results if r[2] == 0)
-    loser = next(r for r in results if r[2] == 2)
-    assert f"--run-dir {run_dir}: in use by another lorascope process (pid {winner[3]}" in loser[1]
+    cmd = [sys.executable, "-m", "lorascope", "run", str(config), "--run-dir", str(run_dir),
+           "--only", "prepare", "--only", "train:mrpc:lora_r4_s0"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    lock = run_dir / ".lorascope.lock"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and first.poll() is None:
+        try:
+            if json.loads(lock.read_text() or "{}").get("pid") == first.pid:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    assert first.poll() is None, "the first run ended before it could be paused"
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    out1, err1 = first.communicate(timeout=600)
+    assert first.returncode == 0, err1[-1500:]
+    assert second.returncode == 2, second.stderr[-1500:]
+    assert f"--run-dir {run_dir}: in use by another lorascope process (pid {first.pid}" in second.stderr
     out = run_dir / "train" / "mrpc" / "lora_r4_s0"
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = json.loads((out / "lorascope-train.json").read_text())["steps"]
