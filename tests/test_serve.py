@@ -497,3 +497,16 @@ def test_a_worker_that_dies_fails_alone(serve_model, tmp_path):
     assert (tmp_path / "configs" / "unmerged-a.log").is_file() and failed["log_tail"]
     assert [s["config"] for s in schedule] == ["merged:a", "merged:a"]
     assert not (tmp_path / "configs" / "unmerged-a.json").exists()
+
+
+def test_workload_has_the_agreement_prompts_when_the_timed_batches_need_fewer(serve_model, adapters, small_data):
+    """Batch 1 with 2 timed batches needs 3 prompts for timing, but the agreement check needs 8: the workload
+    must collect 8, not stop at 3 and then refuse (a bug that broke small studies)."""
+    from lorascope.serve.bench import ServeSettings, build_workload
+
+    settings = ServeSettings(engine="transformers", batch_sizes=[1], batches=2, warmup=1, check_prompts=8)
+    info: dict = {}
+    work = build_workload([{"name": "m", "task": "mrpc"}], serve_model, settings, str(small_data), info)
+    assert len(work["m"]) == 8
+    assert len({p["key"] for p in work["m"]}) == 8
+    assert info["mrpc"]["distinct_prompts"] == 8

@@ -199,8 +199,9 @@ def build_workload(adapters: list[dict[str, Any]], base_dir: Path, settings: Ser
     from lorascope.tasks.base import prompt_ids
 
     tok = load_tokenizer(str(base_dir))
-    want = (settings.warmup + settings.batches) * max(settings.batch_sizes)  # distinct prompts in every batch
     need = max(max(settings.batch_sizes), settings.check_prompts)  # distinct within a batch, at least
+    # distinct prompts in every batch; never fewer than the agreement check and the largest batch need
+    want = max((settings.warmup + settings.batches) * max(settings.batch_sizes), need)
     data = DataConfig(dir=data_dir)
     out: dict[str, list[dict[str, Any]]] = {}
     cache: dict[str, list[dict[str, Any]]] = {}
