@@ -154,11 +154,21 @@ def test_vllm_engine_end_to_end(serve_model, adapters, small_data, tmp_path):
     r = run_cli("serve-bench", "--engine", "vllm", "--base", str(serve_model),
                 "--adapter", f"mrpc={adapters['mrpc']}", "--adapter", f"squad={adapters['squad']}",
                 "--batch-sizes", "1,2,4", "--output-tokens", "6", "--repetitions", "3", "--check-prompts", "3",
-                "--kv-cache-gb", "1", "--output-dir", str(out), "--data-dir", str(small_data))
+                "--kv-cache-gb", "1", "--rates", "50", "--open-requests", "6",
+                "--output-dir", str(out), "--data-dir", str(small_data))
     assert r.returncode == 0, r.stderr[-3000:]
     report = _check_report(out, {"merged:mrpc", "unmerged:mrpc", "merged:squad", "unmerged:squad", "multi"},
                            [1, 2, 4])
     _check_agreement(report, ["mrpc", "squad"])
+    # open loop on vLLM's continuous batching: every request of every configuration completes, after its arrival
+    rows = report["summary"]["open_loop"]
+    assert {x["config"] for x in rows} == {"merged:mrpc", "unmerged:mrpc", "merged:squad", "unmerged:squad", "multi"}
+    assert all(x["samples"] == 6 and x["offered_rate"] == 50 for x in rows)
+    multi = next(c for c in report["configs"] if c["name"] == "multi")
+    assert len(multi["open_loop"][0]["records"]) == 6  # mixed traffic: the adapters alternate
+    for c in report["configs"]:
+        for rec in c["open_loop"][0]["records"]:
+            assert rec["added"] >= rec["arrival"] - 1e-9 and rec["first"] <= rec["done"] and rec["n_tokens"] == 6
     for c in report["configs"]:
         # fairness: the same graph settings in both arms, recorded
         assert c["settings"]["enforce_eager"] is True and c["settings"]["enable_prefix_caching"] is False
@@ -510,3 +520,86 @@ def test_workload_has_the_agreement_prompts_when_the_timed_batches_need_fewer(se
     assert len(work["m"]) == 8
     assert len({p["key"] for p in work["m"]}) == 8
     assert info["mrpc"]["distinct_prompts"] == 8
+
+
+def test_poisson_arrivals_have_the_offered_rate_and_are_shared():
+    import numpy as np
+
+    from lorascope.serve.bench import poisson_arrivals
+
+    a = poisson_arrivals(2.0, 4001, seed=5)
+    assert a[0] == 0.0 and all(x < y for x, y in zip(a, a[1:]))
+    gaps = np.diff(a)
+    assert abs(gaps.mean() - 0.5) < 0.03  # mean gap 1 / rate (sd of the mean 0.5 / sqrt(4000) = 0.008)
+    assert abs(gaps.std() - 0.5) < 0.03  # exponential gaps: sd equals the mean
+    assert poisson_arrivals(2.0, 50, seed=5) == a[:50]  # every configuration gets the same times
+    assert poisson_arrivals(2.0, 50, seed=6) != a[:50]
+
+
+def test_open_loop_rows_by_hand():
+    """Latency counts from the scheduled arrival; the p95 is numpy's percentile of those; a queue that grows
+    is flagged; unmerged's p50 overhead is its p50 over merged's at the same rate."""
+    import numpy as np
+
+    from lorascope.serve.bench import open_loop_rows
+
+    def run(service, n=24, rate=1.0):
+        arrivals = [i / rate for i in range(n)]
+        recs, free = [], 0.0
+        for t in arrivals:  # one request at a time: FIFO queue
+            start = max(t, free)
+            free = start + service
+            recs.append({"arrival": t, "added": start, "first": start + service / 4, "done": free, "n_tokens": 4})
+        return {"rate": rate, "t_start": 0.0, "records": recs}
+
+    results = [{"name": "merged:m", "mode": "merged", "status": "ok", "open_loop": [run(0.5)]},
+               {"name": "unmerged:m", "mode": "unmerged", "status": "ok", "open_loop": [run(0.8)]},
+               {"name": "multi", "mode": "multi", "status": "ok", "open_loop": [run(1.5)]}]
+    rows = {r["config"]: r for r in open_loop_rows(results)}
+    m, u, x = rows["merged:m"], rows["unmerged:m"], rows["multi"]
+    assert m["samples"] == 24 and m["stats"]["latency"]["supported"]["p95"]
+    assert m["latency_p50_s"] == pytest.approx(0.5) and u["latency_p50_s"] == pytest.approx(0.8)
+    assert u["latency_p50_overhead"] == pytest.approx(0.8 / 0.5 - 1)
+    assert m["latency_p50_overhead"] is None and x["latency_p50_overhead"] is None
+    assert not m["saturated"] and not u["saturated"]
+    # service 1.5 s at 1 request/s: the queue grows by 0.5 s per request
+    lat = [r["done"] - r["arrival"] for r in results[2]["open_loop"][0]["records"]]
+    assert x["saturated"] and x["latency_p95_s"] == pytest.approx(float(np.percentile(lat, 95)))
+    assert x["completed_rate"] == pytest.approx(24 / (23 * 1.5 + 1.5 - 0.0) * 1.0, rel=0.01)
+    assert x["ttft_p50_s"] == pytest.approx(float(np.median([r["first"] - r["arrival"]
+                                                              for r in results[2]["open_loop"][0]["records"]])))
+
+
+def test_transformers_open_loop_end_to_end(serve_model, adapters, small_data, tmp_path):
+    out = tmp_path / "out"
+    r = run_cli("serve-bench", "--engine", "transformers", "--base", str(serve_model),
+                "--adapter", f"mrpc={adapters['mrpc']}", "--modes", "merged,unmerged", "--batch-sizes", "2",
+                "--output-tokens", "4", "--batches", "1", "--check-prompts", "2", "--rates", "20,200",
+                "--open-requests", "6", "--output-dir", str(out), "--data-dir", str(small_data),
+                env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((out / "serve.json").read_text())
+    rows = report["summary"]["open_loop"]
+    assert {(x["config"], x["offered_rate"]) for x in rows} == {(c, q) for c in ("merged:mrpc", "unmerged:mrpc")
+                                                                 for q in (20.0, 200.0)}
+    for x in rows:
+        assert x["samples"] == 6 and x["latency_p50_s"] > 0 and x["ttft_p50_s"] <= x["latency_p50_s"]
+        assert not x["stats"]["latency"]["supported"]["p95"]  # 6 requests: no p95
+    for c in report["configs"]:  # every request ran, after its arrival
+        for run in c["open_loop"]:
+            assert all(rec["added"] >= rec["arrival"] - 1e-9 and rec["done"] > rec["added"] for rec in run["records"])
+    assert (out / "serve_open_loop.csv").read_text().count("\n") == 5
+    assert "serve_open_loop.png" in report["figures"] and (out / "serve_open_loop.png").is_file()
+    assert "open loop" in r.stdout
+
+
+def test_bad_open_loop_settings_one_clear_line(serve_model, adapters, tmp_path):
+    for flags, msg in ((["--rates", "0"], "--rates 0: expected positive request rates"),
+                       (["--rates", "1,-2"], "--rates 1,-2: expected positive request rates"),
+                       (["--rates", "fast"], "--rates 'fast': expected comma-separated request rates"),
+                       (["--rates", "1", "--open-requests", "0"], "--open-requests 0: expected a positive number")):
+        r = run_cli("serve-bench", "--engine", "transformers", "--base", str(serve_model), "--adapter",
+                    f"a={adapters['mrpc']}", *flags, "--output-dir", str(tmp_path / "o"))
+        assert r.returncode == 2 and msg in r.stderr, r.stderr[-1000:]
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "serve.json").exists()

@@ -164,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transformers engine, one adapter: take PEFT's mixed-batch path (adapter_names) anyway, "
                         "to measure what it costs")
     p.add_argument("--warmup", type=int, default=1, help="untimed batches per batch size first (default 1)")
+    p.add_argument("--rates", default="",
+                   help="open loop after the closed batches: comma-separated request rates (requests/s) at which "
+                        "requests arrive (Poisson), e.g. 0.5,1,2; each configuration in turn gets the same prompts "
+                        "at the same arrival times (default: none)")
+    p.add_argument("--open-requests", type=int, default=40,
+                   help="requests per configuration and rate in the open loop (default 40)")
     p.add_argument("--modes", default="merged,unmerged,multi", help="subset of merged,unmerged,multi")
     p.add_argument("--check-prompts", type=int, default=8,
                    help="prompts per adapter whose greedy outputs are compared across modes (default 8)")
@@ -312,7 +318,13 @@ def _run(args: argparse.Namespace) -> int:
         except ValueError:
             raise LorascopeError(f"--batch-sizes {args.batch_sizes!r}: expected comma-separated integers, "
                                  f"e.g. 1,2,4,8,16") from None
+        try:
+            rates = [float(x) for x in args.rates.split(",") if x.strip()]
+        except ValueError:
+            raise LorascopeError(f"--rates {args.rates!r}: expected comma-separated request rates (requests/s), "
+                                 f"e.g. 0.5,1,2") from None
         settings = ServeSettings(engine=args.engine, batch_sizes=sizes, output_tokens=args.output_tokens,
+                                 rates=rates, open_requests=args.open_requests,
                                  natural_lengths=args.natural_lengths, batches=args.batches,
                                  repetitions=args.repetitions, force_adapter_names=args.force_adapter_names,
                                  warmup=args.warmup, check_prompts=args.check_prompts,

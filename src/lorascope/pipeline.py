@@ -69,6 +69,9 @@ class StudyArgs:
     serve_max_model_len: int = field(default=1024, metadata={"help": "vLLM max_model_len"})
     serve_modes: list[str] = field(default_factory=lambda: ["merged", "unmerged", "multi"],
                                    metadata={"help": "subset of merged, unmerged, multi"})
+    serve_rates: list[float] = field(default_factory=list, metadata={
+        "help": "open loop: request rates (requests/s, Poisson arrivals) after the closed batches; [] for none"})
+    serve_open_requests: int = field(default=40, metadata={"help": "open loop: requests per configuration and rate"})
     accuracy_margin: float = field(default=3.0, metadata={"help": "criterion 1: LoRA within this many points of full"})
     drift_reduction: float = field(default=0.20, metadata={"help": "criterion 2a: LoRA drift at least this much lower"})
     max_serving_overhead: float = field(default=0.30, metadata={"help": "criterion 2b: unmerged overhead at most this"})
@@ -112,6 +115,11 @@ class StudyArgs:
         for t in self.per_task:
             if t not in self.tasks:
                 out.append(f"study.per_task: {t!r} is not one of study.tasks ({', '.join(self.tasks)})")
+        if any(not isinstance(r, (int, float)) or r <= 0 for r in self.serve_rates):
+            out.append(f"study.serve_rates: expected positive request rates (requests/s), e.g. [0.5, 1, 2]; "
+                       f"got {self.serve_rates}")
+        if self.serve_rates and self.serve_open_requests < 1:
+            out.append(f"study.serve_open_requests: must be at least 1 (default 40), got {self.serve_open_requests}")
         if self.serve_batches < 1:
             out.append(f"study.serve_batches: must be at least 1 (default 20), got {self.serve_batches}")
         if self.serve_repetitions is not None and self.serve_repetitions < 1:
@@ -367,7 +375,8 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
                                      check_prompts=st.serve_check_prompts, kv_cache_gb=st.serve_kv_cache_gb,
                                      max_prompt_tokens=st.serve_max_prompt_tokens,
                                      max_model_len=st.serve_max_model_len,
-                                     modes=st.serve_modes)
+                                     modes=st.serve_modes, rates=st.serve_rates,
+                                     open_requests=st.serve_open_requests)
             out = run_dir / "serve" / f"r{r}"
             stages.append(Stage(f"serve:r{r}", "serve",
                                 (lambda a=adapters, o=out, s=settings: _serve(model_name, a, o, s, data_dir)),

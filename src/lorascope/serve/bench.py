@@ -59,6 +59,9 @@ class ServeSettings:
     modes: list[str] = field(default_factory=lambda: ["merged", "unmerged", "multi"])
     timeout_seconds: int = 3600  # per configuration
     seed: int = 0
+    # open loop: requests arriving at these rates (requests/s, Poisson), after the closed batches; none: no open loop
+    rates: list[float] = field(default_factory=list)
+    open_requests: int = 40  # requests per configuration and rate
 
 
 def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
@@ -201,7 +204,8 @@ def build_workload(adapters: list[dict[str, Any]], base_dir: Path, settings: Ser
     tok = load_tokenizer(str(base_dir))
     need = max(max(settings.batch_sizes), settings.check_prompts)  # distinct within a batch, at least
     # distinct prompts in every batch; never fewer than the agreement check and the largest batch need
-    want = max((settings.warmup + settings.batches) * max(settings.batch_sizes), need)
+    want = max((settings.warmup + settings.batches) * max(settings.batch_sizes), need,
+               settings.open_requests if settings.rates else 0)
     data = DataConfig(dir=data_dir)
     out: dict[str, list[dict[str, Any]]] = {}
     cache: dict[str, list[dict[str, Any]]] = {}
@@ -513,6 +517,25 @@ def run_group(specs: list[dict[str, Any]], out_dir: Path, settings: ServeSetting
                                                   if r["batch_size"] == bs)
                        for wk in live if any(r["batch_size"] == bs for r in rounds[wk.name])}
             log.info("batch %d: %s", bs, ", ".join(f"{n} {v:.1f} tok/s" for n, v in medians.items()))
+        open_runs: dict[str, list[dict[str, Any]]] = {wk.name: [] for wk in workers}
+        for ri, rate in enumerate(settings.rates):
+            arrivals = poisson_arrivals(rate, settings.open_requests, settings.seed + ri)
+            for wk in live:  # the configurations take turns, each with the same prompts and arrival times
+                if wk.error is not None:
+                    continue
+                items = open_items(wk.spec, settings.open_requests)
+                if not wk.send({"cmd": "open", "items": items, "arrivals": arrivals,
+                                "max_batch": max(settings.batch_sizes)}):
+                    continue
+                msg = wk.read(timeout)
+                if msg is None:
+                    continue
+                open_runs[wk.name].append({"rate": rate, "t_start": msg["t_start"], "records": msg["records"]})
+                schedule.append({"seq": len(schedule), "config": wk.name, "open_loop_rate": rate,
+                                 "t_start": msg["t_start"]})
+            log.info("open loop at %.3g requests/s: %s", rate, ", ".join(
+                f"{n} p50 {statistics.median(r['done'] - r['arrival'] for r in runs[-1]['records']):.2f} s"
+                for n, runs in open_runs.items() if runs and runs[-1]["rate"] == rate))
         closed = {wk.name: wk.close(timeout) for wk in workers}
     except BaseException:
         for wk in workers:
@@ -536,7 +559,7 @@ def run_group(specs: list[dict[str, Any]], out_dir: Path, settings: ServeSetting
                             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs),
                             "device_used_bytes": rs[-1]["device_used_bytes"]})
         res = {k: v for k, v in msg.items() if k != "event"}
-        res.update(batches=batches, peak_rss_bytes=fin["peak_rss_bytes"], peak_pss_bytes=fin["peak_pss_bytes"],
+        res.update(batches=batches, open_loop=open_runs[wk.name], peak_rss_bytes=fin["peak_rss_bytes"], peak_pss_bytes=fin["peak_pss_bytes"],
                    spec_hash=hashes[wk.name], status="ok", seconds=time.time() - wk.t0, log=str(wk.log_file))
         write_json(cfg_dir / f"{safe[wk.name]}.json", res)
         results.append(res)
@@ -552,6 +575,25 @@ def _batch_items(spec: dict[str, Any], bs: int, index: int) -> list[dict[str, An
     """The index-th batch of size bs from the configuration's request stream (the same for every configuration)."""
     items = spec["items"]
     return [items[(index * bs + i) % len(items)] for i in range(bs)]
+
+
+def poisson_arrivals(rate: float, n: int, seed: int) -> list[float]:
+    """Arrival times (seconds from the start) of n requests of a Poisson process at `rate` requests/s:
+    the first at 0, then exponential gaps with mean 1 / rate; the same for every configuration."""
+    import random
+
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
+
+
+def open_items(spec: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """The first n requests of the configuration's stream (multi: the adapters alternate, mixed traffic)."""
+    items = spec["items"]
+    return [items[i % len(items)] for i in range(n)]
 
 
 def _die_with_parent() -> None:
@@ -624,6 +666,13 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
                              f"token needs a second token)")
     if settings.check_prompts < 1:
         raise LorascopeError(f"--check-prompts {settings.check_prompts}: expected a positive number")
+    bad_rates = [r for r in settings.rates if not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0)]
+    if bad_rates:
+        raise LorascopeError(f"--rates {','.join(f'{r:g}' for r in settings.rates)}: expected positive request rates "
+                             f"(requests per second), e.g. 0.5,1,2")
+    if settings.rates and settings.open_requests < 1:
+        raise LorascopeError(f"--open-requests {settings.open_requests}: expected a positive number of requests per "
+                             f"configuration and rate (a p95 needs >= 20)")
     if settings.engine == "vllm":
         import importlib.util
 
@@ -671,7 +720,8 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
     common = {"base_sha256": base_sha, "engine": settings.engine, "batch_sizes": settings.batch_sizes,
               "batches": settings.batches, "warmup": settings.warmup, "force_adapter_names": settings.force_adapter_names, "output_tokens": settings.output_tokens,
               "ignore_eos": not settings.natural_lengths, "dtype": dtype, "engine_args": _engine_args(settings),
-              "max_lora_rank": max_rank, "kv_cache_gb": settings.kv_cache_gb}
+              "max_lora_rank": max_rank, "kv_cache_gb": settings.kv_cache_gb,
+              "rates": settings.rates, "open_requests": settings.open_requests if settings.rates else None}
 
     def items_for(a, adapter_name):
         return [dict(p, adapter=adapter_name) for p in workload[a["name"]]]
@@ -1015,8 +1065,58 @@ def summarize(results: list[dict[str, Any]], adapters: list[dict[str, Any]], set
                                 + ", ".join(f"{o['round']} ({o['overhead']:+.0%})" for o in d["disagreeing_rounds"])
                                 + f" disagree(s) with the median {d['median']:+.0%} by more than 1.5 x the rounds' "
                                   f"interquartile range {d['iqr']:.0%}")
-    return {"rows": rows, "agreement": agreement, "memory": memory, "failed": failed, "warnings": warnings,
-            "flops": {a["name"]: a["flops"] for a in adapters}, "min_samples_for": MIN_SAMPLES}
+    open_rows = open_loop_rows(results)
+    for x in open_rows:
+        if x["saturated"]:
+            warnings.append(f"{x['config']} at {x['offered_rate']:g} requests/s (open loop): the engine did not keep "
+                            f"up: it completed {x['completed_rate']:.3g} requests/s against "
+                            f"{x['arrival_rate']:.3g} arriving, and the last quarter's median latency is "
+                            f"{x['latency_trend']:.1f} x the first quarter's (a queue that grows)")
+    return {"rows": rows, "open_loop": open_rows, "agreement": agreement, "memory": memory, "failed": failed,
+            "warnings": warnings, "flops": {a["name"]: a["flops"] for a in adapters}, "min_samples_for": MIN_SAMPLES}
+
+
+def open_loop_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per configuration and offered rate: the rates achieved, latency / TTFT / TPOT percentiles
+    counted from each request's scheduled arrival, whether the engine kept up, and (unmerged) the
+    ratio of its p50 and p95 to merged's at the same rate (the same prompts and arrival times; one
+    run per rate, so no interval)."""
+    rows = []
+    for r in results:
+        if r.get("status") != "ok":
+            continue
+        for run in r.get("open_loop") or []:
+            recs = [x for x in run["records"] if x["done"] is not None]
+            if not recs:
+                continue
+            arrivals = [x["arrival"] for x in run["records"]]
+            lat = [x["done"] - x["arrival"] for x in recs]
+            ttft = [x["first"] - x["arrival"] for x in recs if x["first"] is not None]
+            tpot = [(x["done"] - x["first"]) / (x["n_tokens"] - 1) for x in recs
+                    if x["first"] is not None and x["n_tokens"] > 1]
+            span = max(arrivals) - min(arrivals)
+            arrival_rate = (len(arrivals) - 1) / span if span > 0 else None
+            completed_rate = len(recs) / (max(x["done"] for x in recs) - min(arrivals))
+            q = max(1, len(lat) // 4)
+            trend = statistics.median(lat[-q:]) / statistics.median(lat[:q])
+            stats = {"latency": sample_stats(lat), "ttft": sample_stats(ttft), "tpot": sample_stats(tpot),
+                     "arrival_lag": sample_stats([x["added"] - x["arrival"] for x in recs])}
+            row = {"config": r["name"], "mode": r["mode"], "offered_rate": run["rate"], "arrival_rate": arrival_rate,
+                   "completed_rate": completed_rate, "samples": len(recs), "latency_trend": trend,
+                   "saturated": bool((arrival_rate and completed_rate < 0.9 * arrival_rate) or trend > 2.0),
+                   "stats": stats}
+            for key in ("latency", "ttft", "tpot"):
+                for qq in ("p50", "p95", "p99", "max"):
+                    row[f"{key}_{qq}_s"] = stats[key][qq]
+            rows.append(row)
+    by = {(x["config"], x["offered_rate"]): x for x in rows}
+    for x in rows:
+        ref = by.get((x["config"].replace("unmerged:", "merged:"), x["offered_rate"])) if x["mode"] == "unmerged" \
+            else None
+        for qq in ("p50", "p95"):
+            ok = ref is not None and x["stats"]["latency"]["supported"][qq] and ref["stats"]["latency"][qq]
+            x[f"latency_{qq}_overhead"] = (x[f"latency_{qq}_s"] / ref[f"latency_{qq}_s"] - 1) if ok else None
+    return rows
 
 
 CSV_FIELDS = ["config", "mode", "batch_size", "rounds", "samples", "tokens_per_second", "tokens_per_second_min",
@@ -1030,10 +1130,16 @@ CSV_FIELDS = ["config", "mode", "batch_size", "rounds", "samples", "tokens_per_s
               "expected_overhead_flops", "peak_rss_mb", "peak_pss_mb", "device_used_mb", "kv_cache_reserved_mb"]
 
 
-def csv_row(row: dict[str, Any]) -> dict[str, Any]:
+OPEN_CSV_FIELDS = ["config", "mode", "offered_rate", "arrival_rate", "completed_rate", "saturated", "latency_trend",
+                   "samples", "latency_p50_s", "latency_p95_s", "latency_p99_s", "latency_max_s",
+                   "ttft_p50_s", "ttft_p95_s", "ttft_p99_s", "ttft_max_s", "tpot_p50_s", "tpot_p95_s", "tpot_p99_s",
+                   "tpot_max_s", "latency_p50_overhead", "latency_p95_overhead"]
+
+
+def csv_row(row: dict[str, Any], fields: list[str] = CSV_FIELDS) -> dict[str, Any]:
     """One CSV row: a percentile the samples do not support is left empty (the max column is always there)."""
     out = {}
-    for k in CSV_FIELDS:
+    for k in fields:
         v = row.get(k)
         for key, _ in METRICS:
             for q in ("p95", "p99"):
@@ -1047,7 +1153,7 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> None:
     import csv
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("serve.json", "serve.csv", "serve.failed.json"):  # results of an earlier invocation
+    for name in ("serve.json", "serve.csv", "serve_open_loop.csv", "serve.failed.json"):  # an earlier invocation's
         (out_dir / name).unlink(missing_ok=True)
     for old in out_dir.glob("serve_*.png"):
         old.unlink()
@@ -1064,6 +1170,13 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> None:
             w.writeheader()
             for row in report["summary"]["rows"]:
                 w.writerow(csv_row(row))
+    if report["summary"].get("open_loop"):
+        with atomic_path(out_dir / "serve_open_loop.csv") as tmp:
+            with open(tmp, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=OPEN_CSV_FIELDS, extrasaction="ignore")
+                w.writeheader()
+                for row in report["summary"]["open_loop"]:
+                    w.writerow(csv_row(row, OPEN_CSV_FIELDS))
     report["figures"] = _figures(report, out_dir)
     write_json(out_dir / "serve.json", report)  # last: its presence means the benchmark completed
 
@@ -1114,6 +1227,18 @@ def format_table(report: dict[str, Any]) -> str:
         if v:
             lines.append(f"agreement {k}: {v['identical']}/{v['n']} identical, mean common prefix "
                          f"{v['mean_common_prefix']:.2f}")
+    open_rows = report["summary"].get("open_loop") or []
+    if open_rows:
+        lines.append(f"open loop (Poisson arrivals; latencies from each request's scheduled arrival):\n"
+                     f"{'config':22s} {'offered/s':>9s} {'done/s':>7s} {'n':>4s} {'p50 s':>7s} {'p95 s':>20s} "
+                     f"{'ttft p50':>8s} {'tpot p50':>8s} {'p50 ovh':>8s} {'p95 ovh':>8s} kept up")
+        for r in open_rows:
+            ovs = [f"{r[c]:+.0%}" if r.get(c) is not None else "" for c in ("latency_p50_overhead",
+                                                                               "latency_p95_overhead")]
+            lines.append(f"{r['config']:22s} {r['offered_rate']:9.3g} {r['completed_rate']:7.3g} {r['samples']:4d} "
+                         f"{r['latency_p50_s']:7.3f} {tail_label(r):>20s} {r['ttft_p50_s'] or 0:8.3f} "
+                         f"{r['tpot_p50_s'] or 0:8.3f} {ovs[0]:>8s} {ovs[1]:>8s} "
+                         f"{'no (saturated)' if r['saturated'] else 'yes'}")
     mem = report["summary"]["memory"]
     if "merged_alternative_mib" in mem:
         lines.append(f"memory: multi {mem['multi']['peak_pss_mb']:.0f} MiB (PSS) vs one merged copy of the weights "

@@ -42,6 +42,28 @@ def plot_serve(report: dict[str, Any], out_dir: Path) -> list[str]:
         _save(fig, out_dir / fname)
         plt.close(fig)
         written.append(fname)
+    open_rows = report["summary"].get("open_loop") or []
+    if open_rows:
+        ok = all(r["stats"]["latency"]["supported"]["p95"] for r in open_rows)
+        key, label = (("latency_p95_s", "p95 request latency (s)") if ok else
+                      ("latency_max_s", "max request latency (s; too few samples for a p95)"))
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for c in dict.fromkeys(r["config"] for r in open_rows):
+            rs = sorted((r for r in open_rows if r["config"] == c), key=lambda r: r["offered_rate"])
+            style = "-" if c.startswith("merged") else ("--" if c.startswith("unmerged") else ":")
+            ax.plot([r["offered_rate"] for r in rs], [r[key] for r in rs], style, marker="o", label=c)
+            sat = [r for r in rs if r["saturated"]]
+            if sat:
+                ax.scatter([r["offered_rate"] for r in sat], [r[key] for r in sat], marker="x", s=80, color="k",
+                           zorder=3)
+        ax.set_xlabel("offered load (requests / s, Poisson arrivals); x: the engine did not keep up")
+        ax.set_ylabel(label)
+        ax.set_title(f"{engine}: open loop, latency against offered load")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        _save(fig, out_dir / "serve_open_loop.png")
+        plt.close(fig)
+        written.append("serve_open_loop.png")
     mem = report["summary"]["memory"]
     names = [k for k, v in mem.items() if isinstance(v, dict) and "peak_rss_mb" in v]
     if names:

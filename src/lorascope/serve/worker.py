@@ -214,6 +214,44 @@ class VllmEngine:
                     r["done"] = now
         return [recs[rid] for rid in order]
 
+    def run_open(self, items: list[dict[str, Any]], arrivals: list[float]) -> list[dict[str, Any]]:
+        """Open loop: request i is added once `arrivals[i]` seconds have passed (Poisson arrivals,
+        continuous batching by the engine). Requests can only join between engine steps, so each
+        record keeps its scheduled arrival and the time it was added; latencies count from the
+        scheduled arrival, as a client would see them."""
+        recs: dict[str, dict[str, Any]] = {}
+        order = []
+        t0 = time.perf_counter()
+        i = 0
+        while i < len(items) or self.engine.has_unfinished_requests():
+            now = time.perf_counter() - t0
+            while i < len(items) and arrivals[i] <= now:
+                it = items[i]
+                rid = f"r{self._n}"
+                self._n += 1
+                order.append(rid)
+                recs[rid] = {"key": it["key"], "adapter": it["adapter"], "arrival": arrivals[i], "added": now,
+                             "first": None, "done": None, "token_ids": []}
+                self.engine.add_request(rid, {"prompt_token_ids": it["prompt_ids"]}, self.params,
+                                        lora_request=self.loras.get(it["adapter"]) if it["adapter"] else None)
+                i += 1
+            if not self.engine.has_unfinished_requests():
+                time.sleep(max(0.0, arrivals[i] - (time.perf_counter() - t0)))
+                continue
+            outs = self.engine.step()
+            now = time.perf_counter() - t0
+            for o in outs:
+                r = recs.get(o.request_id)
+                if r is None:
+                    continue
+                toks = list(o.outputs[0].token_ids) if o.outputs else []
+                if toks and r["first"] is None:
+                    r["first"] = now
+                r["token_ids"] = toks
+                if o.finished:
+                    r["done"] = now
+        return [recs[rid] for rid in order]
+
     def close(self) -> None:
         del self.llm
 
@@ -302,6 +340,32 @@ class TransformersEngine:
             recs.append({"key": it["key"], "adapter": it["adapter"], "first": first, "done": done, "token_ids": row})
         return recs
 
+    def run_open(self, items: list[dict[str, Any]], arrivals: list[float], max_batch: int) -> list[dict[str, Any]]:
+        """Open loop on `generate`, as a simple server does it: whenever the model is free, every
+        request that has arrived (up to `max_batch`, oldest first; one adapter per batch on a
+        single-adapter engine) runs as one batch; later arrivals wait for the next."""
+        out: list[dict[str, Any] | None] = [None] * len(items)
+        t0 = time.perf_counter()
+        i = 0  # next request not yet arrived
+        queue: list[int] = []
+        while i < len(items) or queue:
+            now = time.perf_counter() - t0
+            while i < len(items) and arrivals[i] <= now:
+                queue.append(i)
+                i += 1
+            if not queue:
+                time.sleep(max(0.0, arrivals[i] - now))
+                continue
+            first_adapter = items[queue[0]]["adapter"]
+            take = [j for j in queue if self.mixed_path or items[j]["adapter"] == first_adapter][:max_batch]
+            queue = [j for j in queue if j not in take]
+            started = time.perf_counter() - t0
+            recs = self.run([items[j] for j in take])
+            for j, r in zip(take, recs):
+                out[j] = dict(r, arrival=arrivals[j], added=started, first=started + r["first"],
+                              done=started + r["done"])
+        return out  # type: ignore[return-value]
+
     def close(self) -> None:
         del self.model
 
@@ -342,6 +406,17 @@ def serve_loop(spec: dict[str, Any], commands, replies) -> int:
         cmd = json.loads(line)
         if cmd["cmd"] == "close":
             break
+        if cmd["cmd"] == "open":
+            t_wall = time.time()
+            if spec["engine"] == "vllm":
+                recs = engine.run_open(cmd["items"], cmd["arrivals"])
+            else:
+                recs = engine.run_open(cmd["items"], cmd["arrivals"], cmd["max_batch"])
+            reply({"event": "open", "t_start": t_wall,
+                   "records": [{"arrival": r["arrival"], "added": r["added"], "first": r["first"], "done": r["done"],
+                                "n_tokens": len(r["token_ids"])} for r in recs],
+                   "peak_rss_bytes": mem.peak, "peak_pss_bytes": mem.peak_pss})
+            continue
         t_wall = time.time()
         t0 = time.perf_counter()
         recs = engine.run(cmd["items"])
