@@ -33,6 +33,7 @@ demo: setup
 	@echo "report: $(RUN)/report/index.html (and report.md)"
 
 test: setup
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

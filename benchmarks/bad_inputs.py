@@ -26,8 +26,8 @@ import signal
 import subprocess
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 MRPC_HEADER = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"
@@ -110,6 +110,10 @@ def _squad_edit(fx: Fixtures, fn: Callable[[list], None]) -> list:
     return arts
 
 
+def _negative_answer_start(arts: list) -> None:
+    _qa(arts)["answers"][0].update(answer_start=-3)
+
+
 def _qa(arts, a=0, q=0):
     return arts[a]["paragraphs"][0]["qas"][q]
 
@@ -188,37 +192,115 @@ def cases(fx: Fixtures) -> list[tuple[str, str, int, Callable[[], list[str]]]]:
 
     return [
         # config files and flags (train)
-        ("train", "YAML syntax error", 2, lambda: ["train", "--config", str(fx.config("yaml", "train:\n  lr: [1e-4\n")),
-                                                    "--model", m, "--data-dir", d]),
-        ("train", "train.epochs: .nan", 2, lambda: ["train", "--config", str(fx.config("nan", "train:\n  epochs: .nan\n")),
-                                                     "--model", m, "--data-dir", d]),
+        (
+            "train",
+            "YAML syntax error",
+            2,
+            lambda: [
+                "train",
+                "--config",
+                str(fx.config("yaml", "train:\n  lr: [1e-4\n")),
+                "--model",
+                m,
+                "--data-dir",
+                d,
+            ],
+        ),
+        (
+            "train",
+            "train.epochs: .nan",
+            2,
+            lambda: [
+                "train",
+                "--config",
+                str(fx.config("nan", "train:\n  epochs: .nan\n")),
+                "--model",
+                m,
+                "--data-dir",
+                d,
+            ],
+        ),
         ("train", "train.lr: .inf", 2, lambda: train(d, "mrpc", "--set", "train.lr=.inf")),
         ("train", "unknown field train.lrr", 2, lambda: train(d, "mrpc", "--set", "train.lrr=1e-4")),
         ("train", "train.batch_size=abc", 2, lambda: train(d, "mrpc", "--set", "train.batch_size=abc")),
         ("train", "config file missing", 2, lambda: ["train", "--config", "/nonexistent/x.yaml"]),
-        ("train", "config file not UTF-8", 2, lambda: ["train", "--config", str(_bytes(fx, "cfgbin", b"\xff\xfe\x00x"))]),
+        (
+            "train",
+            "config file not UTF-8",
+            2,
+            lambda: ["train", "--config", str(_bytes(fx, "cfgbin", b"\xff\xfe\x00x"))],
+        ),
         ("train", "output folder held by another process", 2, lambda: train(d, "mrpc")[:-1] + [str(held_train())]),
         ("train", "output folder of another config", 2, lambda: train(d, "mrpc")[:-1] + [different_config()]),
         # data files
-        ("train", "MRPC train.tsv in UTF-16", 2, lambda: train(fx.data_with(
-            "utf16", mrpc_train=(MRPC_HEADER + "\n1\t1\t2\ta\tb\n").encode("utf-16")))),
-        ("train", "MRPC train.tsv binary with NUL bytes", 2, lambda: train(fx.data_with(
-            "nul", mrpc_train=MRPC_HEADER.encode() + b"\n1\t1\t2\ta\x00b\tc\n"))),
+        (
+            "train",
+            "MRPC train.tsv in UTF-16",
+            2,
+            lambda: train(fx.data_with("utf16", mrpc_train=(MRPC_HEADER + "\n1\t1\t2\ta\tb\n").encode("utf-16"))),
+        ),
+        (
+            "train",
+            "MRPC train.tsv binary with NUL bytes",
+            2,
+            lambda: train(fx.data_with("nul", mrpc_train=MRPC_HEADER.encode() + b"\n1\t1\t2\ta\x00b\tc\n")),
+        ),
         ("train", "MRPC wrong columns", 2, lambda: train(fx.data_with("cols", mrpc_train=b"a\tb\n1\t2\n"))),
-        ("train", "MRPC label 2", 2, lambda: train(fx.data_with(
-            "label", mrpc_train=(MRPC_HEADER + "\n2\t1\t2\ta\tb\n").encode()))),
-        ("train", "MRPC duplicate pair id", 2, lambda: train(fx.data_with(
-            "dup", mrpc_train=(MRPC_HEADER + "\n1\t1\t2\ta\tb\n0\t1\t2\tc\td\n").encode()))),
-        ("train", "SQuAD answer_start beyond the context", 2, lambda: train(fx.data_with("oob", squad=_squad_edit(
-            fx, lambda a: _qa(a)["answers"][0].update(answer_start=10_000))), "squad_v2")),
-        ("train", "SQuAD answer_start as a string", 2, lambda: train(fx.data_with("str", squad=_squad_edit(
-            fx, lambda a: _qa(a)["answers"][0].update(answer_start="41"))), "squad_v2")),
-        ("train", "SQuAD answer_start not at the answer text", 2, lambda: train(fx.data_with("off", squad=_squad_edit(
-            fx, lambda a: _qa(a)["answers"][0].update(answer_start=0))), "squad_v2")),
-        ("train", "SQuAD duplicate question id", 2, lambda: train(fx.data_with("qdup", squad=_squad_edit(
-            fx, lambda a: _qa(a, 1).update(id="q0_0"))), "squad_v2")),
-        ("train", "SQuAD is_impossible with answers", 2, lambda: train(fx.data_with("imp", squad=_squad_edit(
-            fx, lambda a: _qa(a).update(is_impossible=True))), "squad_v2")),
+        (
+            "train",
+            "MRPC label 2",
+            2,
+            lambda: train(fx.data_with("label", mrpc_train=(MRPC_HEADER + "\n2\t1\t2\ta\tb\n").encode())),
+        ),
+        (
+            "train",
+            "MRPC duplicate pair id",
+            2,
+            lambda: train(fx.data_with("dup", mrpc_train=(MRPC_HEADER + "\n1\t1\t2\ta\tb\n0\t1\t2\tc\td\n").encode())),
+        ),
+        (
+            "train",
+            "SQuAD answer_start beyond the context",
+            2,
+            lambda: train(
+                fx.data_with("oob", squad=_squad_edit(fx, lambda a: _qa(a)["answers"][0].update(answer_start=10_000))),
+                "squad_v2",
+            ),
+        ),
+        (
+            "train",
+            "SQuAD answer_start as a string",
+            2,
+            lambda: train(
+                fx.data_with("str", squad=_squad_edit(fx, lambda a: _qa(a)["answers"][0].update(answer_start="41"))),
+                "squad_v2",
+            ),
+        ),
+        (
+            "train",
+            "SQuAD answer_start not at the answer text",
+            2,
+            lambda: train(
+                fx.data_with("off", squad=_squad_edit(fx, lambda a: _qa(a)["answers"][0].update(answer_start=0))),
+                "squad_v2",
+            ),
+        ),
+        (
+            "train",
+            "SQuAD duplicate question id",
+            2,
+            lambda: train(
+                fx.data_with("qdup", squad=_squad_edit(fx, lambda a: _qa(a, 1).update(id="q0_0"))), "squad_v2"
+            ),
+        ),
+        (
+            "train",
+            "SQuAD is_impossible with answers",
+            2,
+            lambda: train(
+                fx.data_with("imp", squad=_squad_edit(fx, lambda a: _qa(a).update(is_impossible=True))), "squad_v2"
+            ),
+        ),
         ("train", "SQuAD file truncated JSON", 2, lambda: train(_trunc_squad(fx), "squad_v2")),
         # eval
         ("eval", "checkpoint folder missing", 2, lambda: evaluate("/nonexistent/ck")),
@@ -227,13 +309,45 @@ def cases(fx: Fixtures) -> list[tuple[str, str, int, Callable[[], list[str]]]]:
         ("eval", "pickled adapter (.bin)", 2, lambda: evaluate(pickled_adapter("ev-bin"))),
         ("eval", "unknown task", 2, lambda: evaluate(fx.adapter, "mrcp")),
         # score
-        ("score", "predictions not JSON", 2, lambda: ["score", "squad_v2", "--data", str(fx.data / "squad_v2" / "dev-v2.0.json"),
-                                                       "--predictions", str(_bytes(fx, "pred", b"{not json"))]),
-        ("score", "prediction not a string", 2, lambda: ["score", "squad_v2", "--data",
-                                                          str(fx.data / "squad_v2" / "dev-v2.0.json"), "--predictions",
-                                                          str(_bytes(fx, "pred2", b'{"q0_0": 3}'))]),
-        ("score", "data file missing", 2, lambda: ["score", "squad_v2", "--data", "/nonexistent.json", "--predictions",
-                                                    str(_bytes(fx, "pred3", b"{}"))]),
+        (
+            "score",
+            "predictions not JSON",
+            2,
+            lambda: [
+                "score",
+                "squad_v2",
+                "--data",
+                str(fx.data / "squad_v2" / "dev-v2.0.json"),
+                "--predictions",
+                str(_bytes(fx, "pred", b"{not json")),
+            ],
+        ),
+        (
+            "score",
+            "prediction not a string",
+            2,
+            lambda: [
+                "score",
+                "squad_v2",
+                "--data",
+                str(fx.data / "squad_v2" / "dev-v2.0.json"),
+                "--predictions",
+                str(_bytes(fx, "pred2", b'{"q0_0": 3}')),
+            ],
+        ),
+        (
+            "score",
+            "data file missing",
+            2,
+            lambda: [
+                "score",
+                "squad_v2",
+                "--data",
+                "/nonexistent.json",
+                "--predictions",
+                str(_bytes(fx, "pred3", b"{}")),
+            ],
+        ),
         # summary
         ("summary", "not a metrics file", 2, lambda: ["summary", str(_bytes(fx, "summ", b'{"a": 1}'))]),
         # drift
@@ -255,12 +369,25 @@ def cases(fx: Fixtures) -> list[tuple[str, str, int, Callable[[], list[str]]]]:
         ("run", "YAML syntax error", 2, lambda: run("study:\n  tasks: mrpc, squad_v2]\n x: 1\n", "run-yaml")),
         ("run", "unknown task in study.tasks", 2, lambda: run(mini.replace("[mrpc]", "[mrcp]"), "run-task")),
         ("run", "lora.rank list with a string", 2, lambda: run(mini + "lora:\n  rank: [4, x]\n", "run-rank")),
-        ("run", "train.epochs: .inf in study.per_task", 2, lambda: run(
-            mini + "  per_task:\n    mrpc:\n      train:\n        epochs: .inf\n", "run-inf")),
+        (
+            "run",
+            "train.epochs: .inf in study.per_task",
+            2,
+            lambda: run(mini + "  per_task:\n    mrpc:\n      train:\n        epochs: .inf\n", "run-inf"),
+        ),
         ("run", "run folder held by another process", 2, lambda: run(mini, "run-held")[:-1] + [str(held("run-held"))]),
-        ("run", "SQuAD answer_start out of range (checked before any stage)", 2, lambda: run(
-            mini.replace(f"dir: {d}", f"dir: {fx.data_with('run-squad-data', squad=_squad_edit(fx, lambda a: _qa(a)['answers'][0].update(answer_start=-3)))}")
-            .replace("[mrpc]", "[mrpc, squad_v2]"), "run-squad")),
+        (
+            "run",
+            "SQuAD answer_start out of range (checked before any stage)",
+            2,
+            lambda: run(
+                mini.replace(
+                    f"dir: {d}",
+                    f"dir: {fx.data_with('run-squad-data', squad=_squad_edit(fx, _negative_answer_start))}",
+                ).replace("[mrpc]", "[mrpc, squad_v2]"),
+                "run-squad",
+            ),
+        ),
         ("run", "--only of an unknown stage", 2, lambda: run(mini, "run-only", "--only", "trian")),
         # report, prepare-model
         ("report", "not a run folder", 2, lambda: ["report", str(fx.dir("notrun"))]),
@@ -379,10 +506,15 @@ def run_all(root: Path, in_process: bool = True, log=print) -> list[dict]:
 
 def to_markdown(rows: list[dict]) -> str:
     n_ok = sum(r["ok"] for r in rows)
-    lines = [f"# Bad input, every command: {n_ok} of {len(rows)} cases as expected", "",
-             "Produced by `python benchmarks/bad_inputs.py` (each case through lorascope.cli.main, the function "
-             "`python -m lorascope` exits with). Paths under the scratch folder are shortened to `…/`.", "",
-             "| # | command | bad input | exit | expected | message (last line of stderr) |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Bad input, every command: {n_ok} of {len(rows)} cases as expected",
+        "",
+        "Produced by `python benchmarks/bad_inputs.py` (each case through lorascope.cli.main, the function "
+        "`python -m lorascope` exits with). Paths under the scratch folder are shortened to `…/`.",
+        "",
+        "| # | command | bad input | exit | expected | message (last line of stderr) |",
+        "|---|---|---|---|---|---|",
+    ]
     for i, r in enumerate(rows, 1):
         msg = r["message"].replace("|", "\\|")
         lines.append(f"| {i} | {r['command']} | {r['case']} | {r['exit']} | {r['expected']} | {msg} |")

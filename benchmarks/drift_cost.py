@@ -219,14 +219,14 @@ def forward_or_baseline(args, *, store: bool) -> dict:
 
 def synthetic_checkpoints(model_name: str, workdir: Path) -> list[str]:
     """A noisy full copy and a random LoRA adapter of the base model, made once."""
+    import hashlib
+
     import torch
     from peft import LoraConfig, get_peft_model
 
     from lorascope.config import ALL_PROJECTIONS
     from lorascope.models import load_model, load_tokenizer, resolve_model
     from lorascope.runinfo import write_json
-
-    import hashlib
 
     where = workdir / hashlib.sha256(str(model_name).encode()).hexdigest()[:12]  # one pair per base model
     full, lora = where / "full", where / "lora"

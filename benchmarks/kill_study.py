@@ -153,7 +153,9 @@ def kill_study(kills: int, seed: int, work: Path, env: dict | None = None, log=p
         try:
             rc = p.wait(timeout=delay if delay is not None else 900)
         except subprocess.TimeoutExpired:
-            stages = sorted(x.stem for x in (run_dir / "stages").glob("[!.]*.json")) if (run_dir / "stages").is_dir() else []
+            stages = (
+                sorted(x.stem for x in (run_dir / "stages").glob("[!.]*.json")) if (run_dir / "stages").is_dir() else []
+            )
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
             last = _running_stage(run_dir)
@@ -203,8 +205,10 @@ def to_markdown(rec: dict) -> str:
         lines.append(f"| {i} | {k['chain']} | {k['delay_s']} | {k['stage_running']} |")
     lines += ["", "| chain | kills | exit | identical | temporary leftovers |", "|---|---|---|---|---|"]
     for c in rec["chains"]:
-        lines.append(f"| {c['chain']} | {len(c['kills'])} | {c['exit']} | {'yes' if not c['differences'] else c['differences']} "
-                     f"| {len(c.get('temporary_leftovers', []))} |")
+        lines.append(
+            f"| {c['chain']} | {len(c['kills'])} | {c['exit']} | {'yes' if not c['differences'] else c['differences']} "
+            f"| {len(c.get('temporary_leftovers', []))} |"
+        )
     return "\n".join(lines) + "\n"
 
 

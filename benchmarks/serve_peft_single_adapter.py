@@ -57,7 +57,7 @@ def main() -> int:
             if r["mode"] != "unmerged":
                 continue
 
-            def f(c):
+            def f(c, r=r):
                 return "" if r[c] is None else f"{r[c]:+.1%} [{r[c + '_ci_low']:+.1%}, {r[c + '_ci_high']:+.1%}]"
 
             path = rep["configs"][[c["name"] for c in rep["configs"]].index(r["config"])]["settings"]["peft_path"]

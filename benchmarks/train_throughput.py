@@ -158,7 +158,9 @@ def trainer_arm(method: str, args, workdir: Path, conn) -> dict:
     if method == "lora":
         model = _add_lora(model, cfg, fast=False)  # stock PEFT layers
     task = get_task("mrpc")
-    feats = task.features(tok, task.examples("train", cfg.data, limit=cfg.data.max_train_examples), cfg.data.max_seq_len)
+    feats = task.features(
+        tok, task.examples("train", cfg.data, limit=cfg.data.max_train_examples), cfg.data.max_seq_len
+    )
     rows = [{"input_ids": f.input_ids, "labels": [-100] * f.answer_start + f.input_ids[f.answer_start:]} for f in feats]
     seen = {"tokens": 0, "padded": 0, "flops": 0.0}
     collate = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100)

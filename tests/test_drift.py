@@ -10,14 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TINY_CORPUS, run_cli
 from lorascope import LorascopeError
 from lorascope.config import DataConfig
-from lorascope.drift import parse_tuned, run_drift
-from lorascope.drift import stats
+from lorascope.drift import parse_tuned, run_drift, stats
 from lorascope.drift.measure import drift_examples
 from lorascope.similarity import StreamingCKA, linear_cka
-
-from conftest import TINY_CORPUS, run_cli
 
 # CKA of identical states, computed through float64 co-moments: 1 up to rounding
 EXACT = 1e-12
@@ -115,7 +113,9 @@ def _reference_states(model_dir, token_ids):
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     last = []
-    hook = model.model.layers[-1].register_forward_hook(lambda m, i, o: last.append(o[0] if isinstance(o, tuple) else o))
+    hook = model.model.layers[-1].register_forward_hook(
+        lambda m, i, o: last.append(o[0] if isinstance(o, tuple) else o)
+    )
     per_layer = None
     with torch.no_grad():
         for ids in token_ids:

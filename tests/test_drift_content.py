@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_cli
 from lorascope import LorascopeError
 from lorascope.config import DataConfig
 from lorascope.drift import run_drift
@@ -19,8 +20,6 @@ from lorascope.drift.measure import _method_ratio, drift_examples, select_tokens
 from lorascope.similarity import linear_cka
 from lorascope.tasks import get_task
 from lorascope.tasks.base import Example, prompt_ids, prompt_text, prompt_token_kinds
-
-from conftest import run_cli
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -420,7 +419,9 @@ def test_snapshots_are_evenly_spaced_and_drift_along_training_reads_them(tiny_mo
     from lorascope.drift.along import run_drift_along
     from lorascope.train import snapshot_steps, train
 
-    assert snapshot_steps(10, 4) == {2, 5, 8, 10} and snapshot_steps(3, 5) == {1, 2, 3} and snapshot_steps(9, 0) == set()
+    assert (
+        snapshot_steps(10, 4) == {2, 5, 8, 10} and snapshot_steps(3, 5) == {1, 2, 3} and snapshot_steps(9, 0) == set()
+    )
     runs = {}
     for method in ("full", "lora"):
         out = tmp_path / method

@@ -1,7 +1,6 @@
 import pytest
 
-from lorascope import LorascopeError
-from lorascope import models
+from lorascope import LorascopeError, models
 
 
 def test_killed_conversion_leaves_nothing_that_loads(tmp_path, monkeypatch):

@@ -217,8 +217,11 @@ def test_adapter_for_another_base_model(serve_model, adapters, tmp_path):
     from lorascope.serve.bench import base_shapes, check_adapter
 
     other = build_tiny_llama(tmp_path / "other", corpus=TINY_CORPUS, vocab_size=400, hidden=64)
-    with pytest.raises(LorascopeError, match=r"adapter mrpc .*but the base matrix is 64x\d+; the adapter was trained for "
-                                             r"another base model"):
+    with pytest.raises(
+        LorascopeError,
+        match=r"adapter mrpc .*but the base matrix is 64x\d+; the adapter was trained for "
+        r"another base model",
+    ):
         check_adapter("mrpc", adapters["mrpc"], other, base_shapes(other), None)
     deeper = build_tiny_llama(tmp_path / "deeper", corpus=TINY_CORPUS, vocab_size=400, hidden=128, heads=2,
                               kv_heads=1, layers=1)
@@ -354,8 +357,12 @@ def test_p95_is_numpys_percentile_and_the_arms_alternate(serve_model, adapters, 
             pool = report["workload"]["squad_v2"]["distinct_prompts"]  # the small fixture has fewer than 42
             assert len(keys) == 20 * b["batch_size"] and len(set(keys)) == min(len(keys), pool)
             assert all(len(set(x["keys"])) == len(x["keys"]) for x in rounds)  # distinct within a batch
-            stream = [it["key"] for it in json.loads((tmp_path / "configs" / f"{cfg['name'].replace(':', '-')}.spec.json")
-                                                     .read_text())["items"]]
+            stream = [
+                it["key"]
+                for it in json.loads((tmp_path / "configs" / f"{cfg['name'].replace(':', '-')}.spec.json").read_text())[
+                    "items"
+                ]
+            ]
             bs = b["batch_size"]
             # the warm-up batch took the stream's first bs prompts; timed round k the (k+1)-th batch
             assert rounds[0]["keys"] == [stream[(bs + i) % len(stream)] for i in range(bs)]
@@ -396,8 +403,14 @@ def test_paired_overheads_by_hand():
     for k in range(8):
         merged.append({"round": k, "tokens_per_second": 100.0 + k, "ttft": [0.10, 0.12], "tpot": [0.010, 0.012]})
         slow = 3.0 if k == 5 else 1.0  # round 5: a burst of load on the unmerged side only
-        unmerged.append({"round": k, "tokens_per_second": (100.0 + k) / (1.2 * slow), "ttft": [0.15 * slow, 0.18 * slow],
-                         "tpot": [0.0105 * slow, 0.0126 * slow]})
+        unmerged.append(
+            {
+                "round": k,
+                "tokens_per_second": (100.0 + k) / (1.2 * slow),
+                "ttft": [0.15 * slow, 0.18 * slow],
+                "tpot": [0.0105 * slow, 0.0126 * slow],
+            }
+        )
     po = paired_overhead(unmerged, merged)
     e2e = [1.2 * (3.0 if k == 5 else 1.0) - 1 for k in range(8)]
     assert po["e2e"]["per_round"] == pytest.approx(e2e)

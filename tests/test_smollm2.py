@@ -28,8 +28,9 @@ def test_conversion_is_a_complete_safetensors_model(smollm2):
 
 
 def test_greedy_answer_to_a_factual_question(smollm2):
-    from lorascope.tasks.base import prompt_ids
     import torch
+
+    from lorascope.tasks.base import prompt_ids
 
     _, model, tok = smollm2
     ids = torch.tensor([prompt_ids(tok, "What is the capital of France?")])

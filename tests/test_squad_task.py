@@ -226,7 +226,6 @@ def test_answer_nll_is_the_likelihood_of_the_answer_greedy_gives(tiny_model, sma
 
 def test_eval_tunes_the_no_answer_threshold_on_disjoint_paragraphs(tiny_model, tmp_path):
     from conftest import _squad_articles
-
     from lorascope.config import load_config
     from lorascope.evaluate import evaluate
 

@@ -6,11 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import run_cli
 from lorascope import LorascopeError
 from lorascope.config import load_config
 from lorascope.train import batch_plan, train
-
-from conftest import run_cli
 
 
 def _cfg(tiny_model, data, out, method="lora", **extra):

@@ -7,11 +7,10 @@ import json
 import pytest
 import yaml
 
+from conftest import REPO
 from lorascope import LorascopeError
 from lorascope.config import DataConfig, load_config
 from lorascope.tasks import get_task
-
-from conftest import REPO
 
 
 @pytest.mark.parametrize("task", ["mrpc", "squad_v2"])

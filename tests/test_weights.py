@@ -10,11 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import TINY_CORPUS, run_cli
 from lorascope import LorascopeError
 from lorascope.drift import run_weights
 from lorascope.drift.weights import lora_updates, update_metrics
-
-from conftest import TINY_CORPUS, run_cli
 
 RANK, ALPHA = 4, 12.0
 TARGETS = ["q_proj", "v_proj", "down_proj"]

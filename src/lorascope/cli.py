@@ -131,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tuned", action="append", required=True, metavar="NAME=CHECKPOINT",
                    help="a tuned checkpoint (model directory or PEFT adapter directory) and its name (repeatable)")
     p.add_argument("--output-dir", required=True, help="where weights.json, weights.csv and the figure go")
-    p.add_argument("--top-k", type=int, default=10, help="top singular vectors of W + dW checked for intruders (default 10)")
+    p.add_argument(
+        "--top-k", type=int, default=10, help="top singular vectors of W + dW checked for intruders (default 10)"
+    )
     p.add_argument("--intruder-threshold", type=float, default=0.5,
                    help="an intruder's largest |cosine| with the base's singular vectors is below this (default 0.5)")
 
@@ -209,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "directory's result files alone, starting with the verdict on the success criteria.")
     p.add_argument("run_dir", help="a directory written by `lorascope run`")
 
-    sub.add_parser("tasks", help="list the registered tasks", description="List the registered tasks, each with what it measures.")
+    sub.add_parser(
+        "tasks", help="list the registered tasks", description="List the registered tasks, each with what it measures."
+    )
     return parser
 
 
@@ -307,7 +311,9 @@ def _run(args: argparse.Namespace) -> int:
                              intruder_threshold=args.intruder_threshold)
         keys = ("fro_norm_mean", "spectral_norm_mean", "effective_rank_mean", "stable_rank_mean", "top8_energy_mean",
                 "intruders_total")
-        brief = {model: {mt: {k: d[k] for k in keys} for mt, d in per.items()} for model, per in result["summary"].items()}
+        brief = {
+            model: {mt: {k: d[k] for k in keys} for mt, d in per.items()} for model, per in result["summary"].items()
+        }
         print(json.dumps({"output_dir": result["output_dir"], "summary": brief}, indent=2))
         return 0
     if args.command == "serve-bench":
@@ -323,17 +329,28 @@ def _run(args: argparse.Namespace) -> int:
         except ValueError:
             raise LorascopeError(f"--rates {args.rates!r}: expected comma-separated request rates (requests/s), "
                                  f"e.g. 0.5,1,2") from None
-        settings = ServeSettings(engine=args.engine, batch_sizes=sizes, output_tokens=args.output_tokens,
-                                 rates=rates, open_requests=args.open_requests,
-                                 natural_lengths=args.natural_lengths, batches=args.batches,
-                                 repetitions=args.repetitions, force_adapter_names=args.force_adapter_names,
-                                 warmup=args.warmup, check_prompts=args.check_prompts,
-                                 max_prompt_tokens=args.max_prompt_tokens, max_lora_rank=args.max_lora_rank,
-                                 dtype=args.dtype, kv_cache_gb=args.kv_cache_gb, max_model_len=args.max_model_len,
-                                 tensor_parallel_size=args.tensor_parallel_size,
-                                 enforce_eager=(False if args.no_enforce_eager else True if args.enforce_eager else None),
-                                 modes=[m.strip() for m in args.modes.split(",") if m.strip()],
-                                 timeout_seconds=args.timeout)
+        settings = ServeSettings(
+            engine=args.engine,
+            batch_sizes=sizes,
+            output_tokens=args.output_tokens,
+            rates=rates,
+            open_requests=args.open_requests,
+            natural_lengths=args.natural_lengths,
+            batches=args.batches,
+            repetitions=args.repetitions,
+            force_adapter_names=args.force_adapter_names,
+            warmup=args.warmup,
+            check_prompts=args.check_prompts,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_lora_rank=args.max_lora_rank,
+            dtype=args.dtype,
+            kv_cache_gb=args.kv_cache_gb,
+            max_model_len=args.max_model_len,
+            tensor_parallel_size=args.tensor_parallel_size,
+            enforce_eager=(False if args.no_enforce_eager else True if args.enforce_eager else None),
+            modes=[m.strip() for m in args.modes.split(",") if m.strip()],
+            timeout_seconds=args.timeout,
+        )
         report = run_serve_bench(args.base, args.adapter, args.output_dir, settings, data_dir=args.data_dir)
         from lorascope.serve.bench import format_table
 

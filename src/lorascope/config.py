@@ -54,7 +54,9 @@ class DataConfig:
     validation_share: float = field(default=0.0, metadata={
         "help": "share of the training examples (whole paragraphs for SQuAD) held out as the 'validation' split "
                 "for learning-rate selection; 0: none (the final models train on all of them)"})
-    subset_seed: int = field(default=1234, metadata={"help": "seed of the subset draws (independent of the training seed)"})
+    subset_seed: int = field(
+        default=1234, metadata={"help": "seed of the subset draws (independent of the training seed)"}
+    )
 
     @property
     def eval_len(self) -> int:
@@ -76,7 +78,9 @@ class DataConfig:
         if self.eval_max_seq_len is not None and self.eval_max_seq_len < 16:
             out.append(f"data.eval_max_seq_len: must be at least 16, got {self.eval_max_seq_len}")
         if not 0.0 <= self.validation_share < 1.0:
-            out.append(f"data.validation_share: must be in [0, 1) (0: no validation split), got {self.validation_share}")
+            out.append(
+                f"data.validation_share: must be in [0, 1) (0: no validation split), got {self.validation_share}"
+            )
         if not 0.0 < self.squad_eval_share < 1.0:
             out.append(f"data.squad_eval_share: must be between 0 and 1 (exclusive), got {self.squad_eval_share}")
         return out
@@ -87,8 +91,10 @@ class LoraArgs:
     rank: int = field(default=8, metadata={"help": "LoRA rank r"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r"})
     dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA branch input"})
-    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS),
-                                      metadata={"help": "module names to adapt (default: all attention and MLP projections)"})
+    target_modules: list[str] = field(
+        default_factory=lambda: list(ALL_PROJECTIONS),
+        metadata={"help": "module names to adapt (default: all attention and MLP projections)"},
+    )
 
     def problems(self) -> list[str]:
         out = []
@@ -126,7 +132,9 @@ class TrainArgs:
                                                              "drift along training (0: none)"})
     mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPUs that support it, else fp32), "
                                                                    "no, bf16 or fp16"})
-    trackers: list[str] = field(default_factory=list, metadata={"help": "Accelerate trackers: wandb, tensorboard, mlflow"})
+    trackers: list[str] = field(
+        default_factory=list, metadata={"help": "Accelerate trackers: wandb, tensorboard, mlflow"}
+    )
 
     def problems(self) -> list[str]:
         from lorascope.tasks import TASKS
@@ -155,7 +163,9 @@ class TrainArgs:
         if self.drift_snapshots < 0:
             out.append(f"train.drift_snapshots: must be >= 0, got {self.drift_snapshots}")
         if self.save_every < 0 or self.log_every < 1:
-            out.append(f"train.save_every must be >= 0 and train.log_every >= 1, got {self.save_every} and {self.log_every}")
+            out.append(
+                f"train.save_every must be >= 0 and train.log_every >= 1, got {self.save_every} and {self.log_every}"
+            )
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             out.append(f"train.mixed_precision: got {self.mixed_precision!r}; accepted: auto, no, bf16, fp16")
         for t in self.trackers:
@@ -173,10 +183,14 @@ class TrainArgs:
 @dataclass
 class EvalArgs:
     task: str = field(default="mrpc", metadata={"help": "task name (mrpc, squad_v2)"})
-    checkpoint: str = field(default="base", metadata={"help": "'base', a full model directory or a PEFT adapter directory"})
+    checkpoint: str = field(
+        default="base", metadata={"help": "'base', a full model directory or a PEFT adapter directory"}
+    )
     split: str = field(default="eval", metadata={"help": "eval (MRPC dev / held-out SQuAD questions), train, or "
                                                          "validation (carved from train by data.validation_share)"})
-    output: str | None = field(default=None, metadata={"help": "metrics JSON path (default: CHECKPOINT/eval-TASK.json)"})
+    output: str | None = field(
+        default=None, metadata={"help": "metrics JSON path (default: CHECKPOINT/eval-TASK.json)"}
+    )
     batch_size: int = field(default=16, metadata={"help": "examples per forward pass"})
     max_new_tokens: int = field(default=32, metadata={"help": "longest generated answer (SQuAD)"})
     no_answer_signal: str = field(default="first_token", metadata={
@@ -284,7 +298,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def apply_mapping(cfg: Config, mapping: dict[str, Any], source: str) -> Config:
     """Set the fields named in a nested mapping ({section: {field: value}}), checking names and types."""
     if not isinstance(mapping, dict):
-        raise LorascopeError(f"{source}: expected a mapping of sections ({', '.join(_sections())}), got {type(mapping).__name__}")
+        raise LorascopeError(
+            f"{source}: expected a mapping of sections ({', '.join(_sections())}), got {type(mapping).__name__}"
+        )
     for sec_name, values in mapping.items():
         if sec_name not in _sections():
             raise LorascopeError(f"{source}: unknown section {sec_name!r}; accepted: {', '.join(_sections())}"

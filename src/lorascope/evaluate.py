@@ -98,8 +98,8 @@ def evaluate(cfg: Config) -> dict:
                  "eval.no_answer_threshold are ignored", e.task)
     metrics, predictions = task.evaluate(model, tok, examples, **kwargs)
     if calibration is not None:
-        from lorascope.tasks.squad_v2 import examples_to_articles, predictions_at
         from lorascope.tasks import squad_metric
+        from lorascope.tasks.squad_v2 import examples_to_articles, predictions_at
 
         kept = [x for x in examples if x.id in predictions["answers"]]
         greedy = predictions_at(predictions["no_answer_margin"], predictions["answers"], 0.0)

@@ -34,7 +34,8 @@ ALIASES = {
 
 
 def display_name(name: str) -> str:
-    """What a base model is, for reports: the offline alias is a de-quantised 4-bit model, not SmolLM2's fp32 weights."""
+    """What a base model is, for reports: the offline alias is a de-quantised 4-bit model, not SmolLM2's fp32
+    weights."""
     if name in ALIASES:
         return ALIASES[name]["display"]
     if name == TINY_ALIAS:

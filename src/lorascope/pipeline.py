@@ -32,10 +32,10 @@ import logging
 import shutil
 import time
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-
+from typing import Any
 
 from lorascope import LorascopeError
 from lorascope.config import Config, _coerce, _did_you_mean, apply_mapping
@@ -267,7 +267,7 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
     from lorascope.drift import run_drift, run_weights
     from lorascope.evaluate import evaluate
     from lorascope.models import resolve_model
-    from lorascope.serve import ServeSettings, run_serve_bench
+    from lorascope.serve import ServeSettings
 
     st = study.study
     stages: list[Stage] = []
@@ -487,7 +487,9 @@ def _run(study: Study, config_path: str, run_dir: Path, only, force) -> dict:
             if dep not in records:
                 raise LorascopeError(f"stage {s.name}: needs {dep}, which has not run for this config; run without "
                                      f"--only (or with --only {dep.split(':')[0]}) first")
-        resuming = prev is not None and prev.get("hash") == h and not prev.get("finished") and not _matches(s.name, force)
+        resuming = (
+            prev is not None and prev.get("hash") == h and not prev.get("finished") and not _matches(s.name, force)
+        )
         if not resuming:
             # new, changed or forced: start clean, so no stale output is ever reused
             if prev is not None and prev.get("hash") != h:
@@ -534,7 +536,9 @@ class _Digests:
     def of(self, outputs: list[Path]) -> str:
         h = hashlib.sha256()
         for root in outputs:
-            files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+            files = (
+                [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+            )
             for f in files:
                 rel = f.relative_to(root.parent)
                 if any(part.startswith(".") for part in rel.parts) or "checkpoints" in rel.parts:

@@ -16,9 +16,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "numpy", "vllm")
 
@@ -70,7 +71,7 @@ def hardware() -> dict[str, Any]:
 
 def provenance() -> dict[str, Any]:
     return {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": package_versions(),
         "git": git_commit(),
         "hardware": hardware(),

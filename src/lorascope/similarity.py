@@ -426,7 +426,7 @@ class StreamingCKA:
         np.maximum(self._max_y, ext[3], out=self._max_y)
         self._n = n
 
-    def update(self, x: Any, y: Any) -> "StreamingCKA":
+    def update(self, x: Any, y: Any) -> StreamingCKA:
         """Add a batch of matching rows.
 
         Parameters
@@ -474,7 +474,7 @@ class StreamingCKA:
         self._absorb(b, mx, my, xc.T @ xc, yc.T @ yc, xc.T @ yc, ext)
         return self
 
-    def merge(self, other: "StreamingCKA") -> "StreamingCKA":
+    def merge(self, other: StreamingCKA) -> StreamingCKA:
         """Fold another accumulator's rows into this one (in place).
 
         The result is the same (to rounding) as if all rows had been passed
@@ -574,7 +574,7 @@ class StreamingCKA:
         return sd
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> "StreamingCKA":
+    def from_state_dict(cls, state: dict[str, Any]) -> StreamingCKA:
         """Rebuild an accumulator from :meth:`state_dict` output.
 
         Array values may also be torch tensors or array-likes (e.g. after a

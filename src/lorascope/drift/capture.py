@@ -100,7 +100,7 @@ class LayerCapture:
     def n_states(self) -> int:
         return len(self.modules)
 
-    def __enter__(self) -> "LayerCapture":
+    def __enter__(self) -> LayerCapture:
         for i, m in enumerate(self.modules):
             self._handles.append(m.register_forward_hook(self._hook(i)))
         return self

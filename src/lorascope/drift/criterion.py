@@ -79,7 +79,9 @@ def judge_drift(entry: dict[str, Any], *, threshold: float = 0.8, primary: str =
     floors = {m: (d.get(primary) or {}).get("value") for m, d in noise.items()}
     floors = {m: v for m, v in floors.items() if v is not None}
     if floors:
-        diff = abs((entry.get(primary) or {}).get("full_drift", 0.0) - (entry.get(primary) or {}).get("lora_drift", 0.0))
+        diff = abs(
+            (entry.get(primary) or {}).get("full_drift", 0.0) - (entry.get(primary) or {}).get("lora_drift", 0.0)
+        )
         worst = max(floors, key=floors.get)
         if diff <= floors[worst]:
             return done("INCONCLUSIVE", f"the difference between the methods' {p['label']} drifts ({diff:.3g}) is not "

@@ -602,7 +602,7 @@ class Accumulators:
     def close(self) -> None:
         self._spill.close()
 
-    def gather(self, world: int, rank: int, pg) -> "Accumulators | None":
+    def gather(self, world: int, rank: int, pg) -> Accumulators | None:
         """Merge every process's accumulators on rank 0 (returns None elsewhere)."""
         if world == 1:
             return self

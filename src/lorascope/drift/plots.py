@@ -38,7 +38,7 @@ def plot_drift(result: dict[str, Any], out_dir: Path) -> list[Path]:
               "cosine similarity with the base model")]
     for fname, series, ylabel in specs:
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        for i, (pair, d) in enumerate(base_pairs):
+        for i, (_pair, d) in enumerate(base_pairs):
             color = f"C{i}"
             for key, field, style, what in series:
                 y = [r[key][field] for r in d["layers"]]

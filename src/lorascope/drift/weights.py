@@ -33,9 +33,10 @@ import logging
 import math
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -116,17 +117,23 @@ def run_weights(base: str, tuned, output_dir: str | os.PathLike, *, top_k: int =
                 spectra[name].setdefault(mtype, {})[layer] = [v for v in sv[:SPECTRUM_POINTS] if v > sv[0] * 1e-12] \
                     if sv[0] > 0 else []
     result = {
-        "config": {"base": base, "tuned": tuned, "top_k": top_k, "intruder_threshold": intruder_threshold,
-                   "top_energy": TOP_ENERGY},
+        "config": {
+            "base": base,
+            "tuned": tuned,
+            "top_k": top_k,
+            "intruder_threshold": intruder_threshold,
+            "top_energy": TOP_ENERGY,
+        },
         "models": {"base": {"path": str(base_dir), "fingerprint": fp}, **infos},
         "methods": {
             "update": "full: W_tuned - W_base; lora: scale * B @ A, scale = lora_alpha / r (rsLoRA: / sqrt(r))",
-            "effective_rank": "exp of the entropy of the singular values of dW normalised to sum to 1 (Roy & Vetterli 2007)",
+            "effective_rank": "exp of the entropy of the singular values of dW normalised to sum to 1 "
+                              "(Roy & Vetterli 2007)",
             "stable_rank": "||dW||_F^2 / ||dW||_2^2",
             f"top{TOP_ENERGY}_energy": f"sum of the top {TOP_ENERGY} squared singular values / sum of all",
             "numerical_rank": "singular values above sigma_1 * max(shape) * float64 eps",
             "intruders": f"among the top {top_k} left singular vectors of W + dW, how many have a largest |cosine| "
-                         f"with any left singular vector of W below {intruder_threshold} (Shuttleworth et al. 2024)",
+            f"with any left singular vector of W below {intruder_threshold} (Shuttleworth et al. 2024)",
             "min_max_cosine": f"the smallest of those largest |cosines| over the top {top_k}",
         },
         "matrices": records,
@@ -144,7 +151,9 @@ def run_weights(base: str, tuned, output_dir: str | os.PathLike, *, top_k: int =
     return result
 
 
-def update_metrics(w, dw, *, u_base=None, top_k: int = 10, threshold: float = 0.5) -> tuple[dict[str, Any], list[float]]:
+def update_metrics(
+    w, dw, *, u_base=None, top_k: int = 10, threshold: float = 0.5
+) -> tuple[dict[str, Any], list[float]]:
     """Metrics of one update `dw` of the base matrix `w` (torch tensors); also its singular values.
 
     `u_base` (the left singular vectors of `w`) can be passed to share one SVD between
@@ -264,8 +273,11 @@ def _open_tuned(name: str, path: str, base: str, base_cfg, fp: str) -> tuple[dic
         if model_fingerprint(cfg) != fp:
             diff = architecture_diff(cfg, base_cfg)
             raise LorascopeError(f"--tuned {name}={path}: a different architecture than the base model {base} ({diff})")
-        return {"kind": "full", "weights": SafetensorsDir(d), "dir": d}, {"kind": meta.get("method", "full"), "path": str(d),
-                                                                 "base_model": meta.get("base_model")}
+        return {"kind": "full", "weights": SafetensorsDir(d), "dir": d}, {
+            "kind": meta.get("method", "full"),
+            "path": str(d),
+            "base_model": meta.get("base_model"),
+        }
     raise LorascopeError(f"--tuned {name}={path}: neither adapter_config.json (PEFT adapter) nor config.json "
                          f"(model directory) found")
 

@@ -62,7 +62,7 @@ def _ci(c: dict | None) -> str:
     return f"{c['value']:+.1f} [{c['ci_low']:+.1f}, {c['ci_high']:+.1f}]"
 
 
-def _lr_section(doc: "Doc", run_dir: Path, tasks: list[str]) -> None:
+def _lr_section(doc: Doc, run_dir: Path, tasks: list[str]) -> None:
     """Learning-rate selection: every trial, the rate chosen per method, the curve per method and task."""
     rows = []
     for task in tasks:
@@ -156,7 +156,8 @@ def _cls(cell: str) -> str:
 
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}.num{text-align:right}
+table{border-collapse:collapse;margin:1em 0;font-size:0.9em}
+td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}.num{text-align:right}
 th{background:#f3f3f3}.pass{background:#dff5df}.fail{background:#fbe0e0}.inconclusive{background:#fff3c4}
 figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}pre{background:#f7f7f7;padding:8px;overflow-x:auto}"""
 
@@ -351,7 +352,7 @@ def render_report(run_dir: str | Path) -> Path:
                 v = ev["metrics"][metric]
                 rows.append([f"{name} (trained on {trained_on})", f"{task} {metric}", _f(v),
                              _f(None if b is None else v - b, "+.1f"), _f(drift, ".2e")])
-        doc.table(["model", "evaluated on", "score", "change vs base", f"drift on its own task"], rows)
+        doc.table(["model", "evaluated on", "score", "change vs base", "drift on its own task"], rows)
 
     serve_dirs = sorted((run_dir / "serve").glob("r*/serve.json")) if (run_dir / "serve").is_dir() else []
     if serve_dirs:
@@ -432,7 +433,7 @@ def render_report(run_dir: str | Path) -> Path:
     return out / "index.html"
 
 
-def drift_sensitivity(doc: "Doc", d: dict[str, Any], folder: Path) -> None:
+def drift_sensitivity(doc: Doc, d: dict[str, Any], folder: Path) -> None:
     """Criterion 2a per drift measure, the seed noise floor, the token selection and the diagnostics figure."""
     from lorascope.drift.criterion import LABELS
 

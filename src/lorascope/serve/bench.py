@@ -217,7 +217,10 @@ def build_workload(adapters: list[dict[str, Any]], base_dir: Path, settings: Ser
             prompts = []
             for ex in exs:
                 ids = prompt_ids(tok, ex.prompt)
-                if len(ids) <= settings.max_prompt_tokens and len(ids) + settings.output_tokens <= settings.max_model_len:
+                if (
+                    len(ids) <= settings.max_prompt_tokens
+                    and len(ids) + settings.output_tokens <= settings.max_model_len
+                ):
                     prompts.append({"key": f"{task_name}/{ex.id}", "prompt_ids": ids})
                 if len(prompts) == want:
                     break
@@ -393,7 +396,7 @@ class _Worker:
             self.proc.stdin.flush()
             return True
         except (BrokenPipeError, OSError):
-            self.fail("exit status %s" % self.proc.poll())
+            self.fail(f"exit status {self.proc.poll()}")
             return False
 
     def fail(self, reason: str) -> None:
@@ -559,8 +562,16 @@ def run_group(specs: list[dict[str, Any]], out_dir: Path, settings: ServeSetting
                             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs),
                             "device_used_bytes": rs[-1]["device_used_bytes"]})
         res = {k: v for k, v in msg.items() if k != "event"}
-        res.update(batches=batches, open_loop=open_runs[wk.name], peak_rss_bytes=fin["peak_rss_bytes"], peak_pss_bytes=fin["peak_pss_bytes"],
-                   spec_hash=hashes[wk.name], status="ok", seconds=time.time() - wk.t0, log=str(wk.log_file))
+        res.update(
+            batches=batches,
+            open_loop=open_runs[wk.name],
+            peak_rss_bytes=fin["peak_rss_bytes"],
+            peak_pss_bytes=fin["peak_pss_bytes"],
+            spec_hash=hashes[wk.name],
+            status="ok",
+            seconds=time.time() - wk.t0,
+            log=str(wk.log_file),
+        )
         write_json(cfg_dir / f"{safe[wk.name]}.json", res)
         results.append(res)
     write_json(cfg_dir / f"schedule-{_group_id(specs)}.json", schedule)
@@ -717,11 +728,22 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
     workload = build_workload(adapters, base_dir, settings, data_dir, workload_info) if adapters else {}
 
     # base_sha256 and each adapter's sha256 are in the specs: cached timings are keyed by contents, not paths
-    common = {"base_sha256": base_sha, "engine": settings.engine, "batch_sizes": settings.batch_sizes,
-              "batches": settings.batches, "warmup": settings.warmup, "force_adapter_names": settings.force_adapter_names, "output_tokens": settings.output_tokens,
-              "ignore_eos": not settings.natural_lengths, "dtype": dtype, "engine_args": _engine_args(settings),
-              "max_lora_rank": max_rank, "kv_cache_gb": settings.kv_cache_gb,
-              "rates": settings.rates, "open_requests": settings.open_requests if settings.rates else None}
+    common = {
+        "base_sha256": base_sha,
+        "engine": settings.engine,
+        "batch_sizes": settings.batch_sizes,
+        "batches": settings.batches,
+        "warmup": settings.warmup,
+        "force_adapter_names": settings.force_adapter_names,
+        "output_tokens": settings.output_tokens,
+        "ignore_eos": not settings.natural_lengths,
+        "dtype": dtype,
+        "engine_args": _engine_args(settings),
+        "max_lora_rank": max_rank,
+        "kv_cache_gb": settings.kv_cache_gb,
+        "rates": settings.rates,
+        "open_requests": settings.open_requests if settings.rates else None,
+    }
 
     def items_for(a, adapter_name):
         return [dict(p, adapter=adapter_name) for p in workload[a["name"]]]
@@ -1055,10 +1077,13 @@ def summarize(results: list[dict[str, Any]], adapters: list[dict[str, Any]], set
         # unmerged does strictly more work than merged: faster in every paired round means the
         # measurement, not the method, decided (shared cores, frequency scaling, another process)
         if x["mode"] == "unmerged" and x["overhead_max"] is not None and x["overhead_max"] < 0:
-            warnings.append(f"{x['config']} at batch {x['batch_size']}: unmerged measured faster than merged in "
-                            f"every repetition (round paired in time; overhead {x['overhead']:+.0%}, range [{x['overhead_min']:+.0%}, "
-                            f"{x['overhead_max']:+.0%}]) although it does strictly more work; the timings are "
-                            f"unreliable (busy or shared machine?)")
+            warnings.append(
+                f"{x['config']} at batch {x['batch_size']}: unmerged measured faster than merged in "
+                f"every repetition (round paired in time; overhead {x['overhead']:+.0%}, "
+                f"range [{x['overhead_min']:+.0%}, "
+                f"{x['overhead_max']:+.0%}]) although it does strictly more work; the timings are "
+                f"unreliable (busy or shared machine?)"
+            )
         for key, d in (x["paired"] or {}).items():
             if d and d["disagreeing_rounds"]:
                 warnings.append(f"{x['config']} at batch {x['batch_size']}: {key} overhead of round(s) "

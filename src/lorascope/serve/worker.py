@@ -40,7 +40,7 @@ class MemorySampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> "MemorySampler":
+    def start(self) -> MemorySampler:
         self.sample()
         self._thread.start()
         return self
@@ -150,7 +150,7 @@ class VllmEngine:
             from vllm.lora.request import LoRARequest
         except ImportError as exc:
             raise SystemExit(f"vLLM is not installed ({exc}); install the extra: pip install 'lorascope[serve-cpu]' "
-                             f"on CPU machines, 'lorascope[serve-gpu]' on GPU machines")
+                             f"on CPU machines, 'lorascope[serve-gpu]' on GPU machines") from None
         args = dict(spec["engine_args"])
         if spec["adapters"]:
             args.update(enable_lora=True, max_loras=len(spec["adapters"]), max_lora_rank=spec["max_lora_rank"],

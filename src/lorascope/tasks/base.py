@@ -12,16 +12,16 @@ from lorascope import LorascopeError
 
 log = logging.getLogger(__name__)
 
-TASKS: dict[str, type["Task"]] = {}
+TASKS: dict[str, type[Task]] = {}
 
 
 
-def register(cls: type["Task"]) -> type["Task"]:
+def register(cls: type[Task]) -> type[Task]:
     TASKS[cls.name] = cls
     return cls
 
 
-def get_task(name: str) -> "Task":
+def get_task(name: str) -> Task:
     if name not in TASKS:
         close = difflib.get_close_matches(name, list(TASKS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -92,9 +92,11 @@ class Task:
             n = len(exs)
             exs = [e for e in exs if in_validation(e) == (split == "validation")]
             if not exs:
-                raise LorascopeError(f"data.validation_share: {share} of {n} training examples leaves no "
-                                     f"{'validation' if split == 'validation' else 'training'} examples; accepted: a "
-                                     f"share between 0 and 1 that leaves both sides non-empty (or more training examples)")
+                raise LorascopeError(
+                    f"data.validation_share: {share} of {n} training examples leaves no "
+                    f"{'validation' if split == 'validation' else 'training'} examples; accepted: a "
+                    f"share between 0 and 1 that leaves both sides non-empty (or more training examples)"
+                )
         elif split == "validation":
             raise LorascopeError(f"task {self.name}: the validation split is carved from the training side; "
                                  f"set data.validation_share between 0 and 1")
@@ -141,9 +143,11 @@ class Task:
         seen = set().union(*(self.leak_keys(e) for e in train)) if train else set()
         shared = [e.id for e in held if self.leak_keys(e) & seen]
         if shared:
-            raise LorascopeError(f"{self.name}: {len(shared)} of the {len(held)} {what} examples share "
-                                 f"{self.leak_unit} with the training split (first: {shared[0]}); the evaluation "
-                                 f"would measure memorisation. Check the data files in {data.resolved_dir() or 'the Hub'}")
+            raise LorascopeError(
+                f"{self.name}: {len(shared)} of the {len(held)} {what} examples share "
+                f"{self.leak_unit} with the training split (first: {shared[0]}); the evaluation "
+                f"would measure memorisation. Check the data files in {data.resolved_dir() or 'the Hub'}"
+            )
         return len(train)
 
     leak_unit = "an example"

@@ -45,7 +45,9 @@ def read_tsv(path: Path) -> list[dict[str, Any]]:
         try:
             rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
         except UnicodeDecodeError as exc:
-            hint = " (it looks like UTF-16: re-save it as UTF-8)" if exc.object[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+            hint = (
+                " (it looks like UTF-16: re-save it as UTF-8)" if exc.object[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+            )
             raise LorascopeError(f"{path}: not UTF-8 text (undecodable byte at offset {exc.start}){hint}; expected "
                                  f"a UTF-8 tab-separated MRPC file") from None
         except csv.Error as exc:
@@ -188,7 +190,9 @@ def candidate_logprobs(model, tok, prompts: list[list[int]], candidates: list[li
         ids = torch.tensor([p + [tok.pad_token_id] * (width - len(p)) for p in prompts], device=device)
         mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts], device=device)
         hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-        last = hidden[torch.arange(len(prompts), device=device), torch.tensor([len(p) - 1 for p in prompts], device=device)]
+        last = hidden[
+            torch.arange(len(prompts), device=device), torch.tensor([len(p) - 1 for p in prompts], device=device)
+        ]
         logp = torch.log_softmax(model.get_output_embeddings()(last).float(), dim=-1)
         return [logp[:, c[0]].tolist() for c in candidates]
     return [answer_logprobs(model, tok, prompts, c, device) for c in candidates]

@@ -27,7 +27,8 @@ import json
 import re
 import string
 from collections import OrderedDict
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 __all__ = [
     "normalize_answer",
@@ -130,11 +131,10 @@ def gold_answers(qa: dict) -> list[str]:
 def _iter_qas(dataset_articles: list) -> Iterator[dict]:
     for article in dataset_articles:
         for p in article["paragraphs"]:
-            for qa in p["qas"]:
-                yield qa
+            yield from p["qas"]
 
 
-def _qid_to_has_ans(dataset_articles: list) -> "OrderedDict[str, bool]":
+def _qid_to_has_ans(dataset_articles: list) -> OrderedDict[str, bool]:
     # Official make_qid_to_has_ans: has-answer is bool(qa['answers']); a
     # repeated id keeps its first position and its last value, like a dict.
     qid_to_has_ans: OrderedDict[str, bool] = OrderedDict()
@@ -200,7 +200,7 @@ def raw_scores(
 
 def _make_eval_dict(
     exact_scores: dict, f1_scores: dict, qid_list: list | None = None
-) -> "OrderedDict[str, Any]":
+) -> OrderedDict[str, Any]:
     if not qid_list:
         total = len(exact_scores)
         return OrderedDict(
@@ -227,7 +227,7 @@ def _merge_eval(main_eval: dict, new_eval: dict, prefix: str) -> None:
 
 def score_predictions(
     dataset_articles: list, predictions: dict[str, str]
-) -> "OrderedDict[str, Any]":
+) -> OrderedDict[str, Any]:
     """Score predictions against a SQuAD v2.0 dataset, like the official script.
 
     ``dataset_articles`` is the list under the dataset JSON's ``"data"`` key and

@@ -184,7 +184,9 @@ class SquadV2(Task):
                                  f"set data.dir or LORASCOPE_DATA_DIR to a folder with dev-v2.0.json") from None
         out = []
         for r in ds:
-            answers = [{"text": t, "answer_start": s} for t, s in zip(r["answers"]["text"], r["answers"]["answer_start"])]
+            answers = [
+                {"text": t, "answer_start": s} for t, s in zip(r["answers"]["text"], r["answers"]["answer_start"])
+            ]
             out.append(Example(r["id"], make_prompt(r["context"], r["question"]),
                                answers[0]["text"] if answers else NO_ANSWER,
                                {"title": r["title"], "context": r["context"], "question": r["question"],
