@@ -244,6 +244,9 @@ def test_cli_bad_input(serve_model, adapters, tmp_path):
                 "--output-dir", str(tmp_path / "o"))
     assert r.returncode == 2 and "--adapter 'oops': expected NAME=DIR" in r.stderr
     r = run_cli("serve-bench", "--engine", "transformers", "--base", str(serve_model), "--adapter",
+                f"a-b={adapters['mrpc']}", "--output-dir", str(tmp_path / "o"))
+    assert r.returncode == 2 and "the name 'a-b' must be letters, digits" in r.stderr  # one rule for every NAME=PATH
+    r = run_cli("serve-bench", "--engine", "transformers", "--base", str(serve_model), "--adapter",
                 f"a={adapters['mrpc']}", "--batch-sizes", "1,x", "--output-dir", str(tmp_path / "o"))
     assert r.returncode == 2 and "--batch-sizes '1,x'" in r.stderr
     r = run_cli("serve-bench", "--engine", "vllm", "--base", str(serve_model), "--adapter", f"a={adapters['mrpc']}",

@@ -74,6 +74,7 @@ import numpy as np
 
 from lorascope import LorascopeError
 from lorascope.drift import stats
+from lorascope.naming import parse_named_paths
 from lorascope.runinfo import atomic_path, provenance, write_json
 from lorascope.similarity import StreamingCKA, linear_cka
 
@@ -83,7 +84,6 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 EXAMPLE_GROUPS = 100
 # MRPC: the dev split first, then the (unlabelled) test split; other tasks: their eval split
 EXAMPLE_SPLITS = {"mrpc": ["eval", "test"]}
-NAME_RE = re.compile(r"^[A-Za-z0-9_.]+$")
 TOKEN_MODES = ("content", "all")
 PRIMARY = "token_cka"
 #: measure -> (how a layer's value becomes a drift, the measure's range); drift averages over layers
@@ -92,30 +92,9 @@ MEASURES = {"token_cka": "1 - CKA", "token_cka_std": "1 - CKA", "example_cka": "
 
 
 def parse_tuned(values) -> dict[str, str]:
-    """['full=runs/f/model', 'lora=runs/l/model'] -> {'full': ..., 'lora': ...}, checked.
-
-    A dict is checked and returned as is. Names are letters, digits, '_' and '.', unique
-    and not 'base' (pairs are named 'base-full', 'full-lora', ...).
-    """
-    items = list(values.items()) if isinstance(values, dict) else []
-    if not isinstance(values, dict):
-        for v in values or []:
-            if "=" not in v:
-                raise LorascopeError(f"--tuned {v!r}: expected NAME=CHECKPOINT, e.g. --tuned lora=runs/mrpc-lora/model")
-            items.append(tuple(s.strip() for s in v.split("=", 1)))
-    if not items:
-        raise LorascopeError("--tuned: give at least one NAME=CHECKPOINT (a model directory or a PEFT adapter)")
-    out: dict[str, str] = {}
-    for name, path in items:
-        if not NAME_RE.match(name) or name == "base":
-            raise LorascopeError(f"--tuned {name}={path}: the name {name!r} must be letters, digits, '_' or '.' "
-                                 f"and not 'base', e.g. --tuned lora=runs/mrpc-lora/model")
-        if not path:
-            raise LorascopeError(f"--tuned {name}=: the checkpoint path is empty")
-        if name in out:
-            raise LorascopeError(f"--tuned {name}={path}: the name {name!r} is given twice")
-        out[name] = path
-    return out
+    """['full=runs/f/model', 'lora=runs/l/model'] (or a dict) -> {'full': ..., 'lora': ...}, checked
+    (lorascope.naming: letters, digits, '_' and '.', unique, not 'base')."""
+    return dict(parse_named_paths(values, "--tuned", "CHECKPOINT", "lora=runs/mrpc-lora/model", reserved=("base",)))
 
 
 def run_drift(task: str, base: str, tuned, output_dir: str | os.PathLike, *, max_examples: int = 1000,

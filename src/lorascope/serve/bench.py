@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lorascope import LorascopeError
+from lorascope.naming import parse_named_paths
 from lorascope.runinfo import atomic_path, provenance, write_json
 
 log = logging.getLogger(__name__)
@@ -65,24 +66,9 @@ class ServeSettings:
 
 
 def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
-    out, seen = [], set()
-    for s in specs:
-        name, sep, path = s.partition("=")
-        if not sep or not name or not path:
-            raise LorascopeError(f"--adapter {s!r}: expected NAME=DIR (a PEFT adapter directory)")
-        if name in seen:
-            raise LorascopeError(f"--adapter {s!r}: the name {name!r} is given twice")
-        if not all(c.isalnum() or c in "-_." for c in name):
-            raise LorascopeError(f"--adapter {s!r}: names may contain letters, digits, '-', '_' and '.' only")
-        seen.add(name)
-        out.append((name, Path(path).expanduser()))
-    if not out:
-        raise LorascopeError("serve-bench: give at least one --adapter NAME=DIR")
-    return out
-
-
-# ---------------------------------------------------------------------------------------
-# adapter checks: a problem with one adapter fails the configurations that use it
+    """['mrpc=runs/a', ...] -> [('mrpc', Path('runs/a')), ...], checked (lorascope.naming)."""
+    return [(name, Path(path).expanduser())
+            for name, path in parse_named_paths(specs, "--adapter", "DIR", "mrpc=runs/mrpc-lora/model")]
 
 
 def safetensors_shapes(path: Path) -> dict[str, list[int]]:
