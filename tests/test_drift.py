@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_CORPUS, run_cli
+from helpers import TINY_CORPUS, run_cli
 from lorascope import LorascopeError
 from lorascope.config import DataConfig
 from lorascope.drift import parse_tuned, run_drift, stats

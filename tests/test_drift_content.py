@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from helpers import run_cli
 from lorascope import LorascopeError
 from lorascope.config import DataConfig
 from lorascope.drift import run_drift
@@ -124,7 +124,7 @@ def variants(tmp_path_factory):
     MLPs; 'lora' seeds: small changes in one layer), to exercise ratios and noise floors."""
     from safetensors.torch import load_file, save_file
 
-    from conftest import TINY_CORPUS
+    from helpers import TINY_CORPUS
     from lorascope.models import build_tiny_llama
 
     root = tmp_path_factory.mktemp("variants")

@@ -3,34 +3,30 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli, write_data
 from lorascope import LorascopeError
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, real_data_dir):
-    """configs/smoke.yaml run once (tiny random Llama, real data subsets), shared by the tests below."""
+def smoke_run(tmp_path_factory, pipeline_data):
+    """configs/smoke.yaml run once (tiny random Llama, small generated data), shared by the tests below."""
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
     cache = tmp_path_factory.mktemp("cache")
-    env = {"LORASCOPE_CACHE": str(cache), "LORASCOPE_DATA_DIR": str(real_data_dir), "OMP_NUM_THREADS": "1"}
+    env = {"LORASCOPE_CACHE": str(cache), "LORASCOPE_DATA_DIR": str(pipeline_data), "OMP_NUM_THREADS": "1"}
     r = run_cli("run", "configs/smoke.yaml", "--run-dir", str(run_dir), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return run_dir, env, r
 
 
 @pytest.fixture(scope="module")
-def real_data_dir():
-    import os
-
-    d = os.environ.get("LORASCOPE_DATA_DIR")
-    if not d or not (Path(d) / "mrpc" / "dev.tsv").is_file():
-        pytest.skip("set LORASCOPE_DATA_DIR to the shared data folder for the smoke study")
-    return Path(d)
+def pipeline_data(tmp_path_factory):
+    """Small generated data in the shared layout (so the whole pipeline never skips): enough MRPC pairs
+    and SQuAD v2 articles for smoke.yaml's training, tuning, evaluation, calibration and drift sets."""
+    return write_data(tmp_path_factory.mktemp("pipeline-data") / "data", mrpc=(64, 30, 10), squad=(60, 4))
 
 
 def test_smoke_study_writes_every_stage_and_the_report(smoke_run):
@@ -146,7 +142,7 @@ def test_changed_config_reruns_what_depends_on_it(smoke_run, tmp_path):
     assert "stage report: needs eval:squad_v2:base, which has not run for this config" in r.stderr
 
 
-def test_killed_training_resumes_inside_the_pipeline(tmp_path, real_data_dir):
+def test_killed_training_resumes_inside_the_pipeline(tmp_path, pipeline_data):
     cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
     cfg["lora"]["rank"] = 8
     cfg["study"].update(tasks=["mrpc"], methods=["lora"], drift=False, serve=False, forgetting=False,
@@ -155,7 +151,7 @@ def test_killed_training_resumes_inside_the_pipeline(tmp_path, real_data_dir):
     f = tmp_path / "mini.yaml"
     f.write_text(yaml.safe_dump(cfg))
     run_dir = tmp_path / "run"
-    env = {"LORASCOPE_CACHE": str(tmp_path / "cache"), "LORASCOPE_DATA_DIR": str(real_data_dir),
+    env = {"LORASCOPE_CACHE": str(tmp_path / "cache"), "LORASCOPE_DATA_DIR": str(pipeline_data),
            "OMP_NUM_THREADS": "1"}
     r = run_cli("run", str(f), "--run-dir", str(run_dir), env={**env, "LORASCOPE_FAULT_AFTER_STEP": "2"})
     assert r.returncode == 137

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 from lorascope import LorascopeError
 
 _spec = importlib.util.spec_from_file_location("kill_study", REPO / "benchmarks" / "kill_study.py")
@@ -42,12 +42,12 @@ def _train_args(tiny_model, data):
 @pytest.fixture(scope="module")
 def whole_and_killed(tiny_model, tmp_path_factory):
     """An uninterrupted training run, and one killed after step 5 (checkpoints at steps 2 and 4)."""
-    from conftest import MRPC_HEADER, _mrpc_rows
+    from helpers import MRPC_HEADER, mrpc_rows
 
     root = tmp_path_factory.mktemp("ck")
     data = root / "data"
     (data / "mrpc").mkdir(parents=True)
-    (data / "mrpc" / "train.tsv").write_text("\n".join([MRPC_HEADER, *_mrpc_rows(48)]) + "\n")
+    (data / "mrpc" / "train.tsv").write_text("\n".join([MRPC_HEADER, *mrpc_rows(48)]) + "\n")
     args = _train_args(tiny_model, data)
     whole = run_cli(*args, "--output-dir", str(root / "whole"))
     assert whole.returncode == 0, whole.stderr

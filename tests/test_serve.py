@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_CORPUS, run_cli
+from helpers import TINY_CORPUS, run_cli
 from lorascope import LorascopeError
 
 MODES_ALL = ("merged", "unmerged", "multi")
@@ -619,3 +619,29 @@ def test_bad_open_loop_settings_one_clear_line(serve_model, adapters, tmp_path):
         assert r.returncode == 2 and msg in r.stderr, r.stderr[-1000:]
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o" / "serve.json").exists()
+
+
+def test_transformers_time_split(serve_model, adapters, small_data, tmp_path):
+    """--profile: one prefill and one decode step split into base matmuls, LoRA operations and the rest; merged has
+    no LoRA time, unmerged has some; the parts add up to the step."""
+    out = tmp_path / "out"
+    r = run_cli("serve-bench", "--engine", "transformers", "--base", str(serve_model),
+                "--adapter", f"mrpc={adapters['mrpc']}", "--modes", "merged,unmerged", "--batch-sizes", "1,4",
+                "--output-tokens", "4", "--batches", "1", "--check-prompts", "2", "--profile", "--profile-reps", "3",
+                "--output-dir", str(out), "--data-dir", str(small_data), env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((out / "serve.json").read_text())["summary"]["time_split"]
+    assert {(x["config"], x["batch_size"], x["phase"]) for x in rows} == {
+        (c, b, p) for c in ("merged:mrpc", "unmerged:mrpc") for b in (1, 4) for p in ("prefill", "decode")}
+    for x in rows:
+        assert x["reps"] == 3 and x["base_matmul_s"] > 0 and x["other_s"] >= 0
+        assert x["base_matmul_s"] + x["lora_s"] + x["other_s"] == pytest.approx(x["total_s"])
+        if x["mode"] == "merged":
+            assert x["lora_s"] == 0 and x["overhead"] is None and x["flop_limit"] is None
+        else:
+            assert x["lora_s"] > 0 and x["overhead"] is not None and 0 < x["flop_limit"] < 0.5
+    assert "time split" in r.stdout and "LoRA ops" in r.stdout
+    r = run_cli("serve-bench", "--engine", "vllm", "--base", str(serve_model), "--adapter", f"a={adapters['mrpc']}",
+                "--profile", "--output-dir", str(tmp_path / "o"))
+    assert r.returncode == 2 and "--profile: the vllm engine runs its model in an engine process" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o" / "serve.json").exists()

@@ -225,13 +225,13 @@ def test_answer_nll_is_the_likelihood_of_the_answer_greedy_gives(tiny_model, sma
 
 
 def test_eval_tunes_the_no_answer_threshold_on_disjoint_paragraphs(tiny_model, tmp_path):
-    from conftest import _squad_articles
+    from helpers import squad_articles
     from lorascope.config import load_config
     from lorascope.evaluate import evaluate
 
     d = tmp_path / "data" / "squad_v2"
     d.mkdir(parents=True)
-    (d / "dev-v2.0.json").write_text(json.dumps(_squad_articles(30, 6)))
+    (d / "dev-v2.0.json").write_text(json.dumps(squad_articles(30, 6)))
     common = {"model.name": str(tiny_model), "data.dir": str(tmp_path / "data"), "eval.task": "squad_v2",
               "data.max_eval_examples": 4}
     cfg = load_config(None, ["eval.calibration_examples=20", "eval.max_new_tokens=3"],

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from helpers import run_cli
 from lorascope import LorascopeError
 from lorascope.config import load_config
 from lorascope.train import batch_plan, train

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 from lorascope import LorascopeError
 from lorascope.config import DataConfig, load_config
 from lorascope.tasks import get_task

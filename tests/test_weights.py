@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_CORPUS, run_cli
+from helpers import TINY_CORPUS, run_cli
 from lorascope import LorascopeError
 from lorascope.drift import run_weights
 from lorascope.drift.weights import lora_updates, update_metrics

@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "at the same arrival times (default: none)")
     p.add_argument("--open-requests", type=int, default=40,
                    help="requests per configuration and rate in the open loop (default 40)")
+    p.add_argument("--profile", action="store_true",
+                   help="transformers engine: split one prefill and one decode step (batch 1 and the largest) into "
+                        "the base matrix products, the LoRA operations and the rest")
+    p.add_argument("--profile-reps", type=int, default=5, help="repetitions of the profiled steps (default 5)")
     p.add_argument("--modes", default="merged,unmerged,multi", help="subset of merged,unmerged,multi")
     p.add_argument("--check-prompts", type=int, default=8,
                    help="prompts per adapter whose greedy outputs are compared across modes (default 8)")
@@ -335,6 +339,8 @@ def _run(args: argparse.Namespace) -> int:
             output_tokens=args.output_tokens,
             rates=rates,
             open_requests=args.open_requests,
+            profile=args.profile,
+            profile_reps=args.profile_reps,
             natural_lengths=args.natural_lengths,
             batches=args.batches,
             repetitions=args.repetitions,

@@ -72,6 +72,8 @@ class StudyArgs:
     serve_rates: list[float] = field(default_factory=list, metadata={
         "help": "open loop: request rates (requests/s, Poisson arrivals) after the closed batches; [] for none"})
     serve_open_requests: int = field(default=40, metadata={"help": "open loop: requests per configuration and rate"})
+    serve_profile: bool = field(default=False, metadata={
+        "help": "transformers engine: time split of one prefill and one decode step (base matmuls / LoRA / rest)"})
     accuracy_margin: float = field(default=3.0, metadata={"help": "criterion 1: LoRA within this many points of full"})
     drift_reduction: float = field(default=0.20, metadata={"help": "criterion 2a: LoRA drift at least this much lower"})
     max_serving_overhead: float = field(default=0.30, metadata={"help": "criterion 2b: unmerged overhead at most this"})
@@ -118,6 +120,9 @@ class StudyArgs:
         if any(not isinstance(r, (int, float)) or r <= 0 for r in self.serve_rates):
             out.append(f"study.serve_rates: expected positive request rates (requests/s), e.g. [0.5, 1, 2]; "
                        f"got {self.serve_rates}")
+        if self.serve_profile and self.serve_engine != "transformers":
+            out.append(f"study.serve_profile: only the transformers engine can be profiled (serve_engine is "
+                       f"{self.serve_engine!r})")
         if self.serve_rates and self.serve_open_requests < 1:
             out.append(f"study.serve_open_requests: must be at least 1 (default 40), got {self.serve_open_requests}")
         if self.serve_batches < 1:
@@ -376,7 +381,7 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
                                      max_prompt_tokens=st.serve_max_prompt_tokens,
                                      max_model_len=st.serve_max_model_len,
                                      modes=st.serve_modes, rates=st.serve_rates,
-                                     open_requests=st.serve_open_requests)
+                                     open_requests=st.serve_open_requests, profile=st.serve_profile)
             out = run_dir / "serve" / f"r{r}"
             stages.append(Stage(f"serve:r{r}", "serve",
                                 (lambda a=adapters, o=out, s=settings: _serve(model_name, a, o, s, data_dir)),

@@ -63,6 +63,10 @@ class ServeSettings:
     # open loop: requests arriving at these rates (requests/s, Poisson), after the closed batches; none: no open loop
     rates: list[float] = field(default_factory=list)
     open_requests: int = 40  # requests per configuration and rate
+    # time split of one prefill and one decode step (base matrix products / LoRA operations / the rest);
+    # transformers engine only, at batch 1 and the largest batch size
+    profile: bool = False
+    profile_reps: int = 5
 
 
 def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
@@ -525,6 +529,17 @@ def run_group(specs: list[dict[str, Any]], out_dir: Path, settings: ServeSetting
             log.info("open loop at %.3g requests/s: %s", rate, ", ".join(
                 f"{n} p50 {statistics.median(r['done'] - r['arrival'] for r in runs[-1]['records']):.2f} s"
                 for n, runs in open_runs.items() if runs and runs[-1]["rate"] == rate))
+        profiles: dict[str, list[dict[str, Any]]] = {wk.name: [] for wk in workers}
+        if settings.profile:
+            for bs in sorted({1, max(settings.batch_sizes)}):
+                for wk in live:
+                    if wk.error is not None or wk.spec["mode"] == "multi":
+                        continue
+                    if wk.send({"cmd": "profile", "items": _batch_items(wk.spec, bs, 0),
+                                "reps": settings.profile_reps}):
+                        msg = wk.read(timeout)
+                        if msg is not None:
+                            profiles[wk.name].append({"batch_size": bs, **msg["split"]})
         closed = {wk.name: wk.close(timeout) for wk in workers}
     except BaseException:
         for wk in workers:
@@ -551,6 +566,7 @@ def run_group(specs: list[dict[str, Any]], out_dir: Path, settings: ServeSetting
         res.update(
             batches=batches,
             open_loop=open_runs[wk.name],
+            profile=profiles[wk.name],
             peak_rss_bytes=fin["peak_rss_bytes"],
             peak_pss_bytes=fin["peak_pss_bytes"],
             spec_hash=hashes[wk.name],
@@ -667,6 +683,12 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
     if bad_rates:
         raise LorascopeError(f"--rates {','.join(f'{r:g}' for r in settings.rates)}: expected positive request rates "
                              f"(requests per second), e.g. 0.5,1,2")
+    if settings.profile and settings.engine != "transformers":
+        raise LorascopeError(f"--profile: the {settings.engine} engine runs its model in an engine process of its "
+                             f"own whose layers lorascope cannot time; profile with --engine transformers (for vLLM, "
+                             f"its own torch profiler: VLLM_TORCH_PROFILER_DIR)")
+    if settings.profile and settings.profile_reps < 1:
+        raise LorascopeError(f"--profile-reps {settings.profile_reps}: expected a positive number of repetitions")
     if settings.rates and settings.open_requests < 1:
         raise LorascopeError(f"--open-requests {settings.open_requests}: expected a positive number of requests per "
                              f"configuration and rate (a p95 needs >= 20)")
@@ -729,6 +751,7 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
         "kv_cache_gb": settings.kv_cache_gb,
         "rates": settings.rates,
         "open_requests": settings.open_requests if settings.rates else None,
+        "profile_reps": settings.profile_reps if settings.profile else None,
     }
 
     def items_for(a, adapter_name):
@@ -1083,8 +1106,33 @@ def summarize(results: list[dict[str, Any]], adapters: list[dict[str, Any]], set
                             f"up: it completed {x['completed_rate']:.3g} requests/s against "
                             f"{x['arrival_rate']:.3g} arriving, and the last quarter's median latency is "
                             f"{x['latency_trend']:.1f} x the first quarter's (a queue that grows)")
-    return {"rows": rows, "open_loop": open_rows, "agreement": agreement, "memory": memory, "failed": failed,
+    return {"rows": rows, "open_loop": open_rows, "time_split": time_split_rows(results, adapters),
+            "agreement": agreement, "memory": memory, "failed": failed,
             "warnings": warnings, "flops": {a["name"]: a["flops"] for a in adapters}, "min_samples_for": MIN_SAMPLES}
+
+
+def time_split_rows(results: list[dict[str, Any]], adapters: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per configuration, batch size and phase (prefill, decode): seconds in the base matrix products,
+    the LoRA operations and the rest, and for unmerged: its extra time over merged's in the same phase
+    and the FLOP-count limit beside that measured overhead."""
+    flops = {a["name"]: a["flops"]["expected_overhead_model"] for a in adapters}
+    rows = []
+    for r in results:
+        if r.get("status") != "ok":
+            continue
+        for p in r.get("profile") or []:
+            for phase in ("prefill", "decode"):
+                d = p[phase]
+                rows.append({"config": r["name"], "mode": r["mode"], "batch_size": p["batch_size"], "phase": phase,
+                             "total_s": d["total"], "base_matmul_s": d["base_matmul"], "lora_s": d["lora"],
+                             "other_s": d["other"], "lora_share": d["lora"] / d["total"], "reps": d["reps"]})
+    by = {(x["config"], x["batch_size"], x["phase"]): x for x in rows}
+    for x in rows:
+        m = by.get((x["config"].replace("unmerged:", "merged:"), x["batch_size"], x["phase"])) \
+            if x["mode"] == "unmerged" else None
+        x["overhead"] = x["total_s"] / m["total_s"] - 1 if m else None
+        x["flop_limit"] = flops.get(x["config"].split(":", 1)[-1]) if x["mode"] == "unmerged" else None
+    return rows
 
 
 def open_loop_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -1250,6 +1298,18 @@ def format_table(report: dict[str, Any]) -> str:
                          f"{r['latency_p50_s']:7.3f} {tail_label(r):>20s} {r['ttft_p50_s'] or 0:8.3f} "
                          f"{r['tpot_p50_s'] or 0:8.3f} {ovs[0]:>8s} {ovs[1]:>8s} "
                          f"{'no (saturated)' if r['saturated'] else 'yes'}")
+    split = report["summary"].get("time_split") or []
+    if split:
+        lines.append(f"time split of one forward pass (seconds; the repetition with the median total of "
+                     f"{split[0]['reps']}):\n"
+                     f"{'config':22s} {'batch':>5s} {'phase':>7s} {'total':>8s} {'base mm':>8s} {'LoRA ops':>8s} "
+                     f"{'rest':>8s} {'LoRA %':>7s} {'overhead':>9s} {'FLOP limit':>10s}")
+        for r in split:
+            ov = f"{r['overhead']:+.1%}" if r["overhead"] is not None else ""
+            fl = f"{r['flop_limit']:+.1%}" if r["flop_limit"] is not None else ""
+            lines.append(f"{r['config']:22s} {r['batch_size']:5d} {r['phase']:>7s} {r['total_s']:8.4f} "
+                         f"{r['base_matmul_s']:8.4f} {r['lora_s']:8.4f} {r['other_s']:8.4f} {r['lora_share']:7.1%} "
+                         f"{ov:>9s} {fl:>10s}")
     mem = report["summary"]["memory"]
     if "merged_alternative_mib" in mem:
         lines.append(f"memory: multi {mem['multi']['peak_pss_mb']:.0f} MiB (PSS) vs one merged copy of the weights "
