@@ -212,3 +212,26 @@ def test_serving_2b_is_decided_by_the_paired_intervals():
         {"config": "unmerged:mrpc", "batch_size": 1, "overhead": 0.2, "expected_overhead_flops": 0.02}]}}
     s = serving_2b(old, "mrpc", 0.3)
     assert s["status"] == "PASS" and "no intervals" in s["reason"]
+
+
+def test_recommendation_says_whether_the_serving_overhead_is_arithmetic_or_implementation():
+    from lorascope.report.verdict import recommend, serving_2b
+
+    serve = {"settings": {"engine": "transformers"}, "summary": {"rows": [
+        {"config": "unmerged:mrpc", "batch_size": 1, "overhead": 0.25, "overhead_ci_low": 0.2, "overhead_ci_high": 0.28,
+         "overhead_ci_coverage": 0.96, "expected_overhead_flops": 0.018}], "time_split": [
+        {"config": "unmerged:mrpc", "batch_size": 1, "phase": "decode", "overhead": 0.25, "lora_share": 0.21,
+         "flop_limit": 0.018},
+        {"config": "merged:mrpc", "batch_size": 1, "phase": "decode", "overhead": None, "lora_share": 0.0,
+         "flop_limit": None}]}}
+    s = serving_2b(serve, "mrpc", 0.3)
+    assert s["time_split"] == [{"batch_size": 1, "phase": "decode", "overhead": 0.25, "lora_share": 0.21,
+                                "flop_limit": 0.018}]
+    cfg = {"accuracy_margin": 3.0, "max_serving_overhead": 0.3}
+    text = recommend({"mrpc": {"accuracy": {"status": "INCONCLUSIVE"}, "serving": s}}, 8, cfg)
+    assert "LoRA operations take 21% of the step against a FLOP-count limit of 1.8%" in text
+    assert "implementation, not arithmetic" in text
+    s["time_split"][0]["lora_share"] = 0.02
+    assert "close to the arithmetic" in recommend({"mrpc": {"serving": s}}, 8, cfg)
+    del s["time_split"]
+    assert "where the unmerged time goes" not in recommend({"mrpc": {"serving": s}}, 8, cfg)

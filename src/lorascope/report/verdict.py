@@ -296,6 +296,11 @@ def serving_2b(serve: dict[str, Any], task: str, max_overhead: float) -> dict[st
         reason = (f"{where} {'within' if ok else 'above'} {max_overhead:.0%} (medians only: this serve.json has "
                   f"no intervals)")
     out.update(status=status, reason=reason, **{"pass": status == PASS})
+    split = [x for x in serve["summary"].get("time_split") or []
+             if x["config"] == f"unmerged:{task}" and x["overhead"] is not None]
+    if split:  # where the unmerged time goes (transformers --profile): arithmetic or implementation
+        out["time_split"] = [{k: x[k] for k in ("batch_size", "phase", "overhead", "lora_share", "flop_limit")}
+                             for x in split]
     return out
 
 
@@ -397,6 +402,14 @@ def recommend(tasks: dict[str, Any], rank: int, cfg: dict[str, Any]) -> str:
     if serving:
         worst = max(s["max"] for s in serving.values())
         engine = next(iter(serving.values()))["engine"]
+        splits = [x for s in serving.values() for x in s.get("time_split", []) if x["flop_limit"] is not None]
+        if splits:
+            x = max(splits, key=lambda x: x["lora_share"] - x["flop_limit"])
+            kind = ("implementation, not arithmetic" if x["lora_share"] > 2 * x["flop_limit"] + 0.01
+                    else "close to the arithmetic")
+            parts.append(f"where the unmerged time goes ({engine}, {x['phase']} at batch {x['batch_size']}): the LoRA "
+                         f"operations take {x['lora_share']:.0%} of the step against a FLOP-count limit of "
+                         f"{x['flop_limit']:.1%}, so the overhead is {kind}")
         if worst <= cfg["max_serving_overhead"]:
             parts.append(f"serving adapters unmerged costs at most {worst:.0%} in {engine}: keep one base model and "
                          f"choose the adapter per request")
