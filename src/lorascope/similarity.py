@@ -80,6 +80,28 @@ __all__ = [
 # ---------------------------------------------------------------------------
 
 
+def fold_comoment(s: np.ndarray, s_b: np.ndarray, n_a: int, n_b: int, delta_x: np.ndarray,
+                  delta_y: np.ndarray) -> None:
+    """The pairwise update of Chan et al. for a centred co-moment, in place: with delta = mu_B - mu_A,
+
+        S = S_A + S_B + (n_A n_B / (n_A + n_B)) delta_x delta_y^T
+
+    (S_A is `s`, about the running means; S_B is `s_b`, about the batch's own means). The one
+    place this arithmetic lives: StreamingCKA, the drift accumulators and the drift diagnostics
+    all fold with it."""
+    s += s_b
+    if n_a and n_b:
+        s += np.outer((n_a * n_b / (n_a + n_b)) * delta_x, delta_y)
+
+
+def fold_mean(mean: np.ndarray, mean_b: np.ndarray, n_a: int, n_b: int) -> np.ndarray:
+    """Move the running mean of n_a rows to that of n_a + n_b rows, in place; return delta = mu_B - mu_A
+    (taken before the move, as :func:`fold_comoment` needs it)."""
+    delta = mean_b - mean
+    mean += delta * (n_b / (n_a + n_b))
+    return delta
+
+
 def _as_float64(a: Any, name: str) -> np.ndarray:
     """Convert a NumPy array, array-like or torch tensor to a float64 array.
 
@@ -408,18 +430,11 @@ class StreamingCKA:
             return
         n_a = self._n
         n = n_a + n_b
-        dx = mx_b - self._mean_x
-        dy = my_b - self._mean_y
-        f = n_a * n_b / n
-        self._mean_x = self._mean_x + dx * (n_b / n)
-        self._mean_y = self._mean_y + dy * (n_b / n)
-        fdx = f * dx
-        self._sxx += sxx_b
-        self._sxx += np.outer(fdx, dx)
-        self._syy += syy_b
-        self._syy += np.outer(f * dy, dy)
-        self._sxy += sxy_b
-        self._sxy += np.outer(fdx, dy)
+        dx = fold_mean(self._mean_x, mx_b, n_a, n_b)
+        dy = fold_mean(self._mean_y, my_b, n_a, n_b)
+        fold_comoment(self._sxx, sxx_b, n_a, n_b, dx, dx)
+        fold_comoment(self._syy, syy_b, n_a, n_b, dy, dy)
+        fold_comoment(self._sxy, sxy_b, n_a, n_b, dx, dy)
         np.minimum(self._min_x, ext[0], out=self._min_x)
         np.maximum(self._max_x, ext[1], out=self._max_x)
         np.minimum(self._min_y, ext[2], out=self._min_y)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from lorascope.similarity import fold_comoment, fold_mean
 from lorascope.tasks.base import TOKEN_KINDS
 
 TOP_DIMS = 5
@@ -39,11 +40,9 @@ class KindMoments:
         na = self.n[kind]
         mb = x.mean(axis=0)
         xc = x - mb
-        delta = mb - self.mean[kind]
-        n = na + nb
-        self.m2[kind] += xc.T @ xc + np.outer(delta, delta) * (na * nb / n)
-        self.mean[kind] += delta * (nb / n)
-        self.n[kind] = n
+        delta = fold_mean(self.mean[kind], mb, na, nb)
+        fold_comoment(self.m2[kind], xc.T @ xc, na, nb, delta, delta)
+        self.n[kind] = na + nb
 
     def summary(self) -> dict[str, Any]:
         total = sum(self.n.values())

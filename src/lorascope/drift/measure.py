@@ -76,7 +76,7 @@ from lorascope import LorascopeError
 from lorascope.drift import stats
 from lorascope.naming import parse_named_paths
 from lorascope.runinfo import atomic_path, provenance, write_json
-from lorascope.similarity import StreamingCKA, linear_cka
+from lorascope.similarity import StreamingCKA, fold_comoment, fold_mean, linear_cka
 
 log = logging.getLogger(__name__)
 
@@ -532,22 +532,13 @@ class Accumulators:
         """Chan et al. update of group `g`'s co-moments at `layer` (na rows so far) with nb new rows."""
         if nb == 0:
             return
-        n = na + nb
-        f = na * nb / n
-        deltas = [mb - self.mean[g, layer, m] for m, mb in enumerate(means)]
+        deltas = [fold_mean(self.mean[g, layer, m], mb, na, nb) for m, mb in enumerate(means)]
         for m, (s, (lo, hi)) in enumerate(zip(selfs, ext)):
-            acc = self.self_s[g, layer, m]
-            acc += s
-            if na:
-                acc += np.outer(f * deltas[m], deltas[m])
-            self.mean[g, layer, m] += deltas[m] * (nb / n)
+            fold_comoment(self.self_s[g, layer, m], s, na, nb, deltas[m], deltas[m])
             np.minimum(self.fmin[g, layer, m], lo, out=self.fmin[g, layer, m])
             np.maximum(self.fmax[g, layer, m], hi, out=self.fmax[g, layer, m])
         for p, ((a, b), c) in enumerate(zip(self.pairs, crosses)):
-            acc = self.cross_s[g, layer, p]
-            acc += c
-            if na:
-                acc += np.outer(f * deltas[a], deltas[b])
+            fold_comoment(self.cross_s[g, layer, p], c, na, nb, deltas[a], deltas[b])
 
     def _product(self, xc: np.ndarray, yc: np.ndarray) -> np.ndarray:
         if self.float32_products:
