@@ -39,6 +39,7 @@ from typing import Any
 
 from lorascope import LorascopeError
 from lorascope.config import Config, _coerce, _did_you_mean, apply_mapping
+from lorascope.layout import RunLayout, model_name
 from lorascope.runinfo import provenance, write_json
 
 log = logging.getLogger(__name__)
@@ -183,10 +184,10 @@ class Study:
         out = []
         for seed in self.seeds:
             if "full" in self.study.methods:
-                out.append((f"full_s{seed}", "full", None, seed))
+                out.append((model_name("full", None, seed), "full", None, seed))
             if "lora" in self.study.methods:
                 for r in self.ranks:
-                    out.append((f"lora_r{r}_s{seed}", "lora", r, seed))
+                    out.append((model_name("lora", r, seed), "lora", r, seed))
         return out
 
 
@@ -282,8 +283,8 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
                         {"model": dataclasses.asdict(study.base.model)}, [], []))
     models = study.models()
 
-    def train_dir(task, name):
-        return run_dir / "train" / task / name
+    layout = RunLayout(run_dir)
+    train_dir = layout.train
 
     if st.tune_lr:
         from lorascope.tune import tune_lr
@@ -296,7 +297,7 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
                 if method == "lora":
                     cfg.lora.rank = study.primary_rank
                 lrs = getattr(st, f"tune_lrs_{method}")
-                out = run_dir / "tune" / task / method
+                out = layout.tune(task, method)
                 dep_cfg = cfg.to_dict()
                 dep_cfg["train"] = {k: v for k, v in dep_cfg["train"].items() if k != "output_dir"}
                 # what the validation scoring uses of the eval section (it never calibrates)
@@ -326,15 +327,16 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
             if st.tune_lr:
                 # the final model trains at the rate its method's search selected (read when the stage runs)
                 deps.append(f"tune:{task}:{method}")
-                tuned_lr = run_dir / "tune" / task / method / "tune.json"
+                tuned_lr = layout.tune(task, method) / "tune.json"
                 dep_cfg["train"].pop("lr")
             stages.append(Stage(f"train:{task}:{name}", "train", (lambda c=cfg, t=tuned_lr: _train(c, t)), dep_cfg,
                                 deps, [train_dir(task, name)]))
 
-    def eval_stage(task, name, checkpoint, deps):
+    def eval_stage(task, name, checkpoint, deps, trained_on=None):
         cfg = study.task_config(task)
         cfg.eval.checkpoint = checkpoint
-        out = run_dir / "eval" / task / f"{name}.json"
+        out = layout.eval(task, name, trained_on)
+        name = out.stem
         cfg.eval.output = str(out)
         dep_cfg = {"model": cfg.to_dict()["model"], "data": cfg.to_dict()["data"],
                    "eval": {k: v for k, v in cfg.to_dict()["eval"].items() if k not in ("output", "checkpoint")},
@@ -348,14 +350,14 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
             if train_task != task and not st.forgetting:
                 continue
             for name, *_ in models:
-                label = name if train_task == task else f"{train_task}.{name}"
-                eval_stage(task, label, str(train_dir(train_task, name) / "model"), [f"train:{train_task}:{name}"])
+                eval_stage(task, name, str(layout.model(train_task, name)), [f"train:{train_task}:{name}"],
+                           trained_on=train_task)
 
     if st.drift and models:
         for task in st.tasks:
-            tuned = {name: str(train_dir(task, name) / "model") for name, *_ in models}
+            tuned = {name: str(layout.model(task, name)) for name, *_ in models}
             deps = [f"train:{task}:{n}" for n in tuned]
-            out = run_dir / "drift" / task
+            out = layout.drift(task)
             data = study.task_config(task).data  # the data settings training used: held-out means held out
             stages.append(Stage(f"drift:{task}", "drift",
                                 (lambda t=task, tu=tuned, o=out, d=data: run_drift(
@@ -365,7 +367,7 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
                                 {"examples": st.drift_examples, "batch": st.drift_batch_size, "model": model_name,
                                  "data": dataclasses.asdict(data), "reduction": st.drift_reduction,
                                  "tokens": st.drift_tokens}, deps, [out]))
-            wout = run_dir / "weights" / task
+            wout = layout.weights(task)
             stages.append(Stage(f"weights:{task}", "weights",
                                 (lambda tu=tuned, o=wout: run_weights(model_name, tu, o)),
                                 {"model": model_name}, deps, [wout]))
@@ -373,7 +375,8 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
     if st.serve and "lora" in st.methods:
         serve_ranks = sorted(set(study.ranks))
         for r in serve_ranks:
-            adapters = [f"{task}={train_dir(task, f'lora_r{r}_s{study.seeds[0]}') / 'model'}" for task in st.tasks]
+            lora_name = model_name("lora", r, study.seeds[0])
+            adapters = [f"{task}={layout.model(task, lora_name)}" for task in st.tasks]
             settings = ServeSettings(engine=st.serve_engine, batch_sizes=st.serve_batch_sizes,
                                      output_tokens=st.serve_output_tokens, batches=st.serve_batches,
                                      repetitions=st.serve_repetitions,
@@ -382,18 +385,18 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
                                      max_model_len=st.serve_max_model_len,
                                      modes=st.serve_modes, rates=st.serve_rates,
                                      open_requests=st.serve_open_requests, profile=st.serve_profile)
-            out = run_dir / "serve" / f"r{r}"
+            out = layout.serve(r)
             stages.append(Stage(f"serve:r{r}", "serve",
                                 (lambda a=adapters, o=out, s=settings: _serve(model_name, a, o, s, data_dir)),
                                 {"settings": dataclasses.asdict(settings), "model": model_name},
-                                [f"train:{task}:lora_r{r}_s{study.seeds[0]}" for task in st.tasks], [out]))
+                                [f"train:{task}:{lora_name}" for task in st.tasks], [out]))
 
     from lorascope.report import render_report
 
     stages.append(Stage("report", "report", lambda: render_report(run_dir),
                         {"study": dataclasses.asdict(st), "ranks": study.ranks, "seeds": study.seeds,
                          "primary_rank": study.primary_rank},
-                        [s.name for s in stages], [run_dir / "report"]))
+                        [s.name for s in stages], [layout.report]))
     return stages
 
 
@@ -434,7 +437,7 @@ def _run_locked(study: Study, config_path: str, run_dir: Path, only, force) -> d
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
-    handler = logging.FileHandler(run_dir / "run.log")
+    handler = logging.FileHandler(RunLayout(run_dir).log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     try:
@@ -458,13 +461,13 @@ def _run(study: Study, config_path: str, run_dir: Path, only, force) -> dict:
             raise LorascopeError(f"stage {pat!r}: no such stage; stages are {', '.join(kinds)} "
                                  f"(or a full name such as {names[min(1, len(names) - 1)]})")
     _check_data(study)
-    write_json(run_dir / "study.json", {"config_file": str(config_path), "config": dataclasses.asdict(study.study),
-                                        "base_config": study.base.to_dict(), "ranks": study.ranks,
-                                        "seeds": study.seeds, "primary_rank": study.primary_rank,
-                                        "stages": names, "provenance": provenance()})
+    write_json(RunLayout(run_dir).study_file,
+               {"config_file": str(config_path), "config": dataclasses.asdict(study.study),
+                "base_config": study.base.to_dict(), "ranks": study.ranks, "seeds": study.seeds,
+                "primary_rank": study.primary_rank, "stages": names, "provenance": provenance()})
     records: dict[str, dict] = {}
     hashes: dict[str, str] = {}
-    digests = _Digests(run_dir / "stages" / ".file-digests.json")
+    digests = _Digests(RunLayout(run_dir).digests_file)
     t_run = time.time()
     done_times: list[float] = []
     for i, s in enumerate(stages, 1):
@@ -475,7 +478,7 @@ def _run(study: Study, config_path: str, run_dir: Path, only, force) -> dict:
                    "deps": [(hashes.get(d), records.get(d, {}).get("finished"),
                              digests.of(by_name[d].outputs) if d in records else None) for d in s.deps]})
         hashes[s.name] = h
-        rec_file = run_dir / "stages" / f"{s.name.replace(':', '__')}.json"
+        rec_file = RunLayout(run_dir).stage_record(s.name)
         prev = _read_record(rec_file)
         selected = not only or _matches(s.name, only)
         fresh = (prev is not None and prev.get("hash") == h and prev.get("finished")
@@ -524,7 +527,7 @@ def _run(study: Study, config_path: str, run_dir: Path, only, force) -> dict:
         records[s.name] = rec
         log.info("[%d/%d] %s: done in %s", i, len(stages), s.name, _fmt(seconds))
     digests.save()
-    log.info("study done in %s; report: %s", _fmt(time.time() - t_run), run_dir / "report" / "index.html")
+    log.info("study done in %s; report: %s", _fmt(time.time() - t_run), RunLayout(run_dir).report / "index.html")
     return records
 
 

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from lorascope.layout import RunLayout, model_name
 from lorascope.report.verdict import PRIMARY, RESAMPLES, judge
 from lorascope.runinfo import atomic_path
 
@@ -66,7 +67,8 @@ def _lr_section(doc: Doc, run_dir: Path, tasks: list[str]) -> None:
     """Learning-rate selection: every trial, the rate chosen per method, the curve per method and task."""
     rows = []
     for task in tasks:
-        for f in sorted((run_dir / "tune" / task).glob("*/tune.json")) if (run_dir / "tune" / task).is_dir() else []:
+        tune_dir = RunLayout(run_dir).tune_dir(task)
+        for f in sorted(tune_dir.glob("*/tune.json")) if tune_dir.is_dir() else []:
             tj = _load(f)
             for trial in tj["trials"]:
                 rows.append([task, tj["method"], f"{trial['lr']:.1e}", _f(trial.get("value")),
@@ -183,10 +185,11 @@ def _serve_ov(r: dict, col: str) -> str:
 
 def render_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
-    study = _load(run_dir / "study.json")
+    study = _load(RunLayout(run_dir).study_file)
     if study is None:
         raise FileNotFoundError(f"{run_dir}: no study.json; not a `lorascope run` directory")
     verdict = judge(run_dir)
+    layout = RunLayout(run_dir)
     cfg = study["config"]
     tasks = cfg["tasks"]
     rank = study["primary_rank"]
@@ -265,7 +268,7 @@ def render_report(run_dir: str | Path) -> Path:
         cols = EVAL_COLUMNS.get(task, [(PRIMARY.get(task, ("accuracy",))[0], "score")])
         rows, calibrated, n_cal = [], [], None
         base_ev = None
-        for f in sorted((run_dir / "eval" / task).glob("*.json")):
+        for f in sorted(layout.eval_dir(task).glob("*.json")):
             if f.name.endswith(".predictions.json") or "." in f.stem:
                 continue
             ev = _load(f)
@@ -304,7 +307,7 @@ def render_report(run_dir: str | Path) -> Path:
 
     doc.h(2, "Drift of the hidden states")
     for task in tasks:
-        d = _load(run_dir / "drift" / task / "drift.json")
+        d = _load(layout.drift(task) / "drift.json")
         if not d:
             continue
         doc.h(3, task)
@@ -316,13 +319,13 @@ def render_report(run_dir: str | Path) -> Path:
         doc.table(["model", "1 - token CKA (mean over layers)", "1 - example CKA", "1 - cosine"], rows)
         doc.p(f"{d['n_examples']} held-out prompts, {d['n_tokens']} tokens; states: embedding and each decoder "
               f"layer ({'the last includes' if d.get('final_norm_included') else 'before'} the final norm).")
-        doc.fig(run_dir / "drift" / task / "cka_vs_layer.png", f"{task}: linear CKA with the base model per layer")
-        doc.fig(run_dir / "drift" / task / "cosine_vs_layer.png", f"{task}: cosine similarity with the base per layer")
-        drift_sensitivity(doc, d, run_dir / "drift" / task)
+        doc.fig(layout.drift(task) / "cka_vs_layer.png", f"{task}: linear CKA with the base model per layer")
+        doc.fig(layout.drift(task) / "cosine_vs_layer.png", f"{task}: cosine similarity with the base per layer")
+        drift_sensitivity(doc, d, layout.drift(task))
 
     doc.h(2, "Weight space")
     for task in tasks:
-        w = _load(run_dir / "weights" / task / "weights.json")
+        w = _load(layout.weights(task) / "weights.json")
         if not w:
             continue
         doc.h(3, task)
@@ -333,20 +336,20 @@ def render_report(run_dir: str | Path) -> Path:
                              _f(s["stable_rank_mean"], ".2f"), _f(s["top8_energy_mean"], ".2f"),
                              str(s["intruders_total"])])
         doc.table(["model", "module", "||dW||_F", "effective rank", "stable rank", "top-8 energy", "intruders"], rows)
-        doc.fig(run_dir / "weights" / task / "weight_spectra.png", f"{task}: singular value spectra of the updates")
+        doc.fig(layout.weights(task) / "weight_spectra.png", f"{task}: singular value spectra of the updates")
 
     if cfg.get("forgetting"):
         doc.h(2, "Forgetting: each tuned model on the other tasks")
         rows = []
         for task in tasks:
             metric = PRIMARY.get(task, ("accuracy",))[0]
-            base_ev = _load(run_dir / "eval" / task / "base.json")
-            for f in sorted((run_dir / "eval" / task).glob("*.*.json")):
+            base_ev = _load(layout.eval(task, "base"))
+            for f in sorted(layout.eval_dir(task).glob("*.*.json")):
                 if f.name.endswith(".predictions.json"):
                     continue
                 ev = _load(f)
                 trained_on, name = f.stem.split(".", 1)
-                d = _load(run_dir / "drift" / trained_on / "drift.json")
+                d = _load(layout.drift(trained_on) / "drift.json")
                 drift = d["summary"]["per_model"].get(name, {}).get("token_cka_drift", {}).get("value") if d else None
                 b = base_ev["metrics"][metric] if base_ev else None
                 v = ev["metrics"][metric]
@@ -354,7 +357,7 @@ def render_report(run_dir: str | Path) -> Path:
                              _f(None if b is None else v - b, "+.1f"), _f(drift, ".2e")])
         doc.table(["model", "evaluated on", "score", "change vs base", "drift on its own task"], rows)
 
-    serve_dirs = sorted((run_dir / "serve").glob("r*/serve.json")) if (run_dir / "serve").is_dir() else []
+    serve_dirs = [d / "serve.json" for d in layout.serve_dirs()]
     if serve_dirs:
         doc.h(2, "Serving: merged vs unmerged adapters")
         for sf in serve_dirs:
@@ -403,13 +406,14 @@ def render_report(run_dir: str | Path) -> Path:
         for r in study["ranks"]:
             for task in tasks:
                 metric = PRIMARY.get(task, ("accuracy",))[0]
-                evs = [_load(run_dir / "eval" / task / f"lora_r{r}_s{s}.json") for s in study["seeds"]]
+                names = [model_name("lora", r, s) for s in study["seeds"]]
+                evs = [_load(layout.eval(task, n)) for n in names]
                 acc = [e["metrics"][metric] for e in evs if e]
-                d = _load(run_dir / "drift" / task / "drift.json")
-                dv = [d["summary"]["per_model"].get(f"lora_r{r}_s{s}", {}).get("token_cka_drift", {}).get("value")
-                      for s in study["seeds"]] if d else []
+                d = _load(layout.drift(task) / "drift.json")
+                dv = [d["summary"]["per_model"].get(n, {}).get("token_cka_drift", {}).get("value")
+                      for n in names] if d else []
                 dv = [x for x in dv if x is not None]
-                s_ = _load(run_dir / "serve" / f"r{r}" / "serve.json")
+                s_ = _load(layout.serve(r) / "serve.json")
                 ov = [x["overhead"] for x in s_["summary"]["rows"]
                       if s_ and x["config"] == f"unmerged:{task}" and x["overhead"] is not None] if s_ else []
                 rows.append([str(r), task, _f(sum(acc) / len(acc) if acc else None),
@@ -423,7 +427,7 @@ def render_report(run_dir: str | Path) -> Path:
     doc.pre(json.dumps({"study": cfg, "base_config": study["base_config"], "ranks": study["ranks"],
                         "seeds": study["seeds"]}, indent=2))
 
-    out = run_dir / "report"
+    out = layout.report
     with atomic_path(out, is_dir=True) as tmp:
         figs = tmp / "figures"
         figs.mkdir()

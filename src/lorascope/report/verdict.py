@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from lorascope.layout import RunLayout, model_name
+
 PRIMARY = {"mrpc": ("accuracy", "MRPC accuracy"), "squad_v2": ("f1", "SQuAD v2 F1")}
 PASS, FAIL, INCONCLUSIVE = "PASS", "FAIL", "INCONCLUSIVE"
 RESAMPLES = 2000
@@ -142,8 +144,8 @@ def _interval(ci: dict, fmt: str = "+.1f") -> str:
 def accuracy_criterion(task: str, run_dir: Path, seeds: list[int], rank: int, margin: float) -> dict[str, Any] | None:
     """Criterion (1) with the 'learned' check (0); None when no tuned model has been evaluated."""
     metric, _ = PRIMARY.get(task, ("accuracy", task))
-    d = run_dir / "eval" / task
-    files = {"full": [d / f"full_s{s}.json" for s in seeds], "lora": [d / f"lora_r{rank}_s{s}.json" for s in seeds]}
+    layout = RunLayout(run_dir)
+    files = {m: [layout.eval(task, model_name(m, rank, s)) for s in seeds] for m in ("full", "lora")}
     evs = {m: [_load(f) for f in fs] for m, fs in files.items()}
     if not any(e for es in evs.values() for e in es):
         return None
@@ -168,7 +170,7 @@ def accuracy_criterion(task: str, run_dir: Path, seeds: list[int], rank: int, ma
     acc["bootstrap"] = hierarchical_bootstrap(scores["lora"], scores["full"], groups=groups)
 
     # (0) did each method learn the task?
-    base_file = d / "base.json"
+    base_file = layout.eval(task, "base")
     refs: dict[str, dict[str, float]] = {}
     bl = baseline_scores(task, files["full"][0])
     if bl:
@@ -314,7 +316,7 @@ def or3(*xs: str) -> str:
 
 def judge(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
-    study = _load(run_dir / "study.json")
+    study = _load(RunLayout(run_dir).study_file)
     if study is None:
         raise FileNotFoundError(f"{run_dir}: no study.json; not a `lorascope run` directory")
     cfg = study["config"]
@@ -327,10 +329,10 @@ def judge(run_dir: str | Path) -> dict[str, Any]:
         if acc is not None:
             t["accuracy"] = acc
         both_learned = bool(acc and acc.get("learned") and all(v["learned"] for v in acc["learned"].values()))
-        drift = _load(run_dir / "drift" / task / "drift.json")
+        drift = _load(RunLayout(run_dir).drift(task) / "drift.json")
         if drift:
             t["drift"] = drift_criterion(drift, rank, cfg["drift_reduction"], both_learned)
-        serve = _load(run_dir / "serve" / f"r{rank}" / "serve.json")
+        serve = _load(RunLayout(run_dir).serve(rank) / "serve.json")
         if serve:
             sv = serving_2b(serve, task, cfg["max_serving_overhead"])
             if sv:
