@@ -46,7 +46,7 @@ ARMS = [("lora", "trainer+peft"), ("lora", "lorascope"), ("full", "trainer"), ("
 def _sets(args) -> list[str]:
     return ["train.task=mrpc", "train.batch_size=16", "train.micro_batch_size=8", f"train.max_steps={args.steps}",
             "train.save_every=0", f"data.max_train_examples={16 * args.steps}", "data.max_seq_len=256",
-            "lora.dropout=0.05", "train.log_every=1"]
+            "train.log_every=1"] + ([f"lora.dropout={args.lora_dropout}"] if args.lora_dropout is not None else [])
 
 
 def _rss_mib() -> float:
@@ -247,6 +247,8 @@ def main() -> None:
     ap.add_argument("--eval-examples", type=int, default=100, help="MRPC dev examples scored after training (0: skip)")
     ap.add_argument("--eval-baselines", action="store_true", help="also score the Trainer arms' models on MRPC dev "
                     "(their training code is not lorascope's; off by default to save time on small machines)")
+    ap.add_argument("--lora-dropout", type=float,
+                    help="LoRA dropout of both LoRA arms (default: lorascope's default, lora.dropout)")
     ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args()
     if not os.environ.get("LORASCOPE_DATA_DIR"):
