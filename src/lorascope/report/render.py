@@ -193,7 +193,6 @@ def render_report(run_dir: str | Path) -> Path:
     cfg = study["config"]
     tasks = cfg["tasks"]
     rank = study["primary_rank"]
-    crit = verdict["criteria"]
     doc = Doc()
     # the first line is the verdict, with its reasons and what to run when it is INCONCLUSIVE
     doc.p(f"Verdict: {verdict['overall']}.")
@@ -206,6 +205,30 @@ def render_report(run_dir: str | Path) -> Path:
     if cfg.get("note"):
         doc.p(f"What this preset leaves out: {cfg['note'].strip()}")
 
+    _verdict_section(doc, verdict, rank)
+    _lr_section(doc, run_dir, tasks)
+
+    _accuracy_section(doc, layout, tasks)
+    _drift_section(doc, layout, tasks)
+    _weights_section(doc, layout, tasks)
+    _forgetting_section(doc, layout, tasks, cfg)
+    _serving_section(doc, layout)
+    _rank_section(doc, layout, study, tasks)
+    _environment_section(doc, study, cfg)
+
+    out = layout.report
+    with atomic_path(out, is_dir=True) as tmp:
+        figs = tmp / "figures"
+        figs.mkdir()
+        (tmp / "report.md").write_text(doc.markdown(figs, "figures"))
+        (tmp / "index.html").write_text(doc.html("lorascope report"))
+        (tmp / "verdict.json").write_text(json.dumps(verdict, indent=2))
+    return out / "index.html"
+
+
+def _verdict_section(doc: Doc, verdict: dict[str, Any], rank: int) -> None:
+    """The verdict table, whether the models learned, and what the intervals cover."""
+    crit = verdict["criteria"]
     doc.h(2, "Verdict")
     doc.p(f"Recommendation: {verdict['recommendation']}")
     rows = []
@@ -261,8 +284,9 @@ def render_report(run_dir: str | Path) -> Path:
           "has two or more seeds. Serving overhead = merged tokens/s / unmerged tokens/s - 1, median of rounds "
           "paired in time per batch size.")
 
-    _lr_section(doc, run_dir, tasks)
 
+def _accuracy_section(doc: Doc, layout: RunLayout, tasks: list[str]) -> None:
+    """Every evaluated model per task, the trivial baselines, the length policy and the calibration."""
     doc.h(2, "Accuracy")
     for task in tasks:
         cols = EVAL_COLUMNS.get(task, [(PRIMARY.get(task, ("accuracy",))[0], "score")])
@@ -305,6 +329,9 @@ def render_report(run_dir: str | Path) -> Path:
                   f"negative log-likelihood of the model's own answer, in nats): "
                   + "; ".join(calibrated) + ".")
 
+
+def _drift_section(doc: Doc, layout: RunLayout, tasks: list[str]) -> None:
+    """Drift per model and task, its figures and the per-measure sensitivity table."""
     doc.h(2, "Drift of the hidden states")
     for task in tasks:
         d = _load(layout.drift(task) / "drift.json")
@@ -323,6 +350,9 @@ def render_report(run_dir: str | Path) -> Path:
         doc.fig(layout.drift(task) / "cosine_vs_layer.png", f"{task}: cosine similarity with the base per layer")
         drift_sensitivity(doc, d, layout.drift(task))
 
+
+def _weights_section(doc: Doc, layout: RunLayout, tasks: list[str]) -> None:
+    """Weight-update spectra per model and module type."""
     doc.h(2, "Weight space")
     for task in tasks:
         w = _load(layout.weights(task) / "weights.json")
@@ -338,6 +368,9 @@ def render_report(run_dir: str | Path) -> Path:
         doc.table(["model", "module", "||dW||_F", "effective rank", "stable rank", "top-8 energy", "intruders"], rows)
         doc.fig(layout.weights(task) / "weight_spectra.png", f"{task}: singular value spectra of the updates")
 
+
+def _forgetting_section(doc: Doc, layout: RunLayout, tasks: list[str], cfg: dict[str, Any]) -> None:
+    """Each tuned model scored on the other tasks, beside its drift on its own task."""
     if cfg.get("forgetting"):
         doc.h(2, "Forgetting: each tuned model on the other tasks")
         rows = []
@@ -357,6 +390,9 @@ def render_report(run_dir: str | Path) -> Path:
                              _f(None if b is None else v - b, "+.1f"), _f(drift, ".2e")])
         doc.table(["model", "evaluated on", "score", "change vs base", "drift on its own task"], rows)
 
+
+def _serving_section(doc: Doc, layout: RunLayout) -> None:
+    """Per serving benchmark: the closed batches, open loop and time split when measured, agreement, memory."""
     serve_dirs = [d / "serve.json" for d in layout.serve_dirs()]
     if serve_dirs:
         doc.h(2, "Serving: merged vs unmerged adapters")
@@ -377,6 +413,7 @@ def render_report(run_dir: str | Path) -> Path:
                   f"prefill; TTFT: time to first token (prefill); TPOT: time per output token after the first "
                   f"(decode). A p95 is shown only from 20 requests on (else the max, marked). Engine mode: "
                   f"{(s.get('eager') or {}).get('reason', 'not recorded')}.")
+            _open_loop_and_time_split(doc, s)
             for w in s["summary"].get("warnings", []):
                 doc.p(f"Caution: {w}")
             ag = [f"{k}: {v['identical']}/{v['n']} identical" for k, v in s["summary"]["agreement"].items() if v]
@@ -395,11 +432,40 @@ def render_report(run_dir: str | Path) -> Path:
                            "peak PSS MiB"], bd)
             for fig, cap in (("serve_throughput.png", "output tokens/s vs batch size"),
                              ("serve_latency_p95.png", "p95 latency vs batch size"),
-                             ("serve_memory.png", "memory per configuration")):
+                             ("serve_memory.png", "memory per configuration"),
+                             ("serve_open_loop.png", "open loop: latency against offered load")):
                 doc.fig(sf.parent / fig, f"{sf.parent.name}: {cap}")
             for f in s["summary"]["failed"]:
                 doc.p(f"Failed configuration: {f['error']}")
 
+
+def _open_loop_and_time_split(doc: Doc, s: dict[str, Any]) -> None:
+    """The open-loop rows (latency against offered load) and the time split, where the benchmark measured them."""
+    rows = [[r["config"], _f(r["offered_rate"], ".3g"), _f(r["completed_rate"], ".3g"), str(r["samples"]),
+             _f(r["latency_p50_s"], ".3f"), _serve_tail(r), _f(r["ttft_p50_s"], ".3f"), _f(r["tpot_p50_s"], ".4f"),
+             _pct(r.get("latency_p50_overhead")) if r.get("latency_p50_overhead") is not None else "-",
+             "no (saturated)" if r["saturated"] else "yes"] for r in s["summary"].get("open_loop") or []]
+    if rows:
+        doc.p("Open loop: requests arriving as a Poisson process at each offered rate (the same prompts and arrival "
+              "times for every configuration); latencies count from each request's scheduled arrival. One run per "
+              "rate: no interval.")
+        doc.table(["config", "offered req/s", "completed req/s", "requests", "p50 latency s", "p95 latency s",
+                   "TTFT p50 s", "TPOT p50 s", "p50 overhead vs merged", "kept up"], rows)
+    split = s["summary"].get("time_split") or []
+    if split:
+        doc.p(f"Where the time goes: one prefill and one decode step per configuration, timers around the modules "
+              f"(the repetition with the median total of {split[0]['reps']}). The LoRA share of the step far above "
+              f"the FLOP limit means the unmerged overhead is implementation, not arithmetic.")
+        doc.table(["config", "batch", "phase", "total s", "base matmuls s", "LoRA ops s", "rest s", "LoRA share",
+                   "overhead vs merged", "FLOP limit"],
+                  [[r["config"], str(r["batch_size"]), r["phase"], _f(r["total_s"], ".4f"),
+                    _f(r["base_matmul_s"], ".4f"), _f(r["lora_s"], ".4f"), _f(r["other_s"], ".4f"),
+                    f"{r['lora_share']:.1%}", _pct(r["overhead"]) if r["overhead"] is not None else "-",
+                    f"{r['flop_limit']:+.1%}" if r["flop_limit"] is not None else "-"] for r in split])
+
+
+def _rank_section(doc: Doc, layout: RunLayout, study: dict[str, Any], tasks: list[str]) -> None:
+    """Accuracy, drift and serving overhead per LoRA rank, when the study swept ranks."""
     if len(study["ranks"]) > 1:
         doc.h(2, "Rank sweep")
         rows = []
@@ -421,20 +487,14 @@ def render_report(run_dir: str | Path) -> Path:
                              _pct(max(ov)) if ov else "-"])
         doc.table(["rank", "task", "primary metric (mean over seeds)", "drift", "worst serving overhead"], rows)
 
+
+def _environment_section(doc: Doc, study: dict[str, Any], cfg: dict[str, Any]) -> None:
+    """Versions, git state, hardware and the whole configuration."""
     doc.h(2, "Environment")
     prov = study["provenance"]
     doc.pre(json.dumps({"versions": prov["versions"], "git": prov["git"], "hardware": prov["hardware"]}, indent=2))
     doc.pre(json.dumps({"study": cfg, "base_config": study["base_config"], "ranks": study["ranks"],
                         "seeds": study["seeds"]}, indent=2))
-
-    out = layout.report
-    with atomic_path(out, is_dir=True) as tmp:
-        figs = tmp / "figures"
-        figs.mkdir()
-        (tmp / "report.md").write_text(doc.markdown(figs, "figures"))
-        (tmp / "index.html").write_text(doc.html("lorascope report"))
-        (tmp / "verdict.json").write_text(json.dumps(verdict, indent=2))
-    return out / "index.html"
 
 
 def drift_sensitivity(doc: Doc, d: dict[str, Any], folder: Path) -> None:
