@@ -59,6 +59,9 @@ def test_smoke_study_writes_every_stage_and_the_report(smoke_run):
         assert f"LoRA {acc['lora']:.1f} vs full {acc['full']:.1f}" in md
     assert "(2a) LoRA drift" in md and "(2b) unmerged serving overhead" in md and "## Rank sweep" in md
     assert "Forgetting" in md and "## Environment" in md and "Recommendation: " in md
+    # serving: the open loop and the time split (smoke.yaml asks for both) reach the report and the recommendation
+    assert "Open loop: requests arriving as a Poisson process" in md and "Where the time goes" in md
+    assert "where the unmerged time goes (transformers" in verdict["recommendation"]
     assert verdict["tasks"]["squad_v2"]["accuracy"]["unit"] == "paragraph"  # SQuAD questions cluster by paragraph
     assert "a tiny random Llama" in md  # the base model is named for what it is
     # learning-rate selection: every trial recorded, the final models at the selected rate, the curves shown
