@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-def model_name(method: str, rank: int | None, seed: int) -> str:
+def trained_name(method: str, rank: int | None, seed: int) -> str:
     """The name of a trained model in the run folder: full_s{seed} or lora_r{rank}_s{seed}."""
     return f"full_s{seed}" if method == "full" else f"lora_r{rank}_s{seed}"
 

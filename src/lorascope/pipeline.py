@@ -39,7 +39,7 @@ from typing import Any
 
 from lorascope import LorascopeError
 from lorascope.config import Config, _coerce, _did_you_mean, apply_mapping
-from lorascope.layout import RunLayout, model_name
+from lorascope.layout import RunLayout, trained_name
 from lorascope.runinfo import provenance, write_json
 
 log = logging.getLogger(__name__)
@@ -184,10 +184,10 @@ class Study:
         out = []
         for seed in self.seeds:
             if "full" in self.study.methods:
-                out.append((model_name("full", None, seed), "full", None, seed))
+                out.append((trained_name("full", None, seed), "full", None, seed))
             if "lora" in self.study.methods:
                 for r in self.ranks:
-                    out.append((model_name("lora", r, seed), "lora", r, seed))
+                    out.append((trained_name("lora", r, seed), "lora", r, seed))
         return out
 
 
@@ -375,7 +375,7 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
     if st.serve and "lora" in st.methods:
         serve_ranks = sorted(set(study.ranks))
         for r in serve_ranks:
-            lora_name = model_name("lora", r, study.seeds[0])
+            lora_name = trained_name("lora", r, study.seeds[0])
             adapters = [f"{task}={layout.model(task, lora_name)}" for task in st.tasks]
             settings = ServeSettings(engine=st.serve_engine, batch_sizes=st.serve_batch_sizes,
                                      output_tokens=st.serve_output_tokens, batches=st.serve_batches,

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lorascope.layout import RunLayout, model_name
+from lorascope.layout import RunLayout, trained_name
 from lorascope.report.verdict import PRIMARY, RESAMPLES, judge
 from lorascope.runinfo import atomic_path
 
@@ -472,7 +472,7 @@ def _rank_section(doc: Doc, layout: RunLayout, study: dict[str, Any], tasks: lis
         for r in study["ranks"]:
             for task in tasks:
                 metric = PRIMARY.get(task, ("accuracy",))[0]
-                names = [model_name("lora", r, s) for s in study["seeds"]]
+                names = [trained_name("lora", r, s) for s in study["seeds"]]
                 evs = [_load(layout.eval(task, n)) for n in names]
                 acc = [e["metrics"][metric] for e in evs if e]
                 d = _load(layout.drift(task) / "drift.json")

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from lorascope.layout import RunLayout, model_name
+from lorascope.layout import RunLayout, trained_name
 
 PRIMARY = {"mrpc": ("accuracy", "MRPC accuracy"), "squad_v2": ("f1", "SQuAD v2 F1")}
 PASS, FAIL, INCONCLUSIVE = "PASS", "FAIL", "INCONCLUSIVE"
@@ -145,7 +145,7 @@ def accuracy_criterion(task: str, run_dir: Path, seeds: list[int], rank: int, ma
     """Criterion (1) with the 'learned' check (0); None when no tuned model has been evaluated."""
     metric, _ = PRIMARY.get(task, ("accuracy", task))
     layout = RunLayout(run_dir)
-    files = {m: [layout.eval(task, model_name(m, rank, s)) for s in seeds] for m in ("full", "lora")}
+    files = {m: [layout.eval(task, trained_name(m, rank, s)) for s in seeds] for m in ("full", "lora")}
     evs = {m: [_load(f) for f in fs] for m, fs in files.items()}
     if not any(e for es in evs.values() for e in es):
         return None
