@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from lorascope import fastlora as F
 from lorascope import train as T
 from lorascope.config import load_config
 
@@ -74,6 +75,90 @@ def test_dropout_masks_of_the_fast_layer_are_fresh_and_scaled():
     assert abs((y1 == 0).double().mean().item() - 0.5) < 0.03 and not torch.equal(y1, y2)
     net.eval()  # no dropout at inference
     assert torch.equal(net(x)[:, :4], torch.ones(2000, 4, dtype=torch.float64))
+
+
+class _Block(torch.nn.Module):
+    """An attention-like block: q, k and v read the same input, o reads another one."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj = torch.nn.Linear(24, 16)
+        self.k_proj = torch.nn.Linear(24, 8)
+        self.v_proj = torch.nn.Linear(24, 8, bias=False)
+        self.o_proj = torch.nn.Linear(16, 24)
+        self.copy_k_input = False
+
+    def forward(self, x):
+        q, v = self.q_proj(x), self.v_proj(x)
+        k = self.k_proj(x.clone() if self.copy_k_input else x)
+        return self.o_proj(q * torch.cat([k, v], -1).tanh())
+
+
+def _block(p=0.0, seed=0):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(_Block()).double()
+    cfg = LoraConfig(r=4, lora_alpha=9, lora_dropout=p, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                     rank_pattern={"k_proj": 2})  # ranks differ inside the group
+    net = get_peft_model(net, cfg)
+    with torch.no_grad():
+        for n, prm in net.named_parameters():
+            if "lora_B" in n:
+                prm.normal_()
+    return net, net.base_model.model[0]
+
+
+def _block_run(net, x, seed):
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    y = net(x)
+    (y * torch.linspace(-1, 2, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+    grads = {n: prm.grad.clone() for n, prm in net.named_parameters() if prm.grad is not None}
+    net.zero_grad(set_to_none=True)
+    return y.detach(), x.grad, grads
+
+
+def _counting(monkeypatch):
+    calls = []
+    apply = F.LoraGroupFn.apply
+    monkeypatch.setattr(F.LoraGroupFn, "apply", lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
+@pytest.mark.parametrize("copy_k_input", [False, True])
+def test_grouped_projections_equal_peft_in_float64(monkeypatch, copy_k_input):
+    net, block = _block()
+    block.copy_k_input = copy_k_input
+    x = torch.randn(3, 5, 24, dtype=torch.float64)
+    ref = _block_run(net, x, seed=1)
+    calls = _counting(monkeypatch)
+    assert F.use_fast_lora(net) == 4
+    for _ in range(2):  # twice: the group's hand-over state is clean after each call
+        y, gx, grads = _block_run(net, x, seed=1)
+        torch.testing.assert_close(y, ref[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gx, ref[1], rtol=1e-12, atol=1e-12)
+        assert grads.keys() == ref[2].keys() and len(grads) == 8  # A and B of 4 projections, nothing frozen
+        for n in grads:
+            torch.testing.assert_close(grads[n], ref[2][n], rtol=1e-12, atol=1e-12)
+    # q, k, v computed together once per forward; with k reading a copy of x, k goes alone
+    assert len(calls) == 2
+
+
+def test_grouped_projections_fall_back_under_dropout(monkeypatch):
+    net, _ = _block(p=0.3)
+    x = torch.randn(2, 7, 24, dtype=torch.float64)
+    ref = _block_run(net, x, seed=4)
+    calls = _counting(monkeypatch)
+    F.use_fast_lora(net)
+    y, gx, grads = _block_run(net, x, seed=4)  # each projection draws its own mask, as in PEFT
+    assert calls == []
+    torch.testing.assert_close(y, ref[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, ref[1], rtol=1e-12, atol=1e-12)
+    net.eval()  # no dropout at inference: the group path again
+    with torch.no_grad():
+        net(x)
+    assert len(calls) == 1
 
 
 def _cfg(tiny_model, data, out, method="lora", dropout=0.1):

@@ -31,6 +31,7 @@ import torch
 
 from lorascope import LorascopeError
 from lorascope.config import Config
+from lorascope.fastlora import use_fast_lora
 from lorascope.runinfo import append_jsonl, atomic_path, provenance, write_json
 
 log = logging.getLogger(__name__)
@@ -328,98 +329,6 @@ def _add_lora(model, cfg: Config, fast: bool = True):
     if fast:
         use_fast_lora(model)
     return model
-
-
-def use_fast_lora(model) -> int:
-    """Route the forward of every PEFT LoRA Linear in `model` through `LoraLinearFn`; return how many.
-
-    The modules, parameters and state dict stay PEFT's own, so `save_pretrained` still writes a
-    standard adapter. Only the arithmetic of a training step changes (same maths, fewer passes
-    over memory); anything the fast path does not cover (merged or disabled adapters, several
-    active adapters, DoRA and other variants, extra call arguments) falls back to PEFT's forward.
-    """
-    from peft.tuners.lora.layer import Linear as PeftLoraLinear
-
-    n = 0
-    for module in model.modules():
-        if isinstance(module, PeftLoraLinear) and not hasattr(module, "_lorascope_peft_forward"):
-            module._lorascope_peft_forward = module.forward
-            module.forward = _fast_forward(module)
-            n += 1
-    return n
-
-
-def _fast_forward(module):
-    peft_forward = module.forward
-
-    def forward(x, *args, **kwargs):
-        active = module.active_adapters
-        if (args or kwargs or module.merged or module.disable_adapters or len(active) != 1
-                or active[0] in module.lora_variant or active[0] not in module.lora_A
-                or getattr(module, "fan_in_fan_out", False)):
-            return peft_forward(x, *args, **kwargs)
-        name = active[0]
-        base = module.get_base_layer()
-        drop = module.lora_dropout[name]
-        p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
-        return LoraLinearFn.apply(x, base.weight, base.bias, module.lora_A[name].weight,
-                                  module.lora_B[name].weight, float(module.scaling[name]), p)
-
-    return forward
-
-
-class LoraLinearFn(torch.autograd.Function):
-    """y = x W^T + b + s * (dropout_p(x) A^T) B^T for a frozen W and b, in as few passes as the maths allows.
-
-    The same arithmetic as PEFT's LoRA Linear (and the same dropout mask for the same RNG
-    state: `torch.native_dropout` draws exactly as `nn.Dropout` does), but the scale and the
-    sum are folded into one `addmm_`, the input gradient of the adapter is added into the base
-    one in place, and backward keeps only the dropped input (or the input itself when p = 0,
-    shared with the caller), the dropout mask and the rank-r activation: no weight gradient
-    is ever computed for W. Under autocast it computes in the autocast dtype like F.linear.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, p: float):
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        ctx.dtypes = (x.dtype, lora_a.dtype, lora_b.dtype)
-        with torch.autocast(dev, enabled=False):
-            xc, w, a, b = (t.to(dtype) for t in (x, weight, lora_a, lora_b))
-            bc = bias.to(dtype) if bias is not None else None
-            shape = x.shape
-            x2 = xc.reshape(-1, shape[-1])
-            y = torch.nn.functional.linear(x2, w, bc)
-            mask = None
-            if p > 0.0:
-                xd, mask = torch.native_dropout(x2, p, True)
-            else:
-                xd = x2
-            xa = xd @ a.t()
-            y.addmm_(xa, b.t(), alpha=scale)
-        ctx.scale, ctx.p, ctx.shape = scale, p, shape
-        ctx.save_for_backward(xd, mask, xa, w, a, b)
-        return y.view(*shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        xd, mask, xa, w, a, b = ctx.saved_tensors
-        x_dtype, a_dtype, b_dtype = ctx.dtypes
-        g = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
-        gxa = (g @ b).mul_(ctx.scale)  # gradient at the rank-r activation
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[4]:
-            grad_b = torch.mm(g.t(), xa).mul_(ctx.scale).to(b_dtype)
-        if ctx.needs_input_grad[3]:
-            grad_a = torch.mm(gxa.t(), xd).to(a_dtype)
-        if ctx.needs_input_grad[0]:
-            grad_x = g @ w
-            if mask is None:
-                grad_x.addmm_(gxa, a)
-            else:
-                grad_x += torch.ops.aten.native_dropout_backward(gxa @ a, mask, 1.0 / (1.0 - ctx.p))
-            grad_x = grad_x.view(ctx.shape).to(x_dtype)
-        return grad_x, None, None, grad_a, grad_b, None, None
 
 
 def _mixed_precision(setting: str) -> str:
