@@ -13,7 +13,7 @@ from lorascope import LorascopeError
 
 MODES_ALL = ("merged", "unmerged", "multi")
 ROW_METRICS = ("tokens_per_second", "tokens_per_second_min", "tokens_per_second_max", "latency_p50_s",
-               "latency_max_s", "ttft_p50_s", "tpot_p50_s", "peak_rss_mb", "peak_pss_mb", "samples")
+               "latency_max_s", "ttft_p50_s", "tpot_p50_s", "peak_rss_mib", "peak_pss_mib", "samples")
 
 
 def make_adapter(base: Path, out: Path, task: str, *, seed: int, rank: int = 8) -> Path:
@@ -129,12 +129,12 @@ def test_transformers_multi_adapter_mixed_batches(serve_model, adapters, small_d
     _check_agreement(report, ["mrpc", "squad"])
     mem = report["summary"]["memory"]
     # the merged alternative: one more copy of the weights (+ its KV cache) per further task, not another engine
-    biggest = max(mem["merged:mrpc"]["peak_pss_mb"], mem["merged:squad"]["peak_pss_mb"])
+    biggest = max(mem["merged:mrpc"]["peak_pss_mib"], mem["merged:squad"]["peak_pss_mib"])
     assert mem["merged_alternative_mib"] == pytest.approx(biggest + mem["weights_mib"])
     for name in ("merged:mrpc", "unmerged:mrpc", "multi"):
         b = mem[name]["breakdown_mib"]
         assert b["weights"] + b["adapters"] + b["kv_cache_reserved"] + b["engine_runtime"] == pytest.approx(
-            mem[name]["peak_pss_mb"])
+            mem[name]["peak_pss_mib"])
     assert mem["multi"]["breakdown_mib"]["adapters"] == pytest.approx(sum(mem["adapters_mib"].values()))
     spec = json.loads((out / "configs" / "multi.spec.json").read_text())
     # requests of both adapters alternate, so every batch of 2 or more mixes them
@@ -154,7 +154,7 @@ def test_vllm_engine_end_to_end(serve_model, adapters, small_data, tmp_path):
     r = run_cli("serve-bench", "--engine", "vllm", "--base", str(serve_model),
                 "--adapter", f"mrpc={adapters['mrpc']}", "--adapter", f"squad={adapters['squad']}",
                 "--batch-sizes", "1,2,4", "--output-tokens", "6", "--repetitions", "3", "--check-prompts", "3",
-                "--kv-cache-gb", "1", "--rates", "50", "--open-requests", "6",
+                "--kv-cache-gib", "1", "--rates", "50", "--open-requests", "6", "--profile", "--profile-reps", "2",
                 "--output-dir", str(out), "--data-dir", str(small_data))
     assert r.returncode == 0, r.stderr[-3000:]
     report = _check_report(out, {"merged:mrpc", "unmerged:mrpc", "merged:squad", "unmerged:squad", "multi"},
@@ -177,6 +177,19 @@ def test_vllm_engine_end_to_end(serve_model, adapters, small_data, tmp_path):
             assert c["settings"]["max_lora_rank"] == 8
     assert next(c for c in report["configs"] if c["name"] == "multi")["settings"]["max_loras"] == 2
     assert "merged:mrpc" in r.stdout and "agreement" in r.stdout
+    # time split from timers inside vLLM's engine process: prefill, then one decode pass of batch-size tokens
+    split = report["summary"]["time_split"]
+    assert {(x["config"], x["batch_size"], x["phase"]) for x in split} == {
+        (c, b, p) for c in ("merged:mrpc", "unmerged:mrpc", "merged:squad", "unmerged:squad") for b in (1, 4)
+        for p in ("prefill", "decode")}
+    for c in report["configs"]:
+        for prof in c["profile"]:
+            assert prof["decode"]["tokens"] == prof["batch_size"] and prof["decode"]["passes"] == 1
+            assert prof["prefill"]["tokens"] > prof["batch_size"]  # the prompts' tokens
+    for x in split:
+        assert x["reps"] == 2 and x["base_matmul_s"] > 0 and x["other_s"] > 0
+        assert x["base_matmul_s"] + x["lora_s"] + x["other_s"] == pytest.approx(x["total_s"])
+        assert (x["lora_s"] > 0) == (x["mode"] == "unmerged")
 
 
 @pytest.mark.slow
@@ -250,8 +263,8 @@ def test_cli_bad_input(serve_model, adapters, tmp_path):
                 f"a={adapters['mrpc']}", "--batch-sizes", "1,x", "--output-dir", str(tmp_path / "o"))
     assert r.returncode == 2 and "--batch-sizes '1,x'" in r.stderr
     r = run_cli("serve-bench", "--engine", "vllm", "--base", str(serve_model), "--adapter", f"a={adapters['mrpc']}",
-                "--kv-cache-gb", "0.0001", "--max-model-len", "4096", "--output-dir", str(tmp_path / "o"))
-    assert r.returncode == 2 and "--kv-cache-gb 0.0001: not enough for one sequence" in r.stderr
+                "--kv-cache-gib", "0.0001", "--max-model-len", "4096", "--output-dir", str(tmp_path / "o"))
+    assert r.returncode == 2 and "--kv-cache-gib 0.0001: not enough for one sequence" in r.stderr
     assert not (tmp_path / "o" / "serve.json").exists()
 
 
@@ -269,7 +282,7 @@ def test_failure_explanations():
 
     kv = ["INFO start", "ValueError: No available memory for the cache blocks. Try increasing "
                         "`VLLM_CPU_KVCACHE_SPACE`"]
-    assert "raise --kv-cache-gb" in explain_failure(kv)
+    assert "raise --kv-cache-gib" in explain_failure(kv)
     tb = ["Traceback (most recent call last):", "  File x", "RuntimeError: Unsupported CPU attention configuration"]
     assert explain_failure(tb) == "RuntimeError: Unsupported CPU attention configuration"
 
@@ -513,7 +526,7 @@ def test_a_worker_that_dies_fails_alone(serve_model, tmp_path):
     items = [{"key": f"k{i}", "adapter": None, "prompt_ids": [5 + i, 6, 7]} for i in range(4)]
     good = {"name": "merged:a", "mode": "merged", "engine": "transformers", "model": str(serve_model), "adapters": [],
             "items": items, "check_items": items[:1], "output_tokens": 2, "ignore_eos": True, "dtype": "float32",
-            "kv_cache_gb": 1}
+            "kv_cache_gib": 1}
     bad = dict(good, name="unmerged:a", mode="unmerged", model=str(tmp_path / "no-such-model"))
     settings = ServeSettings(engine="transformers", batch_sizes=[1], batches=2, warmup=0, timeout_seconds=300)
     results, schedule = run_group([good, bad], tmp_path, settings)
@@ -641,7 +654,7 @@ def test_transformers_time_split(serve_model, adapters, small_data, tmp_path):
         else:
             assert x["lora_s"] > 0 and x["overhead"] is not None and 0 < x["flop_limit"] < 0.5
     assert "time split" in r.stdout and "LoRA ops" in r.stdout
-    r = run_cli("serve-bench", "--engine", "vllm", "--base", str(serve_model), "--adapter", f"a={adapters['mrpc']}",
-                "--profile", "--output-dir", str(tmp_path / "o"))
-    assert r.returncode == 2 and "--profile: the vllm engine runs its model in an engine process" in r.stderr
+    r = run_cli("serve-bench", "--engine", "transformers", "--base", str(serve_model), "--adapter",
+                f"a={adapters['mrpc']}", "--profile", "--profile-reps", "0", "--output-dir", str(tmp_path / "o"))
+    assert r.returncode == 2 and "--profile-reps 0: expected a positive number" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o" / "serve.json").exists()

@@ -173,14 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--open-requests", type=int, default=40,
                    help="requests per configuration and rate in the open loop (default 40)")
     p.add_argument("--profile", action="store_true",
-                   help="transformers engine: split one prefill and one decode step (batch 1 and the largest) into "
-                        "the base matrix products, the LoRA operations and the rest")
+                   help="split one prefill and one decode step (batch 1 and the largest) into the base matrix "
+                        "products, the LoRA operations and the rest (transformers: module timers; vLLM: timers "
+                        "inside its engine process)")
     p.add_argument("--profile-reps", type=int, default=5, help="repetitions of the profiled steps (default 5)")
     p.add_argument("--modes", default="merged,unmerged,multi", help="subset of merged,unmerged,multi")
     p.add_argument("--check-prompts", type=int, default=8,
                    help="prompts per adapter whose greedy outputs are compared across modes (default 8)")
     p.add_argument("--max-lora-rank", type=int, help="vLLM max_lora_rank (default: the largest adapter rank)")
-    p.add_argument("--kv-cache-gb", type=float, default=1.0, help="vLLM KV-cache reservation in GiB (default 1)")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM KV-cache reservation in GiB (default 1)")
     p.add_argument("--max-model-len", type=int, default=1024, help="vLLM max_model_len (default 1024)")
     p.add_argument("--max-prompt-tokens", type=int, default=512, help="leave out longer prompts (default 512)")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPUs, bfloat16 on GPUs), float32, bfloat16")
@@ -350,7 +351,7 @@ def _run(args: argparse.Namespace) -> int:
             max_prompt_tokens=args.max_prompt_tokens,
             max_lora_rank=args.max_lora_rank,
             dtype=args.dtype,
-            kv_cache_gb=args.kv_cache_gb,
+            kv_cache_gib=args.kv_cache_gib,
             max_model_len=args.max_model_len,
             tensor_parallel_size=args.tensor_parallel_size,
             enforce_eager=(False if args.no_enforce_eager else True if args.enforce_eager else None),

@@ -65,7 +65,7 @@ class StudyArgs:
     serve_batches: int = field(default=20, metadata={"help": "timed batches (rounds) per configuration and batch size"})
     serve_repetitions: int | None = field(default=None, metadata={"help": "the old name of serve_batches (sets it)"})
     serve_check_prompts: int = field(default=8, metadata={"help": "prompts per adapter in the agreement check"})
-    serve_kv_cache_gb: float = field(default=1.0, metadata={"help": "vLLM KV-cache reservation (GiB)"})
+    serve_kv_cache_gib: float = field(default=1.0, metadata={"help": "vLLM KV-cache reservation (GiB)"})
     serve_max_prompt_tokens: int = field(default=512, metadata={"help": "leave longer prompts out of the workload"})
     serve_max_model_len: int = field(default=1024, metadata={"help": "vLLM max_model_len"})
     serve_modes: list[str] = field(default_factory=lambda: ["merged", "unmerged", "multi"],
@@ -74,7 +74,7 @@ class StudyArgs:
         "help": "open loop: request rates (requests/s, Poisson arrivals) after the closed batches; [] for none"})
     serve_open_requests: int = field(default=40, metadata={"help": "open loop: requests per configuration and rate"})
     serve_profile: bool = field(default=False, metadata={
-        "help": "transformers engine: time split of one prefill and one decode step (base matmuls / LoRA / rest)"})
+        "help": "time split of one prefill and one decode step (base matmuls / LoRA / rest)"})
     accuracy_margin: float = field(default=3.0, metadata={"help": "criterion 1: LoRA within this many points of full"})
     drift_reduction: float = field(default=0.20, metadata={"help": "criterion 2a: LoRA drift at least this much lower"})
     max_serving_overhead: float = field(default=0.30, metadata={"help": "criterion 2b: unmerged overhead at most this"})
@@ -121,9 +121,6 @@ class StudyArgs:
         if any(not isinstance(r, (int, float)) or r <= 0 for r in self.serve_rates):
             out.append(f"study.serve_rates: expected positive request rates (requests/s), e.g. [0.5, 1, 2]; "
                        f"got {self.serve_rates}")
-        if self.serve_profile and self.serve_engine != "transformers":
-            out.append(f"study.serve_profile: only the transformers engine can be profiled (serve_engine is "
-                       f"{self.serve_engine!r})")
         if self.serve_rates and self.serve_open_requests < 1:
             out.append(f"study.serve_open_requests: must be at least 1 (default 40), got {self.serve_open_requests}")
         if self.serve_batches < 1:
@@ -380,7 +377,7 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
             settings = ServeSettings(engine=st.serve_engine, batch_sizes=st.serve_batch_sizes,
                                      output_tokens=st.serve_output_tokens, batches=st.serve_batches,
                                      repetitions=st.serve_repetitions,
-                                     check_prompts=st.serve_check_prompts, kv_cache_gb=st.serve_kv_cache_gb,
+                                     check_prompts=st.serve_check_prompts, kv_cache_gib=st.serve_kv_cache_gib,
                                      max_prompt_tokens=st.serve_max_prompt_tokens,
                                      max_model_len=st.serve_max_model_len,
                                      modes=st.serve_modes, rates=st.serve_rates,

@@ -402,7 +402,7 @@ def _serving_section(doc: Doc, layout: RunLayout) -> None:
             rows = [[r["config"], str(r["batch_size"]), str(r.get("samples", "")), _f(r["tokens_per_second"]),
                      _serve_tail(r), _f(r["ttft_p50_s"], ".3f"), _serve_ov(r, "overhead"),
                      _serve_ov(r, "ttft_overhead"), _serve_ov(r, "tpot_overhead"), _pct(r["expected_overhead_flops"]),
-                     _f(r.get("peak_pss_mb") or r["peak_rss_mb"], ".0f")] for r in s["summary"]["rows"]]
+                     _f(r.get("peak_pss_mib") or r["peak_rss_mib"], ".0f")] for r in s["summary"]["rows"]]
             doc.table(["config", "batch", "requests timed", "tokens/s", "p95 latency s", "TTFT p50 s",
                        "end-to-end overhead [95% CI]", "TTFT (prefill) overhead", "TPOT (decode) overhead",
                        "FLOP limit", "peak PSS MiB"], rows)
@@ -422,7 +422,7 @@ def _serving_section(doc: Doc, layout: RunLayout) -> None:
             mem = s["summary"]["memory"]
             if "merged_alternative_mib" in mem:
                 doc.p(f"Memory (peak PSS over the run, MiB = 2^20 bytes): all adapters in one engine "
-                      f"{mem['multi']['peak_pss_mb']:.0f} MiB vs the merged alternative "
+                      f"{mem['multi']['peak_pss_mib']:.0f} MiB vs the merged alternative "
                       f"{mem['merged_alternative_mib']:.0f} MiB ({mem['merged_alternative_rule']}).")
             bd = [[n, *(_f(m["breakdown_mib"][k], ".0f") for k in ("weights", "adapters", "kv_cache_reserved",
                                                                   "engine_runtime", "total_peak_pss"))]

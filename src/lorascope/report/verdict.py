@@ -300,7 +300,7 @@ def serving_2b(serve: dict[str, Any], task: str, max_overhead: float) -> dict[st
     out.update(status=status, reason=reason, **{"pass": status == PASS})
     split = [x for x in serve["summary"].get("time_split") or []
              if x["config"] == f"unmerged:{task}" and x["overhead"] is not None]
-    if split:  # where the unmerged time goes (transformers --profile): arithmetic or implementation
+    if split:  # where the unmerged time goes (--profile): arithmetic or implementation
         out["time_split"] = [{k: x[k] for k in ("batch_size", "phase", "overhead", "lora_share", "flop_limit")}
                              for x in split]
     return out

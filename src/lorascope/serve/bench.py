@@ -50,7 +50,7 @@ class ServeSettings:
     max_prompt_tokens: int = 512  # prompts longer than this are left out of the workload
     max_lora_rank: int | None = None  # default: the largest adapter rank (rounded up to one vLLM accepts)
     dtype: str = "auto"  # auto: float32 on CPUs, bfloat16 on GPUs
-    kv_cache_gb: float = 1.0  # vLLM KV-cache reservation (CPU: VLLM_CPU_KVCACHE_SPACE; GPU: kv_cache_memory_bytes)
+    kv_cache_gib: float = 1.0  # vLLM KV-cache reservation (CPU: VLLM_CPU_KVCACHE_SPACE; GPU: kv_cache_memory_bytes)
     max_model_len: int = 1024
     tensor_parallel_size: int = 1
     # None: as deployed. GPU: vLLM's default graph capture and compilation in both arms; CPU: eager in both
@@ -294,7 +294,7 @@ def _engine_args(settings: ServeSettings) -> dict[str, Any]:
                             "max_num_seqs": max(max(settings.batch_sizes), settings.check_prompts * 2),
                             "enable_prefix_caching": False, "tensor_parallel_size": settings.tensor_parallel_size}
     if not _on_cpu():
-        args["kv_cache_memory_bytes"] = int(settings.kv_cache_gb * 2**30)
+        args["kv_cache_memory_bytes"] = int(settings.kv_cache_gib * 2**30)
     return args
 
 
@@ -333,7 +333,7 @@ class _Worker:
         env = dict(os.environ)
         if spec["engine"] == "vllm" and _on_cpu():
             # vLLM-CPU sizes its KV cache from this variable (GiB)
-            env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(spec["kv_cache_gb"])))
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(spec["kv_cache_gib"])))
         log.info("%s: starting (%s engine, log %s)", self.name, spec["engine"], self.log_file)
         r, w = os.pipe()
         self._logfh = open(self.log_file, "w")
@@ -538,7 +538,9 @@ def run_group(specs: list[dict[str, Any]], out_dir: Path, settings: ServeSetting
                     if wk.send({"cmd": "profile", "items": _batch_items(wk.spec, bs, 0),
                                 "reps": settings.profile_reps}):
                         msg = wk.read(timeout)
-                        if msg is not None:
+                        if msg is not None and msg.get("error"):
+                            log.warning("%s: no time split at batch %d: %s", wk.name, bs, msg["error"])
+                        elif msg is not None:
                             profiles[wk.name].append({"batch_size": bs, **msg["split"]})
         closed = {wk.name: wk.close(timeout) for wk in workers}
     except BaseException:
@@ -637,7 +639,7 @@ def explain_failure(lines: list[str]) -> str:
     if "no available memory for the cache blocks" in low or "kv cache" in low and ("insufficient" in low or
                                                                                    "not enough" in low or
                                                                                    "larger than the" in low):
-        return ("not enough memory for the KV cache; raise --kv-cache-gb or lower --max-model-len / the batch "
+        return ("not enough memory for the KV cache; raise --kv-cache-gib or lower --max-model-len / the batch "
                 "sizes (see the log)")
     if "vllm is not installed" in low or "no module named 'vllm'" in low:
         return "vLLM is not installed: pip install 'lorascope[serve-cpu]' (CPU) or 'lorascope[serve-gpu]' (GPU)"
@@ -683,10 +685,6 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
     if bad_rates:
         raise LorascopeError(f"--rates {','.join(f'{r:g}' for r in settings.rates)}: expected positive request rates "
                              f"(requests per second), e.g. 0.5,1,2")
-    if settings.profile and settings.engine != "transformers":
-        raise LorascopeError(f"--profile: the {settings.engine} engine runs its model in an engine process of its "
-                             f"own whose layers lorascope cannot time; profile with --engine transformers (for vLLM, "
-                             f"its own torch profiler: VLLM_TORCH_PROFILER_DIR)")
     if settings.profile and settings.profile_reps < 1:
         raise LorascopeError(f"--profile-reps {settings.profile_reps}: expected a positive number of repetitions")
     if settings.rates and settings.open_requests < 1:
@@ -712,10 +710,10 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
     dtype = _dtype(settings)
     per_token = kv_bytes_per_token(base_dir, dtype)
     need = per_token * settings.max_model_len
-    if settings.engine == "vllm" and need > settings.kv_cache_gb * 2**30:
-        raise LorascopeError(f"--kv-cache-gb {settings.kv_cache_gb}: not enough for one sequence of --max-model-len "
+    if settings.engine == "vllm" and need > settings.kv_cache_gib * 2**30:
+        raise LorascopeError(f"--kv-cache-gib {settings.kv_cache_gib}: not enough for one sequence of --max-model-len "
                              f"{settings.max_model_len} ({need / 2**30:.2f} GiB at {per_token} bytes per token); "
-                             f"raise --kv-cache-gb or lower --max-model-len")
+                             f"raise --kv-cache-gib or lower --max-model-len")
 
     adapters, problems = [], {}
     for name, path in parse_adapters(adapter_specs):
@@ -748,10 +746,11 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
         "dtype": dtype,
         "engine_args": _engine_args(settings),
         "max_lora_rank": max_rank,
-        "kv_cache_gb": settings.kv_cache_gb,
+        "kv_cache_gib": settings.kv_cache_gib,
         "rates": settings.rates,
         "open_requests": settings.open_requests if settings.rates else None,
         "profile_reps": settings.profile_reps if settings.profile else None,
+        "profile": settings.profile,
     }
 
     def items_for(a, adapter_name):
@@ -846,17 +845,17 @@ def memory_breakdown(memory: dict[str, Any], results: list[dict[str, Any]], adap
             ad = sum(adapter_mib.values())
         else:
             ad = adapter_mib.get(r["name"].split(":", 1)[1], 0.0)
-        kv = m["kv_cache_reserved_mb"]
-        peak = m["peak_pss_mb"] or m["peak_rss_mb"]
+        kv = m["kv_cache_reserved_mib"]
+        peak = m["peak_pss_mib"] or m["peak_rss_mib"]
         m["breakdown_mib"] = {"weights": weights, "adapters": ad, "kv_cache_reserved": kv,
                               "engine_runtime": peak - weights - ad - kv, "total_peak_pss": peak}
     merged = [memory[f"merged:{a['name']}"] for a in adapters if f"merged:{a['name']}" in memory]
     if "multi" in memory and merged and len(merged) == len(adapters):
-        biggest = max(m["peak_pss_mb"] or m["peak_rss_mb"] for m in merged)
-        extra = (len(adapters) - 1) * (weights + statistics.fmean(m["kv_cache_reserved_mb"] for m in merged))
+        biggest = max(m["peak_pss_mib"] or m["peak_rss_mib"] for m in merged)
+        extra = (len(adapters) - 1) * (weights + statistics.fmean(m["kv_cache_reserved_mib"] for m in merged))
         memory["merged_alternative_mib"] = biggest + extra
-        memory["multi_vs_merged_alternative"] = (memory["multi"]["peak_pss_mb"] or
-                                                 memory["multi"]["peak_rss_mb"]) / memory["merged_alternative_mib"]
+        memory["multi_vs_merged_alternative"] = (memory["multi"]["peak_pss_mib"] or
+                                                 memory["multi"]["peak_rss_mib"]) / memory["merged_alternative_mib"]
         memory["merged_alternative_rule"] = ("the largest merged engine's peak PSS + (tasks - 1) x (one copy of the "
                                              "weights + its KV-cache reservation)")
     memory["units"] = "MiB (2**20 bytes)"
@@ -1027,9 +1026,9 @@ def summarize(results: list[dict[str, Any]], adapters: list[dict[str, Any]], set
                     row[f"{key}_{q}_s"] = st[q]
             row["samples"] = stats["latency"]["samples"]
             row["stats"] = stats
-            row.update(peak_rss_mb=b["peak_rss_bytes"] / 2**20, peak_pss_mb=r.get("peak_pss_bytes", 0) / 2**20,
-                       device_used_mb=(b["device_used_bytes"] / 2**20) if b.get("device_used_bytes") else None,
-                       kv_cache_reserved_mb=r["settings"].get("kv_cache_reserved_bytes", 0) / 2**20)
+            row.update(peak_rss_mib=b["peak_rss_bytes"] / 2**20, peak_pss_mib=r.get("peak_pss_bytes", 0) / 2**20,
+                       device_used_mib=(b["device_used_bytes"] / 2**20) if b.get("device_used_bytes") else None,
+                       kv_cache_reserved_mib=r["settings"].get("kv_cache_reserved_bytes", 0) / 2**20)
             rows.append(row)
     # overheads vs merged, paired round by round
     names = [a["name"] for a in adapters]
@@ -1075,10 +1074,10 @@ def summarize(results: list[dict[str, Any]], adapters: list[dict[str, Any]], set
         if m and "multi" in ok:
             agreement[f"merged:{n} vs multi"] = _agreement([dict(c, adapter=n) for c in m["check"]],
                                                            ok["multi"]["check"])
-    memory: dict[str, Any] = {name: {"peak_rss_mb": r["peak_rss_bytes"] / 2**20,
-                                     "peak_pss_mb": r.get("peak_pss_bytes", 0) / 2**20,
-                                     "rss_after_load_mb": r["rss_after_load_bytes"] / 2**20,
-                                     "kv_cache_reserved_mb": r["settings"].get("kv_cache_reserved_bytes", 0) / 2**20,
+    memory: dict[str, Any] = {name: {"peak_rss_mib": r["peak_rss_bytes"] / 2**20,
+                                     "peak_pss_mib": r.get("peak_pss_bytes", 0) / 2**20,
+                                     "rss_after_load_mib": r["rss_after_load_bytes"] / 2**20,
+                                     "kv_cache_reserved_mib": r["settings"].get("kv_cache_reserved_bytes", 0) / 2**20,
                                      "startup_seconds": r["startup_seconds"]} for name, r in ok.items()}
     failed = [{"name": r["name"], "error": r["error"], "log": r.get("log")} for r in results if r.get("status") != "ok"]
     warnings = []
@@ -1186,7 +1185,7 @@ CSV_FIELDS = ["config", "mode", "batch_size", "rounds", "samples", "tokens_per_s
               "overhead", "overhead_ci_low", "overhead_ci_high", "overhead_min", "overhead_max",
               "ttft_overhead", "ttft_overhead_ci_low", "ttft_overhead_ci_high",
               "tpot_overhead", "tpot_overhead_ci_low", "tpot_overhead_ci_high", "disagreeing_rounds", "paired_in_time",
-              "expected_overhead_flops", "peak_rss_mb", "peak_pss_mb", "device_used_mb", "kv_cache_reserved_mb"]
+              "expected_overhead_flops", "peak_rss_mib", "peak_pss_mib", "device_used_mib", "kv_cache_reserved_mib"]
 
 
 OPEN_CSV_FIELDS = ["config", "mode", "offered_rate", "arrival_rate", "completed_rate", "saturated", "latency_trend",
@@ -1279,7 +1278,7 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"{r['config']:22s} {r['batch_size']:5d} {r['samples']:4d} {r['tokens_per_second']:8.1f} "
                      f"{r['latency_p50_s']:7.3f} {tail_label(r):>20s} {ttft:>8s} {_ov(r, 'overhead'):>17s} "
                      f"{_ov(r, 'ttft_overhead'):>17s} {_ov(r, 'tpot_overhead'):>17s} {fl:>10s} "
-                     f"{r.get('peak_pss_mb', 0):8.0f}")
+                     f"{r.get('peak_pss_mib', 0):8.0f}")
     lines.append("n: requests timed; a p95 needs n >= 20 (else the max is shown); overheads vs merged: median over "
                  "rounds paired in time [95% interval; * = fewer than 6 rounds: min-max, coverage below 95%]")
     for k, v in report["summary"]["agreement"].items():
@@ -1312,6 +1311,6 @@ def format_table(report: dict[str, Any]) -> str:
                          f"{ov:>9s} {fl:>10s}")
     mem = report["summary"]["memory"]
     if "merged_alternative_mib" in mem:
-        lines.append(f"memory: multi {mem['multi']['peak_pss_mb']:.0f} MiB (PSS) vs one merged copy of the weights "
+        lines.append(f"memory: multi {mem['multi']['peak_pss_mib']:.0f} MiB (PSS) vs one merged copy of the weights "
                      f"per task {mem['merged_alternative_mib']:.0f} MiB")
     return "\n".join(lines)

@@ -65,11 +65,11 @@ def plot_serve(report: dict[str, Any], out_dir: Path) -> list[str]:
         plt.close(fig)
         written.append("serve_open_loop.png")
     mem = report["summary"]["memory"]
-    names = [k for k, v in mem.items() if isinstance(v, dict) and "peak_rss_mb" in v]
+    names = [k for k, v in mem.items() if isinstance(v, dict) and "peak_rss_mib" in v]
     if names:
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        peaks = [mem[n].get("peak_pss_mb") or mem[n]["peak_rss_mb"] for n in names]
-        kv = [mem[n]["kv_cache_reserved_mb"] for n in names]
+        peaks = [mem[n].get("peak_pss_mib") or mem[n]["peak_rss_mib"] for n in names]
+        kv = [mem[n]["kv_cache_reserved_mib"] for n in names]
         ax.bar(names, peaks, label="peak PSS over the run (engine process tree)")
         ax.bar(names, kv, width=0.4, label="of which KV-cache reservation", alpha=0.7)
         if "merged_alternative_mib" in mem:

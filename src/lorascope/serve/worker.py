@@ -155,11 +155,15 @@ class VllmEngine:
         if spec["adapters"]:
             args.update(enable_lora=True, max_loras=len(spec["adapters"]), max_lora_rank=spec["max_lora_rank"],
                         max_cpu_loras=len(spec["adapters"]))
+        if spec.get("profile"):
+            # timers inside the engine process, called by name (lorascope/serve/vllm_timing.py)
+            args["worker_extension_cls"] = "lorascope.serve.vllm_timing.LoraTimingExtension"
         self.llm = LLM(model=spec["model"], tokenizer=spec["model"], dtype=spec["dtype"], seed=0,
                        trust_remote_code=False, **args)
         self.engine = self.llm.llm_engine
         self.params = SamplingParams(temperature=0.0, max_tokens=spec["output_tokens"],
                                      ignore_eos=spec["ignore_eos"])
+        self._sampling = SamplingParams
         self.loras = {a["name"]: LoRARequest(a["name"], a["int_id"], a["path"]) for a in spec["adapters"]}
         self.settings = self._settings()
         self._n = 0
@@ -188,7 +192,7 @@ class VllmEngine:
         out["kv_cache_reserved_bytes"] = int(blocks * cfg.cache_config.block_size * bytes_per_token)
         return out
 
-    def run(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def run(self, items: list[dict[str, Any]], params=None) -> list[dict[str, Any]]:
         recs: dict[str, dict[str, Any]] = {}
         order = []
         t0 = time.perf_counter()
@@ -197,7 +201,7 @@ class VllmEngine:
             self._n += 1
             order.append(rid)
             recs[rid] = {"key": it["key"], "adapter": it["adapter"], "first": None, "done": None, "token_ids": []}
-            self.engine.add_request(rid, {"prompt_token_ids": it["prompt_ids"]}, self.params,
+            self.engine.add_request(rid, {"prompt_token_ids": it["prompt_ids"]}, params or self.params,
                                     lora_request=self.loras.get(it["adapter"]) if it["adapter"] else None)
         while self.engine.has_unfinished_requests():
             outs = self.engine.step()
@@ -251,6 +255,50 @@ class VllmEngine:
                 if o.finished:
                     r["done"] = now
         return [recs[rid] for rid in order]
+
+    def profile(self, items: list[dict[str, Any]], reps: int) -> dict[str, Any]:
+        """Where the prefill and the first decode step of this batch spend their time, timed inside
+        the engine process (`vllm_timing.LoraTimingExtension`): the base model's matrix products
+        (every linear layer's quantisation method, the LM head included), vLLM's LoRA operations
+        (its punica shrink/expand and add) and everything else of the forward passes (attention,
+        norms, activations, embedding, the framework's glue); sampling and scheduling are outside.
+        Each repetition generates 4 tokens per request. The engine process may start on the first
+        requests before the last ones arrive, so the prefill is the first forward passes that together
+        cover every prompt token (a pass that also decodes for an earlier request counts there: its
+        pass and token counts are recorded), and the decode is the first later pass that decodes one
+        token for every request of the batch. Of `reps` repetitions, the one with the median total."""
+        counts = self.llm.collective_rpc("lorascope_timers_install")[0]
+        params = self._sampling(temperature=0.0, max_tokens=4, ignore_eos=True)
+        prompt_tokens = sum(len(it["prompt_ids"]) for it in items)
+        phases: dict[str, list[dict[str, float]]] = {"prefill": [], "decode": []}
+        try:
+            for _ in range(reps):
+                self.llm.collective_rpc("lorascope_timers_take")
+                self.run(items, params)
+                passes = self.llm.collective_rpc("lorascope_timers_take")[0]
+                n, covered = 0, 0
+                while n < len(passes) and covered < prompt_tokens:
+                    covered += passes[n]["tokens"]
+                    n += 1
+                decode = next((r for r in passes[n:] if r["tokens"] == len(items)), None)
+                if covered < prompt_tokens or decode is None:
+                    raise RuntimeError(f"profile: expected passes covering the {prompt_tokens} prompt tokens, then a "
+                                       f"decode pass of {len(items)} tokens; the engine ran passes of "
+                                       f"{[r['tokens'] for r in passes]} tokens")
+                for phase, recs in {"prefill": passes[:n], "decode": [decode]}.items():
+                    total = sum(r["total"] for r in recs)
+                    base = sum(r["base"] for r in recs)
+                    lora = sum(r["lora"] for r in recs)
+                    phases[phase].append({"total": total, "base_matmul": base, "lora": lora,
+                                          "other": total - base - lora, "passes": len(recs),
+                                          "tokens": sum(r["tokens"] for r in recs)})
+        finally:
+            self.llm.collective_rpc("lorascope_timers_remove")
+        if any(it["adapter"] for it in items) and not any(r["lora"] > 0 for r in phases["decode"]):
+            raise RuntimeError(f"profile: no time recorded in vLLM's LoRA layers ({counts['lora']} wrapped) for a "
+                               f"batch with adapters; the engine bypassed the timers (compiled graphs?)")
+        return {phase: sorted(recs, key=lambda r: r["total"])[(len(recs) - 1) // 2] | {"reps": len(recs)}
+                for phase, recs in phases.items()}
 
     def close(self) -> None:
         del self.llm
@@ -479,8 +527,11 @@ def serve_loop(spec: dict[str, Any], commands, replies) -> int:
         if cmd["cmd"] == "close":
             break
         if cmd["cmd"] == "profile":
-            reply({"event": "profile", "batch_size": len(cmd["items"]),
-                   "split": engine.profile(cmd["items"], cmd["reps"])})
+            try:
+                reply({"event": "profile", "batch_size": len(cmd["items"]),
+                       "split": engine.profile(cmd["items"], cmd["reps"])})
+            except RuntimeError as exc:  # the timers could not see the time: said so, the run goes on
+                reply({"event": "profile", "batch_size": len(cmd["items"]), "error": str(exc)})
             continue
         if cmd["cmd"] == "open":
             t_wall = time.time()
