@@ -113,6 +113,19 @@ class _Group:
         return outs[next(i for i, m in enumerate(self.members) if m is module)]
 
 
+def _rank_mm(g, b):
+    """g @ b for a tall g (tokens x d) and a thin b (d x r), as (b^T g^T)^T: the same product, but
+    BLAS gets it as r rows times a long matrix, which it does ~3x faster than a matrix times r
+    columns (measured on CPU: 0.27 vs 0.80 ms for 904 x 1536 times 1536 x 8). A transposed view."""
+    return (b.t() @ g.t()).t()
+
+
+def _outer_mm(g, xa):
+    """g^T @ xa (d x r: the gradient of B) as (xa^T g)^T, for the same reason (0.30 vs 1.04 ms);
+    contiguous, as a parameter's gradient should be."""
+    return (xa.t() @ g).t().contiguous()
+
+
 def _compute_dtype(x):
     dev = x.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
@@ -155,10 +168,10 @@ class LoraLinearFn(torch.autograd.Function):
         xd, mask, xa, w, a, b = ctx.saved_tensors
         x_dtype, a_dtype, b_dtype = ctx.dtypes
         g = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
-        gxa = (g @ b).mul_(ctx.scale)  # gradient at the rank-r activation
+        gxa = _rank_mm(g, b).mul_(ctx.scale)  # gradient at the rank-r activation
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[4]:
-            grad_b = torch.mm(g.t(), xa).mul_(ctx.scale).to(b_dtype)
+            grad_b = _outer_mm(g, xa).mul_(ctx.scale).to(b_dtype)
         if ctx.needs_input_grad[3]:
             grad_a = torch.mm(gxa.t(), xd).to(a_dtype)
         if ctx.needs_input_grad[0]:
@@ -219,9 +232,9 @@ class LoraGroupFn(torch.autograd.Function):
             r, s = ctx.ranks[i], ctx.scales[i]
             if grad is not None:
                 g = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
-                gxa[:, off:off + r] = (g @ bbs[i]).mul_(s)
+                gxa[:, off:off + r] = _rank_mm(g, bbs[i]).mul_(s)
                 if need[2 + 4 * i + 3]:
-                    grads_b[i] = torch.mm(g.t(), xa[:, off:off + r]).mul_(s).to(b_dtypes[i])
+                    grads_b[i] = _outer_mm(g, xa[:, off:off + r]).mul_(s).to(b_dtypes[i])
                 if need[0]:
                     grad_x = g @ ws[i] if grad_x is None else grad_x.addmm_(g, ws[i])
             off += r
