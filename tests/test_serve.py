@@ -491,6 +491,16 @@ def test_bad_counts_one_clear_line(serve_model, adapters, tmp_path):
     assert not (tmp_path / "o" / "serve.json").exists()
 
 
+def test_vllm_profile_on_gpu_needs_eager_one_clear_line(serve_model, adapters, tmp_path, monkeypatch):
+    from lorascope.serve import bench
+
+    monkeypatch.setattr(bench, "_on_cpu", lambda: False)  # a GPU: vLLM compiles and captures graphs by default
+    with pytest.raises(LorascopeError, match="--profile with --engine vllm: the timers need eager execution"):
+        bench.run_serve_bench(str(serve_model), [f"a={adapters['mrpc']}"], str(tmp_path / "o"),
+                              bench.ServeSettings(engine="vllm", profile=True))
+    assert not (tmp_path / "o" / "serve.json").exists()
+
+
 def test_eager_only_where_the_engine_needs_it(monkeypatch):
     from lorascope.serve import bench
 

@@ -685,6 +685,10 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
     if bad_rates:
         raise LorascopeError(f"--rates {','.join(f'{r:g}' for r in settings.rates)}: expected positive request rates "
                              f"(requests per second), e.g. 0.5,1,2")
+    if settings.profile and settings.engine == "vllm" and not _enforce_eager(settings):
+        raise LorascopeError("--profile with --engine vllm: the timers need eager execution, and vLLM compiles and "
+                             "captures graphs on this device (which bypass them); add --enforce-eager (the whole "
+                             "benchmark then runs eagerly, recorded) or profile without a GPU")
     if settings.profile and settings.profile_reps < 1:
         raise LorascopeError(f"--profile-reps {settings.profile_reps}: expected a positive number of repetitions")
     if settings.rates and settings.open_requests < 1:
