@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lorascope import LorascopeError
+from lorascope.modelinfo import check_adapter_weights, read_model_dir, require_lora
 from lorascope.naming import parse_named_paths
 from lorascope.runinfo import atomic_path, provenance, write_json
 
@@ -102,55 +103,18 @@ def check_adapter(name: str, path: Path, base_dir: Path, shapes: dict[str, list[
                   max_lora_rank: int | None) -> dict[str, Any]:
     """Validate an adapter against the base; return its description or raise LorascopeError."""
     where = f"adapter {name} ({path})"
-    if not path.is_dir():
-        raise LorascopeError(f"{where}: no such directory; expected a PEFT adapter directory")
-    cfg_file = path / "adapter_config.json"
-    if not cfg_file.is_file():
+    info = read_model_dir(path, where, expected="a PEFT adapter directory")
+    if info.kind != "lora":
         raise LorascopeError(f"{where}: no adapter_config.json; expected a PEFT LoRA adapter directory "
                              f"(full fine-tuned models are served as plain models, not adapters)")
-    try:
-        acfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise LorascopeError(f"{where}: adapter_config.json is not valid JSON ({exc})") from None
-    if acfg.get("peft_type", "LORA") != "LORA":
-        raise LorascopeError(f"{where}: peft_type {acfg.get('peft_type')!r}; only LORA adapters can be served")
-    weights = path / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise LorascopeError(f"{where}: no adapter_model.safetensors (lorascope loads safetensors only)")
-    from lorascope.checkpoint import check_safetensors
-
-    problem = check_safetensors(weights)  # the header alone does not show a truncated file
-    if problem:
-        raise LorascopeError(f"{where}: {weights.name} is unreadable ({problem})")
-    try:
-        ash = safetensors_shapes(weights)
-    except (OSError, ValueError) as exc:
-        raise LorascopeError(f"{where}: {weights.name} is unreadable ({exc})") from None
-    rank = int(acfg.get("r", 0))
-    if rank <= 0:
-        raise LorascopeError(f"{where}: adapter_config.json field r={acfg.get('r')!r}; expected a positive rank")
+    require_lora(info, where)
+    rank = info.rank
     if max_lora_rank is not None and rank > max_lora_rank:
         raise LorascopeError(f"{where}: rank {rank} exceeds max_lora_rank {max_lora_rank}; raise --max-lora-rank "
                              f"to at least {rank} (vLLM accepts {', '.join(map(str, VLLM_LORA_RANKS))})")
-    modules = []
-    for key, shp in ash.items():
-        if ".lora_A." not in key:
-            continue
-        b_key = key.replace(".lora_A.", ".lora_B.")
-        target = key.split(".lora_A.")[0]
-        base_key = target.removeprefix("base_model.model.") + ".weight"
-        if base_key not in shapes:
-            raise LorascopeError(f"{where}: adapts {base_key}, which the base model {base_dir} does not have; "
-                                 f"the adapter was trained for another base model")
-        d_out, d_in = shapes[base_key]
-        if shp[1] != d_in or b_key not in ash or ash[b_key][0] != d_out:
-            raise LorascopeError(f"{where}: {target} has shapes A {shp} / B {ash.get(b_key)}, but the base matrix "
-                                 f"is {d_out}x{d_in}; the adapter was trained for another base model")
-        modules.append({"module": base_key, "d_in": d_in, "d_out": d_out, "rank": shp[0]})
-    if not modules:
-        raise LorascopeError(f"{where}: {weights.name} holds no lora_A/lora_B tensors")
-    meta_file = path / "lorascope-model.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    _, modules = check_adapter_weights(path, where, shapes, str(base_dir))
+    acfg, meta = info.adapter_config, info.meta
+    weights, cfg_file = path / "adapter_model.safetensors", path / "adapter_config.json"
     # the contents decide: new weights (or a new alpha) in the same folder are a new adapter
     h = hashlib.sha256(weights.read_bytes())
     h.update(cfg_file.read_bytes())
