@@ -5,8 +5,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import run_cli
 
+from helpers import run_cli
 from lorascope import LorascopeError
 from lorascope.modelinfo import check_adapter_weights, read_model_dir, require_lora
 

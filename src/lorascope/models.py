@@ -235,7 +235,7 @@ def load_checkpoint(checkpoint: str, model_cfg) -> tuple[Any, Any, dict[str, Any
         path = resolve_model(model_cfg.name, model_cfg.revision)
         return load_model(path, **kw), load_tokenizer(path, **kw), {"kind": "base", "base_model": model_cfg.name,
                                                                       "path": path}
-    info = read_model_dir(checkpoint, f"checkpoint {checkpoint}",
+    info = read_model_dir(checkpoint, f"checkpoint {checkpoint!r}",
                           expected="'base', a model directory or a PEFT adapter directory")
     d, meta = info.path, info.meta
     if info.kind == "lora":

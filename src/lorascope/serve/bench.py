@@ -39,36 +39,56 @@ log = logging.getLogger(__name__)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
+def _opt(default=None, *, factory=None, **meta):
+    """A ServeSettings field: its default, and its flag's help (lorascope.cliargs makes the flags)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class ServeSettings:
-    engine: str = "vllm"  # vllm | transformers
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-    output_tokens: int = 32
-    natural_lengths: bool = False  # stop at EOS instead of a fixed output length
-    batches: int = 20  # timed batches (rounds) per configuration and batch size
-    repetitions: int | None = None  # the old name of `batches`; when given it sets `batches`
-    warmup: int = 1
-    check_prompts: int = 8  # per adapter, for the merged/unmerged agreement check
-    max_prompt_tokens: int = 512  # prompts longer than this are left out of the workload
-    max_lora_rank: int | None = None  # default: the largest adapter rank (rounded up to one vLLM accepts)
-    dtype: str = "auto"  # auto: float32 on CPUs, bfloat16 on GPUs
-    kv_cache_gib: float = 1.0  # vLLM KV-cache reservation (CPU: VLLM_CPU_KVCACHE_SPACE; GPU: kv_cache_memory_bytes)
-    max_model_len: int = 1024
-    tensor_parallel_size: int = 1
+    """The serving benchmark's settings; the `serve-bench` flags are generated from these fields."""
+
+    engine: str = _opt("vllm", help="vllm (the serve-cpu or serve-gpu extra) or transformers generate (+ PEFT)")
+    batch_sizes: list[int] = _opt(factory=lambda: [1, 2, 4, 8, 16], help="batch sizes", items="integers",
+                                  example="1,2,4,8,16")
+    output_tokens: int = _opt(32, help="tokens generated per request")
+    natural_lengths: bool = _opt(False, help="stop at end-of-sequence instead of generating exactly --output-tokens")
+    batches: int = _opt(20, help="timed batches (rounds) per configuration and batch size, each with prompts of its "
+                                 "own (a p95 needs 20 samples, a p99 100)")
+    repetitions: int | None = _opt(None, help="the old name of --batches (sets it)")
+    warmup: int = _opt(1, help="untimed batches per batch size first")
+    check_prompts: int = _opt(8, help="prompts per adapter whose greedy outputs are compared across modes")
+    max_prompt_tokens: int = _opt(512, help="leave out longer prompts")
+    max_lora_rank: int | None = _opt(None, help="vLLM max_lora_rank (default: the largest adapter rank, rounded "
+                                                "up to one vLLM accepts)")
+    dtype: str = _opt("auto", help="auto (float32 on CPUs, bfloat16 on GPUs), float32, bfloat16")
+    kv_cache_gib: float = _opt(1.0, help="vLLM KV-cache reservation in GiB (CPU: VLLM_CPU_KVCACHE_SPACE, rounded "
+                                         "up to whole GiB; GPU: kv_cache_memory_bytes)")
+    max_model_len: int = _opt(1024, help="vLLM max_model_len")
+    tensor_parallel_size: int = _opt(1, help="vLLM tensor parallelism (GPUs)")
     # None: as deployed. GPU: vLLM's default graph capture and compilation in both arms; CPU: eager in both
     # arms (vLLM-CPU needs it with LoRA; merged runs the same way so the arms differ only in LoRA). Recorded.
-    enforce_eager: bool | None = None
-    force_adapter_names: bool = False  # transformers, one adapter: PEFT's mixed-batch path (for comparison)
-    modes: list[str] = field(default_factory=lambda: ["merged", "unmerged", "multi"])
-    timeout_seconds: int = 3600  # per configuration
-    seed: int = 0
-    # open loop: requests arriving at these rates (requests/s, Poisson), after the closed batches; none: no open loop
-    rates: list[float] = field(default_factory=list)
-    open_requests: int = 40  # requests per configuration and rate
-    # time split of one prefill and one decode step (base matrix products / LoRA operations / the rest);
-    # transformers engine only, at batch 1 and the largest batch size
-    profile: bool = False
-    profile_reps: int = 5
+    enforce_eager: bool | None = _opt(None, help="vLLM eager mode in both arms (default: as deployed: vLLM's graph "
+                                                 "capture and compilation on GPU, eager on vLLM-CPU, which needs it "
+                                                 "for LoRA)")
+    force_adapter_names: bool = _opt(False, help="transformers engine, one adapter: take PEFT's mixed-batch path "
+                                                 "(adapter_names) anyway, to measure what it costs")
+    modes: list[str] = _opt(factory=lambda: ["merged", "unmerged", "multi"], help="subset of merged,unmerged,multi",
+                            items="mode names")
+    timeout_seconds: int = _opt(3600, flag="--timeout", help="seconds a configuration's engine may take to load "
+                                                             "or to run one batch before it is failed")
+    seed: int = _opt(0, cli=False)
+    rates: list[float] = _opt(factory=list, items="request rates (requests/s)", example="0.5,1,2",
+                              help="open loop after the closed batches: request rates (requests/s) at which requests "
+                                   "arrive (Poisson); each configuration in turn gets the same prompts at the same "
+                                   "arrival times")
+    open_requests: int = _opt(40, help="requests per configuration and rate in the open loop")
+    profile: bool = _opt(False, help="split one prefill and one decode step (batch 1 and the largest) into the base "
+                                     "matrix products, the LoRA operations and the rest (transformers: module "
+                                     "timers; vLLM: timers inside its engine process)")
+    profile_reps: int = _opt(5, help="repetitions of the profiled steps")
 
 
 def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
