@@ -1074,7 +1074,27 @@ def _mean_rounds(groups: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 
 def summarize(results: list[dict[str, Any]], adapters: list[dict[str, Any]], settings: ServeSettings) -> dict[str, Any]:
+    """serve.json's summary: a row per configuration and batch size (samples, percentiles, paired
+    overheads), the open-loop rows, the time split, agreement of greedy outputs, memory, failures
+    and warnings."""
     ok = {r["name"]: r for r in results if r.get("status") == "ok"}
+    rows, rounds_of = _rows(results)
+    _paired_overheads(rows, rounds_of, adapters)
+    memory: dict[str, Any] = {name: {"peak_rss_mib": r["peak_rss_bytes"] / 2**20,
+                                     "peak_pss_mib": r.get("peak_pss_bytes", 0) / 2**20,
+                                     "rss_after_load_mib": r["rss_after_load_bytes"] / 2**20,
+                                     "kv_cache_reserved_mib": r["settings"].get("kv_cache_reserved_bytes", 0) / 2**20,
+                                     "startup_seconds": r["startup_seconds"]} for name, r in ok.items()}
+    failed = [{"name": r["name"], "error": r["error"], "log": r.get("log")} for r in results if r.get("status") != "ok"]
+    open_rows = open_loop_rows(results)
+    return {"rows": rows, "open_loop": open_rows, "time_split": time_split_rows(results, adapters),
+            "agreement": _agreements(ok, [a["name"] for a in adapters]), "memory": memory, "failed": failed,
+            "warnings": _warnings(rows, open_rows), "flops": {a["name"]: a["flops"] for a in adapters},
+            "min_samples_for": MIN_SAMPLES}
+
+
+def _rows(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[tuple[str, int], list]]:
+    """A row per successful configuration and batch size: tokens/s, latency / TTFT / TPOT percentiles, memory."""
     rows = []
     rounds_of: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in results:
@@ -1099,7 +1119,12 @@ def summarize(results: list[dict[str, Any]], adapters: list[dict[str, Any]], set
                        device_used_mib=(b["device_used_bytes"] / 2**20) if b.get("device_used_bytes") else None,
                        kv_cache_reserved_mib=r["settings"].get("kv_cache_reserved_bytes", 0) / 2**20)
             rows.append(row)
-    # overheads vs merged, paired round by round
+    return rows, rounds_of
+
+
+def _paired_overheads(rows: list[dict[str, Any]], rounds_of: dict[tuple[str, int], list],
+                      adapters: list[dict[str, Any]]) -> None:
+    """Each unmerged (and multi) row's overheads vs merged, paired round by round, and its FLOP-count limit."""
     names = [a["name"] for a in adapters]
     for x in rows:
         ref = None
@@ -1129,7 +1154,10 @@ def summarize(results: list[dict[str, Any]], adapters: list[dict[str, Any]], set
             x["expected_overhead_flops"] = statistics.fmean(fl) if fl else None
         else:
             x["expected_overhead_flops"] = None
-    # agreement of greedy outputs, merged vs unmerged, on the same prompts
+
+
+def _agreements(ok: dict[str, dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """Agreement of greedy outputs on the same prompts: merged vs unmerged (and multi), unmerged vs the base."""
     agreement: dict[str, Any] = {}
     for n in names:
         m = ok.get(f"merged:{n}")
@@ -1143,12 +1171,11 @@ def summarize(results: list[dict[str, Any]], adapters: list[dict[str, Any]], set
         if m and "multi" in ok:
             agreement[f"merged:{n} vs multi"] = _agreement([dict(c, adapter=n) for c in m["check"]],
                                                            ok["multi"]["check"])
-    memory: dict[str, Any] = {name: {"peak_rss_mib": r["peak_rss_bytes"] / 2**20,
-                                     "peak_pss_mib": r.get("peak_pss_bytes", 0) / 2**20,
-                                     "rss_after_load_mib": r["rss_after_load_bytes"] / 2**20,
-                                     "kv_cache_reserved_mib": r["settings"].get("kv_cache_reserved_bytes", 0) / 2**20,
-                                     "startup_seconds": r["startup_seconds"]} for name, r in ok.items()}
-    failed = [{"name": r["name"], "error": r["error"], "log": r.get("log")} for r in results if r.get("status") != "ok"]
+    return agreement
+
+
+def _warnings(rows: list[dict[str, Any]], open_rows: list[dict[str, Any]]) -> list[str]:
+    """Measurements to distrust: unmerged faster than merged throughout, rounds that disagree, saturated loads."""
     warnings = []
     for x in rows:
         # unmerged does strictly more work than merged: faster in every paired round means the
@@ -1167,16 +1194,13 @@ def summarize(results: list[dict[str, Any]], adapters: list[dict[str, Any]], set
                                 + ", ".join(f"{o['round']} ({o['overhead']:+.0%})" for o in d["disagreeing_rounds"])
                                 + f" disagree(s) with the median {d['median']:+.0%} by more than 1.5 x the rounds' "
                                   f"interquartile range {d['iqr']:.0%}")
-    open_rows = open_loop_rows(results)
     for x in open_rows:
         if x["saturated"]:
             warnings.append(f"{x['config']} at {x['offered_rate']:g} requests/s (open loop): the engine did not keep "
                             f"up: it completed {x['completed_rate']:.3g} requests/s against "
                             f"{x['arrival_rate']:.3g} arriving, and the last quarter's median latency is "
                             f"{x['latency_trend']:.1f} x the first quarter's (a queue that grows)")
-    return {"rows": rows, "open_loop": open_rows, "time_split": time_split_rows(results, adapters),
-            "agreement": agreement, "memory": memory, "failed": failed,
-            "warnings": warnings, "flops": {a["name"]: a["flops"] for a in adapters}, "min_samples_for": MIN_SAMPLES}
+    return warnings
 
 
 def time_split_rows(results: list[dict[str, Any]], adapters: list[dict[str, Any]]) -> list[dict[str, Any]]:
