@@ -439,7 +439,9 @@ class TransformersEngine:
             for k in clock:
                 clock[k] = 0.0
             t0 = now()
-            out = self.model(**kw, use_cache=True)
+            # logits at the last position only, as generate computes them (all positions would add
+            # batch x length x vocab floats to the step and to the run's peak memory)
+            out = self.model(**kw, use_cache=True, logits_to_keep=1)
             total = now() - t0
             lora = clock["lora_layer"] - clock["base_in_lora"]
             phases[phase].append({"total": total, "base_matmul": clock["base"], "lora": lora,
