@@ -235,3 +235,20 @@ def test_recommendation_says_whether_the_serving_overhead_is_arithmetic_or_imple
     assert "close to the arithmetic" in recommend({"mrpc": {"serving": s}}, 8, cfg)
     del s["time_split"]
     assert "where the unmerged time goes" not in recommend({"mrpc": {"serving": s}}, 8, cfg)
+
+
+def test_a_task_left_out_of_serving_says_why_2b_is_missing(tmp_path):
+    from lorascope.report import judge
+
+    run = fake_run(tmp_path, full=[0.9], lora=[0.9], ratio=0.9, overhead=0.1)
+    study = json.loads((run / "study.json").read_text())
+    study["config"]["serve_tasks"] = ["squad_v2"]  # mrpc's adapter was not served
+    (run / "study.json").write_text(json.dumps(study))
+    serve = run / "serve" / "r8" / "serve.json"
+    serve.write_text(serve.read_text().replace("unmerged:mrpc", "unmerged:squad_v2"))
+    t = judge(run)["tasks"]["mrpc"]
+    assert "serving" not in t and "study.serve_tasks: squad_v2" in t["serving_absent"]
+    assert t["verdict"] == "FAIL"  # (2a) fails and (2b) is not there to rescue it
+    study["config"]["serve"] = False
+    (run / "study.json").write_text(json.dumps(study))
+    assert "serving is off" in judge(run)["tasks"]["mrpc"]["serving_absent"]

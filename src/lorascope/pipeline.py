@@ -72,6 +72,9 @@ class StudyArgs:
     drift_tokens: str = field(default="content", metadata={
         "help": "tokens drift measures: content (the examples' own text; no position 0, no template) or all"})
     serve: bool = field(default=True, metadata={"help": "run the serving benchmark"})
+    serve_tasks: list[str] | None = field(default=None, metadata={
+        "help": "tasks whose LoRA adapters are served (default: every study task; each costs a merged and an "
+                "unmerged engine); criterion 2b is not measured for the others, and the report says so"})
     serve_engine: str = _from_serve("engine")
     serve_batch_sizes: list[int] = _from_serve("batch_sizes")
     serve_output_tokens: int = _from_serve("output_tokens")
@@ -125,6 +128,12 @@ class StudyArgs:
                 out.append(f"study.methods: unknown method {m!r}; accepted: full, lora")
         if self.serve_engine not in ("vllm", "transformers"):
             out.append(f"study.serve_engine: got {self.serve_engine!r}; accepted: vllm, transformers")
+        for t in self.serve_tasks or []:
+            if t not in self.tasks:
+                out.append(f"study.serve_tasks: {t!r} is not one of study.tasks ({', '.join(self.tasks)})")
+        if self.serve_tasks is not None and not self.serve_tasks:
+            out.append("study.serve_tasks: name at least one task, or leave it out (every task) and set "
+                       "study.serve: false to skip serving")
         for t in self.per_task:
             if t not in self.tasks:
                 out.append(f"study.per_task: {t!r} is not one of study.tasks ({', '.join(self.tasks)})")
@@ -382,14 +391,16 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
         serve_ranks = sorted(set(study.ranks))
         for r in serve_ranks:
             lora_name = trained_name("lora", r, study.seeds[0])
-            adapters = [f"{task}={layout.model(task, lora_name)}" for task in st.tasks]
+            served = [t for t in st.tasks if t in (st.serve_tasks or st.tasks)]
+            adapters = [f"{task}={layout.model(task, lora_name)}" for task in served]
             settings = ServeSettings(**{f.metadata["serve"]: getattr(st, f.name) for f in dataclasses.fields(st)
                                         if "serve" in f.metadata})
             out = layout.serve(r)
             stages.append(Stage(f"serve:r{r}", "serve",
                                 (lambda a=adapters, o=out, s=settings: _serve(model_name, a, o, s, data_dir)),
-                                {"settings": dataclasses.asdict(settings), "model": model_name},
-                                [f"train:{task}:{lora_name}" for task in st.tasks], [out]))
+                                {"settings": dataclasses.asdict(settings), "model": model_name,
+                                 **({"tasks": served} if st.serve_tasks is not None else {})},
+                                [f"train:{task}:{lora_name}" for task in served], [out]))
 
     from lorascope.report import render_report
 

@@ -249,6 +249,9 @@ def _verdict_section(doc: Doc, verdict: dict[str, Any], rank: int) -> None:
                          f"{sv['engine']}: {_pct(sv['min'])} to {_pct(sv['max'])} over batch sizes "
                          f"(worst at {sv['max_at_batch']}; FLOP limit {_pct(sv['flop_limit'])})",
                          f"{sv['status']}: {sv['reason']}"])
+        elif t.get("serving_absent"):
+            rows.append([task, f"(2b) unmerged serving overhead at most {crit['max_serving_overhead']:.0%}", "-",
+                         t["serving_absent"]])
         rows.append([task, "overall: (1) and ((2a) or (2b))", "", f"{t['verdict']}: {t['reason']}"])
     doc.table(["task", "criterion", "measured (95% interval)", "result"], rows)
 

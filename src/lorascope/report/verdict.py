@@ -306,6 +306,15 @@ def serving_2b(serve: dict[str, Any], task: str, max_overhead: float) -> dict[st
     return out
 
 
+def _serving_absent(cfg: dict[str, Any], task: str) -> str:
+    if not cfg.get("serve", True):
+        return "not measured: serving is off in this study (study.serve)"
+    if cfg.get("serve_tasks") is not None and task not in cfg["serve_tasks"]:
+        return (f"not measured: {task}'s adapter is not served in this study "
+                f"(study.serve_tasks: {', '.join(cfg['serve_tasks'])})")
+    return "not measured: no serving result for this task's adapter"
+
+
 def and3(*xs: str) -> str:
     return FAIL if FAIL in xs else (PASS if all(x == PASS for x in xs) else INCONCLUSIVE)
 
@@ -337,6 +346,8 @@ def judge(run_dir: str | Path) -> dict[str, Any]:
             sv = serving_2b(serve, task, cfg["max_serving_overhead"])
             if sv:
                 t["serving"] = sv
+        if "serving" not in t:  # say why (2b) is missing rather than leave its row out
+            t["serving_absent"] = _serving_absent(cfg, task)
         c1 = t.get("accuracy", {}).get("status", INCONCLUSIVE)
         alt = [t[k]["status"] for k in ("drift", "serving") if k in t]
         t["verdict"] = and3(c1, or3(*alt)) if alt else INCONCLUSIVE
