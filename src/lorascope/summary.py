@@ -7,6 +7,8 @@ from lorascope import LorascopeError
 
 
 def summarize(paths: list[str]) -> None:
+    from lorascope.tasks import get_task
+
     rows = []
     base: dict = {}
     for p in paths:
@@ -20,7 +22,7 @@ def summarize(paths: list[str]) -> None:
         base = r["baselines"]
     print(f"{'model':20s} {'task':9s} {'n':>5s}  metrics")
     for name, task, m, n in rows:
-        keys = ["accuracy", "f1"] if task == "mrpc" else ["exact", "f1", "HasAns_f1", "NoAns_f1"]
+        keys = [k for k, _ in get_task(task).report_columns]
         print(f"{name:20s} {task:9s} {n:5d}  " + "  ".join(f"{k} {m[k]:.1f}" for k in keys))
     for bname, m in base.items():
         keys = ["accuracy", "f1"] if "accuracy" in m else ["exact", "f1"]

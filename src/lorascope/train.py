@@ -240,14 +240,12 @@ def collate(feats, pad_id: int, device):
     """Right-pad to the longest in the micro-batch; labels are -100 outside the answer."""
     import torch
 
-    width = max(len(f.input_ids) for f in feats)
-    ids = torch.full((len(feats), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(feats), width), dtype=torch.long)
-    labels = torch.full((len(feats), width), -100, dtype=torch.long)
+    from lorascope.lm import pad_batch
+
+    ids, mask = pad_batch([f.input_ids for f in feats], pad_id)
+    labels = torch.full_like(ids, -100)
     for i, f in enumerate(feats):
         n = len(f.input_ids)
-        ids[i, :n] = torch.tensor(f.input_ids)
-        mask[i, :n] = 1
         labels[i, f.answer_start:n] = ids[i, f.answer_start:n]
     return ids.to(device), mask.to(device), labels.to(device)
 

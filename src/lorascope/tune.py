@@ -28,9 +28,6 @@ from lorascope.runinfo import atomic_path, provenance, write_json
 
 log = logging.getLogger(__name__)
 
-METRIC = {"mrpc": "accuracy", "squad_v2": "f1"}
-
-
 def check_grid(lrs: list[float], field: str) -> list[str]:
     """Problems with a learning-rate grid, naming `field`."""
     if not lrs:
@@ -56,7 +53,9 @@ def tune_lr(cfg: Config, lrs: list[float], validation_share: float, out_dir: str
         raise LorascopeError("; ".join(problems))
     out = Path(out_dir)
     task, method = cfg.train.task, cfg.train.method
-    metric = METRIC.get(task, "accuracy")
+    from lorascope.tasks import get_task
+
+    metric = get_task(task).primary_metric
     trials = []
     for lr in sorted(lrs):
         tdir = out / f"lr_{lr:.2e}"

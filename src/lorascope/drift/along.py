@@ -25,7 +25,6 @@ from lorascope.runinfo import provenance, write_json
 
 log = logging.getLogger(__name__)
 
-PRIMARY_METRIC = {"mrpc": "accuracy", "squad_v2": "f1"}
 
 
 def snapshots(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -55,6 +54,7 @@ def run_drift_along(task: str, base: str, runs, output_dir: str | os.PathLike, *
     from lorascope.config import Config, DataConfig
     from lorascope.drift.measure import PRIMARY, parse_tuned, run_drift
     from lorascope.evaluate import evaluate
+    from lorascope.tasks import get_task
 
     runs = parse_tuned(runs)
     if eval_examples < 0:
@@ -82,7 +82,7 @@ def run_drift_along(task: str, base: str, runs, output_dir: str | os.PathLike, *
                 cfg.eval.batch_size = eval_batch_size
                 cfg.eval.output = str(out / name / f"step-{step:07d}" / "eval.json")
                 ev = evaluate(cfg.validate("drift along training"))
-                metric = PRIMARY_METRIC.get(task, "accuracy")
+                metric = get_task(task).primary_metric
                 point["metric"] = {"name": metric, "value": ev["metrics"][metric], "n": ev["n_examples"]}
             points.append(point)
     result = {"config": {"task": task, "base": base, "runs": runs, "max_examples": max_examples,

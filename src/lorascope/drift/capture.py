@@ -59,12 +59,10 @@ def collate(token_ids: list[list[int]], pad_id: int, *, drop_first_position: boo
     """
     import torch
 
-    width = max(len(t) for t in token_ids)
-    ids = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(token_ids), width), dtype=torch.long)
-    for i, t in enumerate(token_ids):
-        ids[i, :len(t)] = torch.tensor(t, dtype=torch.long)
-        mask[i, :len(t)] = 1
+    from lorascope.lm import pad_batch
+
+    ids, mask = pad_batch(token_ids, pad_id)
+    width = ids.shape[1]
     if select is None:
         select = mask.bool()
         if drop_first_position:

@@ -82,8 +82,6 @@ log = logging.getLogger(__name__)
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 EXAMPLE_GROUPS = 100
-# MRPC: the dev split first, then the (unlabelled) test split; other tasks: their eval split
-EXAMPLE_SPLITS = {"mrpc": ["eval", "test"]}
 TOKEN_MODES = ("content", "all")
 PRIMARY = "token_cka"
 #: measure -> (how a layer's value becomes a drift, the measure's range); drift averages over layers
@@ -348,7 +346,7 @@ def drift_examples(task_name: str, data, max_examples: int):
 
     task = get_task(task_name)
     out, used, available, unreadable = [], {}, {}, {}
-    for s in EXAMPLE_SPLITS.get(task_name, ["eval"]):
+    for s in task.drift_splits:
         need = max_examples - len(out)
         if need == 0:
             break

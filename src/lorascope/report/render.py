@@ -15,11 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from lorascope.layout import RunLayout, trained_name
-from lorascope.report.verdict import PRIMARY, RESAMPLES, judge
+from lorascope.report.verdict import RESAMPLES, judge, primary
 from lorascope.runinfo import atomic_path
 
-EVAL_COLUMNS = {"mrpc": [("accuracy", "accuracy"), ("f1", "F1")],
-                "squad_v2": [("exact", "exact"), ("f1", "F1"), ("HasAns_f1", "HasAns F1"), ("NoAns_f1", "NoAns F1")]}
 _SIGNAL_WORDS = {"first_token": "no-answer margin", "answer_nll": "answer NLL"}
 
 
@@ -288,11 +286,23 @@ def _verdict_section(doc: Doc, verdict: dict[str, Any], rank: int) -> None:
           "paired in time per batch size.")
 
 
+def _columns(task: str) -> list[tuple[str, str]]:
+    from lorascope.tasks import TASKS
+
+    return list(TASKS[task].report_columns) if task in TASKS else [(primary(task)[0], "score")]
+
+
+def _task_rule(task: str) -> str:
+    from lorascope.tasks import TASKS
+
+    return TASKS[task].long_prompt_rule if task in TASKS else "skipped"
+
+
 def _accuracy_section(doc: Doc, layout: RunLayout, tasks: list[str]) -> None:
     """Every evaluated model per task, the trivial baselines, the length policy and the calibration."""
     doc.h(2, "Accuracy")
     for task in tasks:
-        cols = EVAL_COLUMNS.get(task, [(PRIMARY.get(task, ("accuracy",))[0], "score")])
+        cols = _columns(task)
         rows, calibrated, n_cal = [], [], None
         base_ev = None
         for f in sorted(layout.eval_dir(task).glob("*.json")):
@@ -321,9 +331,8 @@ def _accuracy_section(doc: Doc, layout: RunLayout, tasks: list[str]) -> None:
                       if n_len == dc["max_seq_len"] else
                       f"Length policy: {dc['max_seq_len']} tokens in training, {n_len} in evaluation")
             skipped = base_ev["metrics"].get("skipped_too_long")
-            doc.p(policy + (" (a longer training context is cut to a window at a random offset that keeps the "
-                            "answer, or for an unanswerable question its plausible answer, inside)"
-                            if task == "squad_v2" else "")
+            rule = _task_rule(task)
+            doc.p(policy + (f" (a longer training context is {rule})" if rule != "skipped" else "")
                   + (f"; {skipped} evaluation prompt(s) longer than that were skipped." if skipped else "."))
         if calibrated:
             doc.p(f"When each model abstains, tuned for the best F1 on {n_cal} held-out questions that share "
@@ -378,7 +387,7 @@ def _forgetting_section(doc: Doc, layout: RunLayout, tasks: list[str], cfg: dict
         doc.h(2, "Forgetting: each tuned model on the other tasks")
         rows = []
         for task in tasks:
-            metric = PRIMARY.get(task, ("accuracy",))[0]
+            metric = primary(task)[0]
             base_ev = _load(layout.eval(task, "base"))
             for f in sorted(layout.eval_dir(task).glob("*.*.json")):
                 if f.name.endswith(".predictions.json"):
@@ -474,7 +483,7 @@ def _rank_section(doc: Doc, layout: RunLayout, study: dict[str, Any], tasks: lis
         rows = []
         for r in study["ranks"]:
             for task in tasks:
-                metric = PRIMARY.get(task, ("accuracy",))[0]
+                metric = primary(task)[0]
                 names = [trained_name("lora", r, s) for s in study["seeds"]]
                 evs = [_load(layout.eval(task, n)) for n in names]
                 acc = [e["metrics"][metric] for e in evs if e]

@@ -39,7 +39,6 @@ import numpy as np
 
 from lorascope.layout import RunLayout, trained_name
 
-PRIMARY = {"mrpc": ("accuracy", "MRPC accuracy"), "squad_v2": ("f1", "SQuAD v2 F1")}
 PASS, FAIL, INCONCLUSIVE = "PASS", "FAIL", "INCONCLUSIVE"
 RESAMPLES = 2000
 REFERENCE_PRESET = "configs/reference.yaml"
@@ -53,48 +52,37 @@ def _load(path: Path) -> dict | None:
 # per-example scores and clusters
 
 
+def primary(task: str) -> tuple[str, str]:
+    """The task's primary metric and its label (a task no longer registered: accuracy)."""
+    from lorascope.tasks import TASKS
+
+    t = TASKS.get(task)
+    return (t.primary_metric, t.primary_label or task) if t else ("accuracy", task)
+
+
+def _task(task: str):
+    from lorascope.tasks import TASKS
+    from lorascope.tasks.base import Task
+
+    return TASKS[task]() if task in TASKS else Task()
+
+
 def per_example_scores(task: str, eval_file: Path) -> dict[str, float] | None:
     """Per-example primary-metric scores (0-100) from an eval's predictions file."""
     pred = _load(eval_file.with_suffix(".predictions.json"))
-    if pred is None:
-        return None
-    if task == "mrpc":
-        return {k: 100.0 * (v["pred"] == v["label"]) for k, v in pred.items() if v.get("label") is not None}
-    if "scores" in pred:
-        return {k: 100.0 * v for k, v in pred["scores"].items()}
-    return None
+    return None if pred is None else _task(task).per_example_scores(pred)
 
 
 def clusters(task: str, eval_file: Path) -> tuple[dict[str, str] | None, str]:
-    """Example id -> the unit the bootstrap resamples, and that unit's name.
-
-    SQuAD v2 questions are clustered by context paragraph (recorded by the evaluation);
-    MRPC pairs are their own clusters.
-    """
-    pred = _load(eval_file.with_suffix(".predictions.json")) or {}
-    if task == "squad_v2":
-        if "paragraph" in pred:
-            return pred["paragraph"], "paragraph"
-        return None, "question (this evaluation recorded no paragraphs: the interval is too narrow)"
-    return None, "example"
+    """Example id -> the unit the bootstrap resamples, and that unit's name (the task decides:
+    SQuAD v2 questions cluster by context paragraph, MRPC pairs are their own clusters)."""
+    return _task(task).clusters(_load(eval_file.with_suffix(".predictions.json")) or {})
 
 
 def baseline_scores(task: str, eval_file: Path) -> dict[str, dict[str, float]]:
     """Per-example scores of the task's trivial baselines, recomputed from the gold labels."""
     pred = _load(eval_file.with_suffix(".predictions.json"))
-    if pred is None:
-        return {}
-    if task == "mrpc":
-        labels = {k: v["label"] for k, v in pred.items() if v.get("label") is not None}
-        if not labels:
-            return {}
-        majority = int(sum(labels.values()) * 2 >= len(labels))  # the rule of MRPC.baselines
-        return {f"majority_class ({'yes' if majority else 'no'})":
-                {k: 100.0 * (y == majority) for k, y in labels.items()}}
-    if task == "squad_v2" and "has_answer" in pred:
-        # the official F1 of an empty prediction: 1 on unanswerable questions, 0 on answerable ones
-        return {"always_no_answer": {k: 0.0 if has else 100.0 for k, has in pred["has_answer"].items()}}
-    return {}
+    return {} if pred is None else _task(task).baseline_scores(pred)
 
 
 def hierarchical_bootstrap(a: list[dict[str, float]], b: list[dict[str, float]], *,
@@ -143,7 +131,7 @@ def _interval(ci: dict, fmt: str = "+.1f") -> str:
 
 def accuracy_criterion(task: str, run_dir: Path, seeds: list[int], rank: int, margin: float) -> dict[str, Any] | None:
     """Criterion (1) with the 'learned' check (0); None when no tuned model has been evaluated."""
-    metric, _ = PRIMARY.get(task, ("accuracy", task))
+    metric, _ = primary(task)
     layout = RunLayout(run_dir)
     files = {m: [layout.eval(task, trained_name(m, rank, s)) for s in seeds] for m in ("full", "lora")}
     evs = {m: [_load(f) for f in fs] for m, fs in files.items()}
@@ -332,7 +320,7 @@ def judge(run_dir: str | Path) -> dict[str, Any]:
     rank, seeds = study["primary_rank"], study["seeds"]
     tasks = {}
     for task in cfg["tasks"]:
-        metric, label = PRIMARY.get(task, ("accuracy", task))
+        metric, label = primary(task)
         t: dict[str, Any] = {"metric": metric, "label": label}
         acc = accuracy_criterion(task, run_dir, seeds, rank, cfg["accuracy_margin"])
         if acc is not None:

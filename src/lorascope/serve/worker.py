@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lorascope.lm import pad_batch
+
 
 class MemorySampler:
     """Peak resident memory of this process and all its descendants (engine workers included)."""
@@ -342,11 +344,7 @@ class TransformersEngine:
     def run(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         torch = self.torch
         tok = self.tok
-        width = max(len(it["prompt_ids"]) for it in items)
-        ids = torch.tensor([[tok.pad_token_id] * (width - len(it["prompt_ids"])) + it["prompt_ids"] for it in items],
-                           device=self.device)
-        mask = torch.tensor([[0] * (width - len(it["prompt_ids"])) + [1] * len(it["prompt_ids"]) for it in items],
-                            device=self.device)
+        ids, mask = pad_batch([it["prompt_ids"] for it in items], tok.pad_token_id, side="left", device=self.device)
         kwargs: dict[str, Any] = {}
         import contextlib
 
@@ -381,7 +379,7 @@ class TransformersEngine:
         done = time.perf_counter() - t0
         first = (stamps[1] - t0) if len(stamps) > 2 else done
         recs = []
-        for it, row in zip(items, out[:, width:].tolist()):
+        for it, row in zip(items, out[:, ids.shape[1]:].tolist()):
             if not self.ignore_eos and tok.eos_token_id in row:
                 row = row[:row.index(tok.eos_token_id) + 1]
             # a batch finishes together in `generate`: every request's latency is the batch's
@@ -428,11 +426,7 @@ class TransformersEngine:
             elif isinstance(m, torch.nn.Linear) and ".lora_" not in name:
                 timed(m, "base")
         tok = self.tok
-        width = max(len(it["prompt_ids"]) for it in items)
-        ids = torch.tensor([[tok.pad_token_id] * (width - len(it["prompt_ids"])) + it["prompt_ids"] for it in items],
-                           device=self.device)
-        mask = torch.tensor([[0] * (width - len(it["prompt_ids"])) + [1] * len(it["prompt_ids"]) for it in items],
-                            device=self.device)
+        ids, mask = pad_batch([it["prompt_ids"] for it in items], tok.pad_token_id, side="left", device=self.device)
         phases: dict[str, list[dict[str, float]]] = {"prefill": [], "decode": []}
 
         def step(phase: str, **kw):

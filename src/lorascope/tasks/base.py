@@ -59,8 +59,51 @@ class Feature:
 
 
 class Task:
+    """A task: its data, prompts, metrics and everything the study needs to know about it.
+
+    The verdict, the report, the learning-rate search, drift and `summary` read these
+    attributes and methods instead of knowing task names.
+    """
     name: str = ""
     description: str = ""
+    #: the metric the verdict, the learning-rate search and drift-along judge by, and its label
+    primary_metric: str = "accuracy"
+    primary_label: str = ""
+    #: (metric key, column title) of the report's and `summary`'s accuracy tables, in order
+    report_columns: tuple[tuple[str, str], ...] = (("accuracy", "accuracy"),)
+    #: held-out splits drift reads, in order; a later one only when the earlier hold too few examples
+    drift_splits: tuple[str, ...] = ("eval",)
+    #: how a training prompt longer than data.max_seq_len is handled (the report's length policy)
+    long_prompt_rule: str = "skipped"
+
+    # -- per-example scores from an evaluation's predictions file (the verdict's bootstrap) --
+
+    def per_example_scores(self, pred: dict[str, Any]) -> dict[str, float] | None:
+        """Example id -> primary-metric score (0-100), or None when the file has none."""
+        if "scores" in pred:
+            return {k: 100.0 * v for k, v in pred["scores"].items()}
+        return None
+
+    def clusters(self, pred: dict[str, Any]) -> tuple[dict[str, str] | None, str]:
+        """Example id -> the unit the bootstrap resamples (None: each example), and the unit's name."""
+        return None, "example"
+
+    def baseline_scores(self, pred: dict[str, Any]) -> dict[str, dict[str, float]]:
+        """Per-example scores of the task's trivial baselines, recomputed from the gold labels."""
+        return {}
+
+    # -- evaluation settings decided at evaluation time --
+
+    def prepare_eval(self, model, tok, cfg, examples: list[Example], kwargs: dict[str, Any]) -> dict | None:
+        """Settle evaluation options before `evaluate` (in `kwargs`); return a record of it, or None."""
+        e = cfg.eval
+        if e.calibration_examples or e.no_answer_threshold or e.no_answer_signal != "first_token":
+            log.info("%s has no no-answer option: eval.calibration_examples, eval.no_answer_signal and "
+                     "eval.no_answer_threshold are ignored", self.name)
+        return None
+
+    def finish_eval(self, examples: list[Example], predictions: dict, metrics: dict, prepared: dict | None) -> None:
+        """Add what `prepare_eval` decided to the metrics."""
 
     def load_split(self, split: str, data) -> list[Example]:
         """Examples of `split` ("train", "eval", or task-specific extras), before subsetting."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lorascope import LorascopeError
+from lorascope.lm import pad_batch
 from lorascope.tasks.base import Example, Task, answer_ids, build_prompt, prompt_ids, register
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,19 @@ def read_tsv(path: Path) -> list[dict[str, Any]]:
 class MRPC(Task):
     name = "mrpc"
     description = "GLUE MRPC paraphrase detection (accuracy, F1), scored by answer log-probabilities"
+    primary_metric, primary_label = "accuracy", "MRPC accuracy"
+    report_columns = (("accuracy", "accuracy"), ("f1", "F1"))
+    drift_splits = ("eval", "test")
+
+    def per_example_scores(self, pred):
+        return {k: 100.0 * (v["pred"] == v["label"]) for k, v in pred.items() if v.get("label") is not None}
+
+    def baseline_scores(self, pred):
+        labels = {k: v["label"] for k, v in pred.items() if v.get("label") is not None}
+        if not labels:
+            return {}
+        majority = int(sum(labels.values()) * 2 >= len(labels))  # the rule of baselines()
+        return {f"majority_class ({LABELS[majority]})": {k: 100.0 * (y == majority) for k, y in labels.items()}}
 
     def load_split(self, split: str, data) -> list[Example]:
         if split not in FILES:
@@ -186,9 +200,7 @@ def candidate_logprobs(model, tok, prompts: list[list[int]], candidates: list[li
     if all(len(c) == 1 for c in candidates):
         import torch
 
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([p + [tok.pad_token_id] * (width - len(p)) for p in prompts], device=device)
-        mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts], device=device)
+        ids, mask = pad_batch(prompts, tok.pad_token_id, device=device)
         hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
         last = hidden[
             torch.arange(len(prompts), device=device), torch.tensor([len(p) - 1 for p in prompts], device=device)
@@ -203,10 +215,7 @@ def answer_logprobs(model, tok, prompts: list[list[int]], answer: list[int], dev
     import torch
 
     seqs = [p + answer for p in prompts]
-    width = max(len(s) for s in seqs)
-    pad = tok.pad_token_id
-    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+    ids, mask = pad_batch(seqs, tok.pad_token_id, device=device)
     # logits only where answer tokens are predicted: positions len(p)-1 .. len(p)+len(a)-2
     hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
     rows = torch.arange(len(seqs), device=device).repeat_interleave(len(answer))

@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 
 from lorascope import LorascopeError
+from lorascope.lm import pad_batch
 from lorascope.tasks import squad_metric
 from lorascope.tasks.base import Example, Feature, Task, answer_ids, build_prompt, prompt_ids, register
 
@@ -150,6 +151,77 @@ def examples_to_articles(examples: list[Example]) -> list[dict]:
 class SquadV2(Task):
     name = "squad_v2"
     description = "SQuAD v2.0 extractive QA with unanswerable questions (official exact / F1, HasAns / NoAns)"
+    primary_metric, primary_label = "f1", "SQuAD v2 F1"
+    report_columns = (("exact", "exact"), ("f1", "F1"), ("HasAns_f1", "HasAns F1"), ("NoAns_f1", "NoAns F1"))
+    long_prompt_rule = ("cut to a window at a random offset that keeps the answer, or for an unanswerable question "
+                        "its plausible answer, inside")
+
+    def clusters(self, pred):
+        """Questions cluster by context paragraph (recorded by the evaluation)."""
+        if "paragraph" in pred:
+            return pred["paragraph"], "paragraph"
+        return None, "question (this evaluation recorded no paragraphs: the interval is too narrow)"
+
+    def baseline_scores(self, pred):
+        if "has_answer" not in pred:
+            return {}
+        # the official F1 of an empty prediction: 1 on unanswerable questions, 0 on answerable ones
+        return {"always_no_answer": {k: 0.0 if has else 100.0 for k, has in pred["has_answer"].items()}}
+
+    def prepare_eval(self, model, tok, cfg, examples, kwargs):
+        """The no-answer rule: eval.no_answer_threshold/signal, or tuned on calibration questions."""
+        e = cfg.eval
+        threshold, signal, calibration = e.no_answer_threshold, e.no_answer_signal, None
+        if e.calibration_examples:
+            calibration = self.calibrate_no_answer(model, tok, cfg, examples, kwargs)
+            threshold, signal = calibration["threshold"], calibration["signal"]
+        kwargs["no_answer_threshold"], kwargs["no_answer_signal"] = threshold, signal
+        return calibration
+
+    def finish_eval(self, examples, predictions, metrics, prepared):
+        if prepared is None:
+            return
+        kept = [x for x in examples if x.id in predictions["answers"]]
+        greedy = predictions_at(predictions["no_answer_margin"], predictions["answers"], 0.0)
+        metrics["greedy"] = dict(squad_metric.score_predictions(examples_to_articles(kept), greedy))
+        metrics["calibration"] = prepared
+
+    def calibrate_no_answer(self, model, tok, cfg, examples, kwargs) -> dict:
+        """Tune the no-answer threshold on held-out questions disjoint from `examples`' paragraphs.
+
+        With eval.no_answer_signal 'best', each signal gets its own best threshold and the one
+        with the better calibration F1 is kept (ties: first_token, greedy decoding's own signal).
+        Nothing is chosen by looking at the evaluated questions.
+        """
+        calib = self.calibration_examples(cfg.data, examples, cfg.eval.calibration_examples)
+        self.check_held_out(cfg.data, calib, "calibration")
+        log.info("squad_v2: tuning the no-answer threshold on %d calibration questions", len(calib))
+        _, pred = self.evaluate(model, tok, calib, **kwargs)
+        kept = [x for x in calib if x.id in pred["answers"]]
+        arts = examples_to_articles(kept)
+        wanted = cfg.eval.no_answer_signal
+        names = list(NO_ANSWER_SIGNALS) if wanted == "best" else [wanted]
+        per_signal = {n: best_threshold(pred[NO_ANSWER_SIGNALS[n]], pred["answers"], arts) for n in names}
+        signal = max(names, key=lambda n: (round(per_signal[n]["f1"], 9), -names.index(n)))
+        out = dict(per_signal[signal])
+        out["signal"] = signal
+        if wanted == "best":
+            out["per_signal"] = per_signal
+        greedy = predictions_at(pred["no_answer_margin"], pred["answers"], 0.0)
+        out["f1_greedy"] = squad_metric.score_predictions(arts, greedy)["f1"]  # f1_at_0 is this signal's 0
+        out["asked"], out["skipped_too_long"] = len(calib), len(calib) - len(kept)
+        out["example_ids_sha256"] = hashlib.sha256("\n".join(x.id for x in kept).encode()).hexdigest()
+        out["rule"] = (f"abstain when the {signal} score exceeds the threshold; "
+                       + ("signal and threshold" if wanted == "best" else "threshold")
+                       + " chosen for the best F1 on the calibration questions (held-out, sharing no paragraph "
+                         "with the evaluated questions)")
+        for n in names:
+            log.info("squad_v2: %s: best threshold %.3f, calibration F1 %.2f", n, per_signal[n]["threshold"],
+                     per_signal[n]["f1"])
+        log.info("squad_v2: no-answer signal %s, threshold %.3f (calibration F1 %.2f; %.2f with greedy decoding's "
+                 "choice, %.2f always abstaining)", signal, out["threshold"], out["f1"], out["f1_greedy"],
+                 out["f1_always_no_answer"])
+        return out
 
     def load_split(self, split: str, data) -> list[Example]:
         if split not in ("train", "eval"):
@@ -311,11 +383,7 @@ class SquadV2(Task):
         with torch.inference_mode():
             for start in tqdm(range(0, len(order), batch_size), desc="squad_v2 eval", unit="batch"):
                 batch = order[start:start + batch_size]
-                width = max(len(prompts[e.id]) for e in batch)
-                ids = torch.tensor([[tok.pad_token_id] * (width - len(prompts[e.id])) + prompts[e.id]
-                                    for e in batch], device=device)
-                mask = torch.tensor([[0] * (width - len(prompts[e.id])) + [1] * len(prompts[e.id])
-                                     for e in batch], device=device)
+                ids, mask = pad_batch([prompts[e.id] for e in batch], tok.pad_token_id, side="left", device=device)
                 gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                      do_sample=False, eos_token_id=stop, pad_token_id=tok.pad_token_id,
                                      begin_suppress_tokens=na_first, output_logits=True,
@@ -325,7 +393,7 @@ class SquadV2(Task):
                 other = first.clone()
                 other[:, na_first] = float("-inf")
                 margin = (na - other.max(dim=1).values).tolist()
-                new = gen.sequences[:, width:]
+                new = gen.sequences[:, ids.shape[1]:]
                 # log-probability of each generated token under the raw (unsuppressed) logits
                 token_lp = torch.stack([torch.log_softmax(step.float(), dim=-1).gather(1, new[:, t:t + 1])[:, 0]
                                         for t, step in enumerate(gen.logits)], dim=1)
