@@ -286,50 +286,66 @@ def _hash(obj: Any) -> str:
 
 
 def plan(study: Study, run_dir: Path) -> list[Stage]:
-    from lorascope.drift import run_drift, run_weights
-    from lorascope.evaluate import evaluate
+    """Every stage of the study, in run order, each with the config it depends on and its upstream stages."""
     from lorascope.models import resolve_model
 
-    st = study.study
-    stages: list[Stage] = []
-    model_name = study.base.model.name
-    data_dir = study.base.data.resolved_dir()
-    stages.append(Stage("prepare", "prepare", lambda: resolve_model(model_name, study.base.model.revision),
-                        {"model": dataclasses.asdict(study.base.model)}, [], []))
-    models = study.models()
-
     layout = RunLayout(run_dir)
-    train_dir = layout.train
+    stages = [Stage("prepare", "prepare", lambda: resolve_model(study.base.model.name, study.base.model.revision),
+                    {"model": dataclasses.asdict(study.base.model)}, [], [])]
+    if study.study.tune_lr:
+        stages += _plan_tune(study, layout)
+    stages += _plan_train(study, layout)
+    stages += _plan_eval(study, layout)
+    if study.study.drift and study.models():
+        stages += _plan_drift(study, layout)
+    if study.study.serve and "lora" in study.study.methods:
+        stages += _plan_serve(study, layout)
 
-    if st.tune_lr:
-        from lorascope.tune import tune_lr
+    from lorascope.report import render_report
 
-        for task in st.tasks:
-            for method in st.methods:
-                cfg = study.task_config(task)
-                cfg.train.method = method
-                cfg.train.seed = study.seeds[0]
-                if method == "lora":
-                    cfg.lora.rank = study.primary_rank
-                lrs = getattr(st, f"tune_lrs_{method}")
-                out = layout.tune(task, method)
-                dep_cfg = cfg.to_dict()
-                dep_cfg["train"] = {k: v for k, v in dep_cfg["train"].items() if k != "output_dir"}
-                # what the validation scoring uses of the eval section (it never calibrates)
-                dep_cfg["eval"] = {k: dep_cfg["eval"][k] for k in ("batch_size", "max_new_tokens")}
-                dep_cfg["grid"], dep_cfg["validation_share"] = lrs, st.tune_validation_share
-                stages.append(Stage(f"tune:{task}:{method}", "tune",
-                                    (lambda c=cfg, g=lrs, o=out: tune_lr(c, g, st.tune_validation_share, o)),
-                                    dep_cfg, ["prepare"], [out]))
+    stages.append(Stage("report", "report", lambda: render_report(run_dir),
+                        {"study": dataclasses.asdict(study.study), "ranks": study.ranks, "seeds": study.seeds,
+                         "primary_rank": study.primary_rank},
+                        [s.name for s in stages], [layout.report]))
+    return stages
 
+
+def _plan_tune(study: Study, layout: RunLayout) -> list[Stage]:
+    """tune:TASK:METHOD: the learning-rate search, at the first seed and the primary rank."""
+    from lorascope.tune import tune_lr
+
+    st, stages = study.study, []
     for task in st.tasks:
-        for name, method, rank, seed in models:
+        for method in st.methods:
+            cfg = study.task_config(task)
+            cfg.train.method = method
+            cfg.train.seed = study.seeds[0]
+            if method == "lora":
+                cfg.lora.rank = study.primary_rank
+            lrs = getattr(st, f"tune_lrs_{method}")
+            out = layout.tune(task, method)
+            dep_cfg = cfg.to_dict()
+            dep_cfg["train"] = {k: v for k, v in dep_cfg["train"].items() if k != "output_dir"}
+            # what the validation scoring uses of the eval section (it never calibrates)
+            dep_cfg["eval"] = {k: dep_cfg["eval"][k] for k in ("batch_size", "max_new_tokens")}
+            dep_cfg["grid"], dep_cfg["validation_share"] = lrs, st.tune_validation_share
+            stages.append(Stage(f"tune:{task}:{method}", "tune",
+                                (lambda c=cfg, g=lrs, o=out: tune_lr(c, g, st.tune_validation_share, o)),
+                                dep_cfg, ["prepare"], [out]))
+    return stages
+
+
+def _plan_train(study: Study, layout: RunLayout) -> list[Stage]:
+    """train:TASK:MODEL for every method, rank and seed; at the searched rate when tune_lr is on."""
+    st, stages = study.study, []
+    for task in st.tasks:
+        for name, method, rank, seed in study.models():
             cfg = study.task_config(task)
             cfg.train.method = method
             cfg.train.seed = seed
             if rank is not None:
                 cfg.lora.rank = rank
-            cfg.train.output_dir = str(train_dir(task, name))
+            cfg.train.output_dir = str(layout.train(task, name))
             fixed_lr = st.lr_full if method == "full" else st.lr_lora
             if fixed_lr is not None:
                 cfg.train.lr = fixed_lr
@@ -345,7 +361,15 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
                 tuned_lr = layout.tune(task, method) / "tune.json"
                 dep_cfg["train"].pop("lr")
             stages.append(Stage(f"train:{task}:{name}", "train", (lambda c=cfg, t=tuned_lr: _train(c, t)), dep_cfg,
-                                deps, [train_dir(task, name)]))
+                                deps, [layout.train(task, name)]))
+    return stages
+
+
+def _plan_eval(study: Study, layout: RunLayout) -> list[Stage]:
+    """eval:TASK:MODEL: the base model and every tuned model on its task (and on the others: forgetting)."""
+    from lorascope.evaluate import evaluate
+
+    st, stages = study.study, []
 
     def eval_stage(task, name, checkpoint, deps, trained_on=None):
         cfg = study.task_config(task)
@@ -364,50 +388,53 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
         for train_task in st.tasks:
             if train_task != task and not st.forgetting:
                 continue
-            for name, *_ in models:
+            for name, *_ in study.models():
                 eval_stage(task, name, str(layout.model(train_task, name)), [f"train:{train_task}:{name}"],
                            trained_on=train_task)
+    return stages
 
-    if st.drift and models:
-        for task in st.tasks:
-            tuned = {name: str(layout.model(task, name)) for name, *_ in models}
-            deps = [f"train:{task}:{n}" for n in tuned]
-            out = layout.drift(task)
-            data = study.task_config(task).data  # the data settings training used: held-out means held out
-            stages.append(Stage(f"drift:{task}", "drift",
-                                (lambda t=task, tu=tuned, o=out, d=data: run_drift(
-                                    t, model_name, tu, o, max_examples=st.drift_examples,
-                                    batch_size=st.drift_batch_size, data=d, reduction=st.drift_reduction,
-                                    tokens=st.drift_tokens)),
-                                {"examples": st.drift_examples, "batch": st.drift_batch_size, "model": model_name,
-                                 "data": dataclasses.asdict(data), "reduction": st.drift_reduction,
-                                 "tokens": st.drift_tokens}, deps, [out]))
-            wout = layout.weights(task)
-            stages.append(Stage(f"weights:{task}", "weights",
-                                (lambda tu=tuned, o=wout: run_weights(model_name, tu, o)),
-                                {"model": model_name}, deps, [wout]))
 
-    if st.serve and "lora" in st.methods:
-        serve_ranks = sorted(set(study.ranks))
-        for r in serve_ranks:
-            lora_name = trained_name("lora", r, study.seeds[0])
-            served = [t for t in st.tasks if t in (st.serve_tasks or st.tasks)]
-            adapters = [f"{task}={layout.model(task, lora_name)}" for task in served]
-            settings = ServeSettings(**{f.metadata["serve"]: getattr(st, f.name) for f in dataclasses.fields(st)
-                                        if "serve" in f.metadata})
-            out = layout.serve(r)
-            stages.append(Stage(f"serve:r{r}", "serve",
-                                (lambda a=adapters, o=out, s=settings: _serve(model_name, a, o, s, data_dir)),
-                                {"settings": dataclasses.asdict(settings), "model": model_name,
-                                 **({"tasks": served} if st.serve_tasks is not None else {})},
-                                [f"train:{task}:{lora_name}" for task in served], [out]))
+def _plan_drift(study: Study, layout: RunLayout) -> list[Stage]:
+    """drift:TASK and weights:TASK over every tuned model of the task."""
+    from lorascope.drift import run_drift, run_weights
 
-    from lorascope.report import render_report
+    st, stages, model_name = study.study, [], study.base.model.name
+    for task in st.tasks:
+        tuned = {name: str(layout.model(task, name)) for name, *_ in study.models()}
+        deps = [f"train:{task}:{n}" for n in tuned]
+        out = layout.drift(task)
+        data = study.task_config(task).data  # the data settings training used: held-out means held out
+        stages.append(Stage(f"drift:{task}", "drift",
+                            (lambda t=task, tu=tuned, o=out, d=data: run_drift(
+                                t, model_name, tu, o, max_examples=st.drift_examples,
+                                batch_size=st.drift_batch_size, data=d, reduction=st.drift_reduction,
+                                tokens=st.drift_tokens)),
+                            {"examples": st.drift_examples, "batch": st.drift_batch_size, "model": model_name,
+                             "data": dataclasses.asdict(data), "reduction": st.drift_reduction,
+                             "tokens": st.drift_tokens}, deps, [out]))
+        wout = layout.weights(task)
+        stages.append(Stage(f"weights:{task}", "weights",
+                            (lambda tu=tuned, o=wout: run_weights(model_name, tu, o)),
+                            {"model": model_name}, deps, [wout]))
+    return stages
 
-    stages.append(Stage("report", "report", lambda: render_report(run_dir),
-                        {"study": dataclasses.asdict(st), "ranks": study.ranks, "seeds": study.seeds,
-                         "primary_rank": study.primary_rank},
-                        [s.name for s in stages], [layout.report]))
+
+def _plan_serve(study: Study, layout: RunLayout) -> list[Stage]:
+    """serve:rRANK: the first seed's adapters of the served tasks, merged vs unmerged."""
+    st, stages, model_name = study.study, [], study.base.model.name
+    data_dir = study.base.data.resolved_dir()
+    settings = ServeSettings(**{f.metadata["serve"]: getattr(st, f.name) for f in dataclasses.fields(st)
+                                if "serve" in f.metadata})
+    served = [t for t in st.tasks if t in (st.serve_tasks or st.tasks)]
+    for r in sorted(set(study.ranks)):
+        lora_name = trained_name("lora", r, study.seeds[0])
+        adapters = [f"{task}={layout.model(task, lora_name)}" for task in served]
+        out = layout.serve(r)
+        stages.append(Stage(f"serve:r{r}", "serve",
+                            (lambda a=adapters, o=out, s=settings: _serve(model_name, a, o, s, data_dir)),
+                            {"settings": dataclasses.asdict(settings), "model": model_name,
+                             **({"tasks": served} if st.serve_tasks is not None else {})},
+                            [f"train:{task}:{lora_name}" for task in served], [out]))
     return stages
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from lorascope import LorascopeError
-from lorascope.config import Config
+from lorascope.config import Config, TrainArgs
 from lorascope.fastlora import use_fast_lora
 from lorascope.runinfo import append_jsonl, atomic_path, provenance, write_json
 
@@ -68,23 +68,15 @@ def train(cfg: Config, on_step=None) -> Path:
 
 
 def _train(cfg: Config, on_step=None) -> Path:
-    import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from lorascope.models import load_model, load_tokenizer, model_fingerprint, resolve_model
-    from lorascope.tasks import get_task
-
-    args = cfg.train
-    out = Path(args.output_dir)
-    chash = config_hash(cfg)
+    args, out, chash = cfg.train, Path(cfg.train.output_dir), config_hash(cfg)
     done = out / DONE_FILE
-    if done.is_file():
-        info = json.loads(done.read_text())
-        if info.get("config_hash") == chash:
-            log.info("%s already holds a finished run of this config; nothing to do", out)
-            return out / "model"
+    if done.is_file() and json.loads(done.read_text()).get("config_hash") == chash:
+        log.info("%s already holds a finished run of this config; nothing to do", out)
+        return out / "model"
     _claim_output_dir(out, cfg, chash)
 
     # cpu=True when there is no GPU: otherwise Accelerate ignores a torchrun / accelerate launch
@@ -92,128 +84,182 @@ def _train(cfg: Config, on_step=None) -> Path:
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               mixed_precision=_mixed_precision(args.mixed_precision),
                               log_with=args.trackers or None, project_dir=str(out))
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     set_seed(args.seed)
-
-    with accelerator.main_process_first():
-        model_path = resolve_model(cfg.model.name, cfg.model.revision)
-    tok = load_tokenizer(model_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
-    model = load_model(model_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
-    model.config.use_cache = False
-    if args.method == "lora":
-        model = _add_lora(model, cfg)
+    model_path, tok, model = _load_for_training(cfg, accelerator)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
 
-    task = get_task(args.task)
-    examples = task.examples("train", cfg.data, limit=cfg.data.max_train_examples)
-    feats = task.features(tok, examples, cfg.data.max_seq_len)
-    if not feats:
-        raise LorascopeError(f"train: no {args.task} training example fits in data.max_seq_len={cfg.data.max_seq_len}")
-    plan = batch_plan([len(f.input_ids) for f in feats], args.batch_size, args.epochs, args.seed, world)
-    if args.max_steps is not None:
-        plan = plan[:args.max_steps]
+    examples, feats, plan = _training_plan(cfg, tok, world)
     total_steps = len(plan)
     if accelerator.is_main_process:
-        log.info("train %s/%s: %d examples (%d features), %d steps of %d examples on %d process(es); "
-                 "%d of %d parameters trainable", args.task, args.method, len(examples), len(feats), total_steps,
+        log.info("train %s/%s: %d examples (%d features), %d steps of %d examples on %d process(es); %d of %d "
+                 "parameters trainable", args.task, args.method, len(examples), len(feats), total_steps,
                  args.batch_size, world, trainable, total_params)
 
-    wrapper = accelerator.prepare(AnswerLoss(model))
-    params = [p for p in wrapper.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, args)
-    optimizer = accelerator.prepare(optimizer)
-    # not prepared: Accelerate would step a prepared scheduler once per process
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, total_steps))
-
+    wrapper, params, optimizer, scheduler = _prepare(accelerator, model, args, total_steps)
     start_step = _resume(accelerator, wrapper, optimizer, scheduler, out)
     metrics_path = out / "metrics.jsonl"
     if accelerator.is_main_process:
         _trim_metrics(metrics_path, start_step)  # steps after the checkpoint are redone and logged again
-    if accelerator.is_main_process and args.trackers:
-        accelerator.init_trackers(f"lorascope-{args.task}-{args.method}", config=_flat(cfg.to_dict()))
+        if args.trackers:
+            accelerator.init_trackers(f"lorascope-{args.task}-{args.method}", config=_flat(cfg.to_dict()))
 
-    fault_after = int(os.environ.get("LORASCOPE_FAULT_AFTER_STEP", "0"))  # tests: simulate a kill
-    device = accelerator.device
     t0, tokens_seen, last_loss = time.time(), 0, float("nan")
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"train {args.task}/{args.method}",
-               disable=not accelerator.is_local_main_process, unit="step")
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"train {args.task}/{args.method}", unit="step",
+               disable=not accelerator.is_local_main_process)
     wrapper.train()
     for step in range(start_step, total_steps):
         batch = plan[step]
-        n_answer = sum(len(feats[i].input_ids) - feats[i].answer_start for i in batch)
-        mine = batch[rank::world]
-        micro = [mine[i:i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
-        loss_sum = torch.zeros((), device=device)
-        for k, mb in enumerate(micro):
-            ids, mask, labels = collate([feats[i] for i in mb], tok.pad_token_id, device)
-            ctx = accelerator.no_sync(wrapper) if k < len(micro) - 1 else contextlib.nullcontext()
-            with ctx, accelerator.autocast():
-                s = wrapper(ids, mask, labels)
-                # DDP averages gradients over processes: scale so the update is sum / n_answer
-                accelerator.backward(s * (world / n_answer))
-            loss_sum += s.detach().float()
-            tokens_seen += int(mask.sum())
-        loss = accelerator.reduce(loss_sum, reduction="sum").item() / n_answer
-        if not math.isfinite(loss):
-            raise LorascopeError(f"train: loss became {loss} at step {step + 1} of {total_steps}; lower "
-                                 f"train.lr (now {args.peak_lr}) or check the data")
-        grad_norm = None
-        if args.max_grad_norm is not None:
-            grad_norm = float(accelerator.clip_grad_norm_(params, args.max_grad_norm))
-            if not math.isfinite(grad_norm):
-                raise LorascopeError(f"train: gradient norm became {grad_norm} at step {step + 1}; lower train.lr")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, grad_norm, n_tokens = _step(accelerator, wrapper, optimizer, scheduler, params, [feats[i] for i in batch],
+                                          args, tok.pad_token_id, (step + 1, total_steps))
+        tokens_seen += n_tokens
         last_loss = loss
         if on_step is not None:
             lengths = [len(feats[i].input_ids) for i in batch]
-            on_step({"step": step + 1, "loss": loss, "tokens": sum(lengths), "answer_tokens": n_answer,
+            on_step({"step": step + 1, "loss": loss, "tokens": sum(lengths),
+                     "answer_tokens": sum(len(feats[i].input_ids) - feats[i].answer_start for i in batch),
                      "lengths": lengths})
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         done_steps = step + 1
         if done_steps % args.log_every == 0 or done_steps == total_steps:
             elapsed = time.time() - t0
-            rec = {"step": done_steps, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                   "tokens_per_s_this_process": tokens_seen / elapsed if elapsed else None,
-                   "elapsed_s": elapsed}
-            if accelerator.is_main_process:
-                append_jsonl(metrics_path, rec)
-            accelerator.log({k: v for k, v in rec.items() if v is not None}, step=done_steps)
-        if args.save_every and done_steps % args.save_every == 0 and done_steps < total_steps:
-            _checkpoint(accelerator, wrapper, optimizer, scheduler, out, done_steps)
-        if done_steps in snapshot_steps(total_steps, args.drift_snapshots):
-            save_snapshot(accelerator, wrapper, tok, out, done_steps, cfg)
-        if fault_after and done_steps == fault_after:
-            os._exit(137)
+            _log_step(accelerator, metrics_path, {
+                "step": done_steps, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                "tokens_per_s_this_process": tokens_seen / elapsed if elapsed else None, "elapsed_s": elapsed})
+        _save_points(accelerator, wrapper, optimizer, scheduler, tok, cfg, done_steps, total_steps)
     bar.close()
     train_s = time.time() - t0
 
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(wrapper).model
-    state = accelerator.get_state_dict(wrapper)
+    _save_model(accelerator, wrapper, tok, cfg, out / "model", model_path)
     if accelerator.is_main_process:
-        state = {k.removeprefix("model."): v for k, v in state.items()}
-        with atomic_path(out / "model", is_dir=True) as tmp:
-            unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            tok.save_pretrained(tmp)
-            write_json(tmp / "lorascope-model.json", {
-                "base_model": cfg.model.name, "base_revision": cfg.model.revision, "resolved_base": model_path,
-                "base_fingerprint": model_fingerprint(unwrapped.config), "method": args.method,
-                "task": args.task, "lora": cfg.to_dict()["lora"] if args.method == "lora" else None})
-        write_json(done, {
+        write_json(done, {  # written last: its presence marks a finished run of this config
             "config": cfg.to_dict(), "config_hash": chash, "seed": args.seed, "steps": total_steps,
             "resumed_from_step": start_step, "train_examples": len(examples), "train_features": len(feats),
-            "final_loss": last_loss, "train_seconds_this_invocation": train_s,
+            "final_loss": last_loss, "train_seconds_this_invocation": train_s, "processes": world,
             "tokens_per_s": tokens_seen * world / train_s if train_s and start_step < total_steps else None,
-            "trainable_parameters": trainable, "total_parameters": total_params, "processes": world,
+            "trainable_parameters": trainable, "total_parameters": total_params,
             "model_dir": str(out / "model"), "provenance": provenance()})
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out / "model"
+
+
+def _training_plan(cfg: Config, tok, world: int) -> tuple[list, list, list[list[int]]]:
+    """(training examples, their features, the global batches of every step) of this config."""
+    from lorascope.tasks import get_task
+
+    args = cfg.train
+    examples = get_task(args.task).examples("train", cfg.data, limit=cfg.data.max_train_examples)
+    feats = get_task(args.task).features(tok, examples, cfg.data.max_seq_len)
+    if not feats:
+        raise LorascopeError(f"train: no {args.task} training example fits in data.max_seq_len={cfg.data.max_seq_len}")
+    plan = batch_plan([len(f.input_ids) for f in feats], args.batch_size, args.epochs, args.seed, world)
+    return examples, feats, plan if args.max_steps is None else plan[:args.max_steps]
+
+
+def _load_for_training(cfg: Config, accelerator):
+    """(resolved model path, tokenizer, model ready to train: LoRA added for method lora)."""
+    from lorascope.models import load_model, load_tokenizer, resolve_model
+
+    with accelerator.main_process_first():
+        model_path = resolve_model(cfg.model.name, cfg.model.revision)
+    tok = load_tokenizer(model_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    model = load_model(model_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    model.config.use_cache = False
+    if cfg.train.method == "lora":
+        model = _add_lora(model, cfg)
+    return model_path, tok, model
+
+
+def _prepare(accelerator, model, args: TrainArgs, total_steps: int):
+    """(the loss wrapper, its trainable parameters, optimizer, scheduler), prepared by Accelerate."""
+    import torch
+
+    wrapper = accelerator.prepare(AnswerLoss(model))
+    params = [p for p in wrapper.parameters() if p.requires_grad]
+    optimizer = accelerator.prepare(build_optimizer(params, args))
+    # not prepared: Accelerate would step a prepared scheduler once per process
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, total_steps))
+    return wrapper, params, optimizer, scheduler
+
+
+def _save_points(accelerator, wrapper, optimizer, scheduler, tok, cfg: Config, done: int, total: int) -> None:
+    """After optimizer step `done`: the resumable checkpoint and drift snapshot when due."""
+    args, out = cfg.train, Path(cfg.train.output_dir)
+    if args.save_every and done % args.save_every == 0 and done < total:
+        _checkpoint(accelerator, wrapper, optimizer, scheduler, out, done)
+    if done in snapshot_steps(total, args.drift_snapshots):
+        save_snapshot(accelerator, wrapper, tok, out, done, cfg)
+    if done == int(os.environ.get("LORASCOPE_FAULT_AFTER_STEP", "0")):  # tests: simulate a kill
+        os._exit(137)
+
+
+def _log_step(accelerator, metrics_path: Path, rec: dict) -> None:
+    if accelerator.is_main_process:
+        append_jsonl(metrics_path, rec)
+    accelerator.log({k: v for k, v in rec.items() if v is not None}, step=rec["step"])
+
+
+def _step(accelerator, wrapper, optimizer, scheduler, params, batch: list, args, pad_id: int,
+          at: tuple[int, int]) -> tuple[float, float | None, int]:
+    """One optimizer step on the global `batch` (this process takes its share, in micro-batches).
+
+    The update is the gradient of the summed answer-token loss over the whole batch divided
+    by its answer tokens, whatever the split into processes and micro-batches. Returns the
+    loss per answer token, the gradient norm before clipping (None without clipping) and
+    this process's non-padding tokens.
+    """
+    import torch
+
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    n_answer = sum(len(f.input_ids) - f.answer_start for f in batch)
+    mine = batch[rank::world]
+    micro = [mine[i:i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
+    loss_sum, tokens = torch.zeros((), device=device), 0
+    for k, mb in enumerate(micro):
+        ids, mask, labels = collate(mb, pad_id, device)
+        ctx = accelerator.no_sync(wrapper) if k < len(micro) - 1 else contextlib.nullcontext()
+        with ctx, accelerator.autocast():
+            s = wrapper(ids, mask, labels)
+            # DDP averages gradients over processes: scale so the update is sum / n_answer
+            accelerator.backward(s * (world / n_answer))
+        loss_sum += s.detach().float()
+        tokens += int(mask.sum())
+    loss = accelerator.reduce(loss_sum, reduction="sum").item() / n_answer
+    if not math.isfinite(loss):
+        raise LorascopeError(f"train: loss became {loss} at step {at[0]} of {at[1]}; lower "
+                             f"train.lr (now {args.peak_lr}) or check the data")
+    grad_norm = None
+    if args.max_grad_norm is not None:
+        grad_norm = float(accelerator.clip_grad_norm_(params, args.max_grad_norm))
+        if not math.isfinite(grad_norm):
+            raise LorascopeError(f"train: gradient norm became {grad_norm} at step {at[0]}; lower train.lr")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm, tokens
+
+
+def _save_model(accelerator, wrapper, tok, cfg: Config, target: Path, model_path) -> None:
+    """The trained weights (safetensors), tokenizer and lorascope-model.json, written atomically."""
+    from lorascope.models import model_fingerprint
+
+    unwrapped = accelerator.unwrap_model(wrapper).model
+    state = accelerator.get_state_dict(wrapper)
+    if not accelerator.is_main_process:
+        return
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    with atomic_path(target, is_dir=True) as tmp:
+        unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        write_json(tmp / "lorascope-model.json", {
+            "base_model": cfg.model.name, "base_revision": cfg.model.revision, "resolved_base": model_path,
+            "base_fingerprint": model_fingerprint(unwrapped.config), "method": cfg.train.method,
+            "task": cfg.train.task, "lora": cfg.to_dict()["lora"] if cfg.train.method == "lora" else None})
 
 
 class AnswerLoss(torch.nn.Module):

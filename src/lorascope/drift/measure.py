@@ -95,12 +95,80 @@ def parse_tuned(values) -> dict[str, str]:
     return dict(parse_named_paths(values, "--tuned", "CHECKPOINT", "lora=runs/mrpc-lora/model", reserved=("base",)))
 
 
+def drift_problems(*, max_examples: int, batch_size: int, jackknife_groups: int, tokens: str,
+                   max_tokens: int | None, diagnostic_examples: int, reduction: float) -> list[str]:
+    """What is wrong with run_drift's settings, one line each naming the option and what is accepted."""
+    out = []
+    if max_examples < 2:
+        out.append(f"--max-examples: must be at least 2, got {max_examples}")
+    if batch_size < 1:
+        out.append(f"--batch-size: must be a positive integer, got {batch_size}")
+    if jackknife_groups < 2:
+        out.append(f"--jackknife-groups: must be at least 2, got {jackknife_groups}")
+    if tokens not in TOKEN_MODES:
+        out.append(f"--tokens: got {tokens!r}; accepted: {', '.join(TOKEN_MODES)}")
+    if max_tokens is not None and max_tokens < 2:
+        out.append(f"--max-tokens: must be at least 2 (or unset), got {max_tokens}")
+    if diagnostic_examples < 0:
+        out.append(f"--diagnostic-examples: must be >= 0, got {diagnostic_examples}")
+    if not 0.0 < reduction < 1.0:
+        out.append(f"drift reduction: must be between 0 and 1, got {reduction}")
+    return out
+
+
+def accumulate(models, names: list[str], tok, token_ids: list[list[int]], select: list[list[bool]], batches,
+               groups: int, pairs: list[tuple[int, int]], device, *, float32_products: bool = False,
+               show_progress: bool = True) -> Accumulators:
+    """Run every model over `batches` in lockstep and fold the selected tokens' states into accumulators."""
+    from tqdm.auto import tqdm
+
+    from lorascope.drift.capture import LayerCapture, collate, forward_lockstep
+
+    captures = [LayerCapture(m) for m in models]
+    n_states = captures[0].n_states
+    for name, cap in zip(names, captures):
+        if cap.n_states != n_states:
+            raise LorascopeError(f"drift: {name} has {cap.n_states - 1} decoder layers, the base model "
+                                 f"{n_states - 1}; layer-by-layer comparison needs the same count")
+    hidden = models[0].get_decoder().embed_tokens.weight.shape[1]
+    acc = Accumulators(len(names), pairs, n_states, groups, len(token_ids), hidden, float32_products)
+    bar = tqdm(total=sum(len(b.examples) for b in batches), desc="drift", unit="prompt", disable=not show_progress)
+    with contextlib.ExitStack() as hooks, bar:
+        for c in captures:
+            hooks.enter_context(c)
+        for b in batches:
+            batch = collate([token_ids[i] for i in b.examples], tok.pad_token_id,
+                            select=[select[i] for i in b.examples], device=device)
+            states = forward_lockstep(models, captures, batch)
+            acc.add(states, b, batch["counts"], names)
+            bar.update(len(b.examples))
+    return acc
+
+
+def write_outputs(result: dict[str, Any], out: Path, plots: bool) -> None:
+    """drift.json (NaN as null), drift.csv and, with `plots`, the figures."""
+    write_json(out / "drift.json", _nan_to_none(result))
+    write_csv(out / "drift.csv", result)
+    if plots:
+        from lorascope.drift.plots import plot_diagnostics, plot_drift, plot_ratio_by_layer
+
+        plot_drift(result, out)
+        plot_ratio_by_layer(result, out / "ratio_vs_layer.png")
+        if result["diagnostics"]:
+            plot_diagnostics(result, out / "diagnostics.png")
+
+
 def run_drift(task: str, base: str, tuned, output_dir: str | os.PathLike, *, max_examples: int = 1000,
               batch_size: int = 8, data_dir: str | None = None, data=None, tokens: str = "content",
               drop_first_position: bool = False, max_tokens: int | None = None, jackknife_groups: int = 5,
               float32_products: bool = False, diagnostic_examples: int = 128, reduction: float = 0.20,
               plots: bool = True, seed: int = 0) -> dict[str, Any] | None:
     """Compare the hidden states of `base` and each tuned checkpoint, layer by layer.
+
+    One straight pass, kept whole because it reads as the recipe: check the settings
+    (:func:`drift_problems`), load the prompts and models, select the tokens, fold every
+    batch into the accumulators (:func:`accumulate`), finalise the tables and intervals
+    (:func:`finalise`, :func:`summarise`), write them (:func:`write_outputs`).
 
     Parameters
     ----------
@@ -138,28 +206,18 @@ def run_drift(task: str, base: str, tuned, output_dir: str | os.PathLike, *, max
     import dataclasses
 
     import torch
-    from tqdm.auto import tqdm
 
     from lorascope.config import DataConfig
     from lorascope.drift import criterion
-    from lorascope.drift.capture import LayerCapture, assign_groups, collate, forward_lockstep, make_batches
+    from lorascope.drift.capture import assign_groups, make_batches
 
     t_start = time.time()
     tuned = parse_tuned(tuned)
-    if max_examples < 2:
-        raise LorascopeError(f"--max-examples: must be at least 2, got {max_examples}")
-    if batch_size < 1:
-        raise LorascopeError(f"--batch-size: must be a positive integer, got {batch_size}")
-    if jackknife_groups < 2:
-        raise LorascopeError(f"--jackknife-groups: must be at least 2, got {jackknife_groups}")
-    if tokens not in TOKEN_MODES:
-        raise LorascopeError(f"--tokens: got {tokens!r}; accepted: {', '.join(TOKEN_MODES)}")
-    if max_tokens is not None and max_tokens < 2:
-        raise LorascopeError(f"--max-tokens: must be at least 2 (or unset), got {max_tokens}")
-    if diagnostic_examples < 0:
-        raise LorascopeError(f"--diagnostic-examples: must be >= 0, got {diagnostic_examples}")
-    if not 0.0 < reduction < 1.0:
-        raise LorascopeError(f"drift reduction: must be between 0 and 1, got {reduction}")
+    problems = drift_problems(max_examples=max_examples, batch_size=batch_size, jackknife_groups=jackknife_groups,
+                              tokens=tokens, max_tokens=max_tokens, diagnostic_examples=diagnostic_examples,
+                              reduction=reduction)
+    if problems:
+        raise LorascopeError(problems[0])
     world, rank, pg, created = _distributed()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if torch.cuda.is_available() \
         else torch.device("cpu")
@@ -188,27 +246,9 @@ def run_drift(task: str, base: str, tuned, output_dir: str | os.PathLike, *, max
     ex_groups = min(EXAMPLE_GROUPS, n)
     ex_group_of = assign_groups(n, ex_groups, f"lorascope-drift-examples-{seed}")
     batches = make_batches([len(t) for t in token_ids], group_of, batch_size)
-    mine = batches[rank::world]
 
-    captures = [LayerCapture(m) for m in models]
-    n_states = captures[0].n_states
-    for name, cap in zip(names, captures):
-        if cap.n_states != n_states:
-            raise LorascopeError(f"drift: {name} has {cap.n_states - 1} decoder layers, the base model "
-                                 f"{n_states - 1}; layer-by-layer comparison needs the same count")
-    hidden = models[0].get_decoder().embed_tokens.weight.shape[1]
-    acc = Accumulators(len(names), pairs, n_states, groups, n, hidden, float32_products)
-    bar = tqdm(total=sum(len(b.examples) for b in mine), desc="drift", unit="prompt", disable=rank != 0)
-    with contextlib.ExitStack() as hooks, bar:
-        for c in captures:
-            hooks.enter_context(c)
-        for b in mine:
-            batch = collate([token_ids[i] for i in b.examples], tok.pad_token_id,
-                            select=[select[i] for i in b.examples], device=device)
-            states = forward_lockstep(models, captures, batch)
-            acc.add(states, b, batch["counts"], names)
-            bar.update(len(b.examples))
-    del captures
+    acc = accumulate(models, names, tok, token_ids, select, batches[rank::world], groups, pairs, device,
+                     float32_products=float32_products, show_progress=rank == 0)
     t_loop = time.time()
     diagnostics = None
     if rank == 0 and kinds is not None and diagnostic_examples:
@@ -228,7 +268,7 @@ def run_drift(task: str, base: str, tuned, output_dir: str | os.PathLike, *, max
         acc.close()
         return None
 
-    layers = ["embedding"] + [f"layer_{i}" for i in range(n_states - 1)]
+    layers = ["embedding"] + [f"layer_{i}" for i in range(acc.n_states - 1)]
     try:
         tables, loo = finalise(acc, names, pairs, layers, np.asarray(ex_group_of), ex_groups)
     finally:
@@ -265,15 +305,7 @@ def run_drift(task: str, base: str, tuned, output_dir: str | os.PathLike, *, max
                    "finalise_s": t_done - t_diag, "measure_and_finalise_s": (t_loop - t_loaded) + (t_done - t_diag)},
         "provenance": provenance(),
     }
-    write_json(out / "drift.json", _nan_to_none(result))
-    write_csv(out / "drift.csv", result)
-    if plots:
-        from lorascope.drift.plots import plot_diagnostics, plot_drift, plot_ratio_by_layer
-
-        plot_drift(result, out)
-        plot_ratio_by_layer(result, out / "ratio_vs_layer.png")
-        if diagnostics:
-            plot_diagnostics(result, out / "diagnostics.png")
+    write_outputs(result, out, plots)
     result["output_dir"] = str(out)
     return result
 
