@@ -70,9 +70,6 @@ def run_weights(base: str, tuned, output_dir: str | os.PathLike, *, top_k: int =
     -------
     The content of weights.json, with ``output_dir``.
     """
-    import torch
-    from tqdm.auto import tqdm
-
     from lorascope.drift.measure import parse_tuned
     from lorascope.models import model_fingerprint, resolve_model
 
@@ -98,25 +95,7 @@ def run_weights(base: str, tuned, output_dir: str | os.PathLike, *, top_k: int =
     keys = sorted({k for s in sources.values() for k in _keys_of(s, base_w, full_types)}, key=_sort_key)
     if not keys:
         raise LorascopeError(f"weights: no adapted matrix found in {', '.join(tuned.values())}")
-    records, spectra = [], {name: {} for name in tuned}
-    reps = _representative_layers(base_cfg.num_hidden_layers)
-    for key in tqdm(keys, desc="weights", unit="matrix"):
-        w = base_w.get(key).to(torch.float64)
-        u_base = None
-        for name, s in sources.items():
-            dw = _delta(s, key, w)
-            if dw is None:
-                continue
-            if u_base is None:
-                u_base = torch.linalg.svd(w, full_matrices=False).U
-            m, sv = update_metrics(w, dw, u_base=u_base, top_k=top_k, threshold=intruder_threshold)
-            layer = int(LAYER_RE.search(key).group(1)) if LAYER_RE.search(key) else -1
-            mtype = key.rsplit(".", 2)[-2]
-            records.append({"model": name, "kind": s["kind"], "key": key, "layer": layer, "module": mtype,
-                            "shape": list(w.shape), **m})
-            if layer in reps:
-                spectra[name].setdefault(mtype, {})[layer] = [v for v in sv[:SPECTRUM_POINTS] if v > sv[0] * 1e-12] \
-                    if sv[0] > 0 else []
+    records, spectra = _analyse(keys, base_w, sources, base_cfg.num_hidden_layers, top_k, intruder_threshold)
     result = {
         "config": {
             "base": base,
@@ -126,17 +105,7 @@ def run_weights(base: str, tuned, output_dir: str | os.PathLike, *, top_k: int =
             "top_energy": TOP_ENERGY,
         },
         "models": {"base": {"path": str(base_dir), "fingerprint": fp}, **infos},
-        "methods": {
-            "update": "full: W_tuned - W_base; lora: scale * B @ A, scale = lora_alpha / r (rsLoRA: / sqrt(r))",
-            "effective_rank": "exp of the entropy of the singular values of dW normalised to sum to 1 "
-                              "(Roy & Vetterli 2007)",
-            "stable_rank": "||dW||_F^2 / ||dW||_2^2",
-            f"top{TOP_ENERGY}_energy": f"sum of the top {TOP_ENERGY} squared singular values / sum of all",
-            "numerical_rank": "singular values above sigma_1 * max(shape) * float64 eps",
-            "intruders": f"among the top {top_k} left singular vectors of W + dW, how many have a largest |cosine| "
-            f"with any left singular vector of W below {intruder_threshold} (Shuttleworth et al. 2024)",
-            "min_max_cosine": f"the smallest of those largest |cosines| over the top {top_k}",
-        },
+        "methods": _methods(top_k, intruder_threshold),
         "matrices": records,
         "summary": summarise_weights(records),
         "provenance": provenance(),
@@ -150,6 +119,48 @@ def run_weights(base: str, tuned, output_dir: str | os.PathLike, *, top_k: int =
         plot_spectra(spectra, out / "weight_spectra.png")
     result["output_dir"] = str(out)
     return result
+
+
+def _analyse(keys: list[str], base_w, sources: dict, n_layers: int, top_k: int,
+             threshold: float) -> tuple[list[dict], dict]:
+    """One record per (tuned model, matrix), and the singular-value spectra of representative layers."""
+    import torch
+    from tqdm.auto import tqdm
+
+    records, spectra = [], {name: {} for name in sources}
+    reps = _representative_layers(n_layers)
+    for key in tqdm(keys, desc="weights", unit="matrix"):
+        w = base_w.get(key).to(torch.float64)
+        u_base = None
+        for name, s in sources.items():
+            dw = _delta(s, key, w)
+            if dw is None:
+                continue
+            if u_base is None:
+                u_base = torch.linalg.svd(w, full_matrices=False).U
+            m, sv = update_metrics(w, dw, u_base=u_base, top_k=top_k, threshold=threshold)
+            layer = int(LAYER_RE.search(key).group(1)) if LAYER_RE.search(key) else -1
+            mtype = key.rsplit(".", 2)[-2]
+            records.append({"model": name, "kind": s["kind"], "key": key, "layer": layer, "module": mtype,
+                            "shape": list(w.shape), **m})
+            if layer in reps:
+                spectra[name].setdefault(mtype, {})[layer] = [v for v in sv[:SPECTRUM_POINTS] if v > sv[0] * 1e-12] \
+                    if sv[0] > 0 else []
+    return records, spectra
+
+
+def _methods(top_k: int, intruder_threshold: float) -> dict[str, str]:
+    return {
+        "update": "full: W_tuned - W_base; lora: scale * B @ A, scale = lora_alpha / r (rsLoRA: / sqrt(r))",
+        "effective_rank": "exp of the entropy of the singular values of dW normalised to sum to 1 "
+                          "(Roy & Vetterli 2007)",
+        "stable_rank": "||dW||_F^2 / ||dW||_2^2",
+        f"top{TOP_ENERGY}_energy": f"sum of the top {TOP_ENERGY} squared singular values / sum of all",
+        "numerical_rank": "singular values above sigma_1 * max(shape) * float64 eps",
+        "intruders": f"among the top {top_k} left singular vectors of W + dW, how many have a largest |cosine| "
+        f"with any left singular vector of W below {intruder_threshold} (Shuttleworth et al. 2024)",
+        "min_max_cosine": f"the smallest of those largest |cosines| over the top {top_k}",
+    }
 
 
 def update_metrics(

@@ -501,6 +501,35 @@ def _spec_hash(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _cached_results(specs: list[dict[str, Any]], cfg_dir: Path, safe: dict[str, str],
+                    hashes: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The configurations whose configs/NAME.json holds a result of the same spec."""
+    cached = {}
+    for sp in specs:
+        f = cfg_dir / f"{safe[sp['name']]}.json"
+        if f.is_file():
+            prev = json.loads(f.read_text())
+            if prev.get("spec_hash") == hashes[sp["name"]]:
+                cached[sp["name"]] = prev
+    return cached
+
+
+def _result(wk: _Worker, ready: dict[str, Any], fin: dict[str, Any], rounds: list[dict[str, Any]],
+            settings: ServeSettings, **extra: Any) -> dict[str, Any]:
+    """One configuration's record: its engine's ready message, its rounds per batch size, its open loop and
+    profile (`extra`), its memory."""
+    batches = []
+    for bs in settings.batch_sizes:
+        rs = [r for r in rounds if r["batch_size"] == bs]
+        batches.append({"batch_size": bs, "rounds": rs, "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs),
+                        "device_used_bytes": rs[-1]["device_used_bytes"]})
+    res = {k: v for k, v in ready.items() if k != "event"}
+    res.update(batches=batches, open_loop=extra["open_loop"], profile=extra["profile"],
+               peak_rss_bytes=fin["peak_rss_bytes"], peak_pss_bytes=fin["peak_pss_bytes"],
+               spec_hash=extra["spec_hash"], status="ok", seconds=time.time() - wk.t0, log=str(wk.log_file))
+    return res
+
+
 def run_group(specs: list[dict[str, Any]], out_dir: Path, settings: ServeSettings) -> tuple[list, list]:
     """Run the configurations interleaved in time; return (results, schedule).
 
@@ -517,13 +546,7 @@ def run_group(specs: list[dict[str, Any]], out_dir: Path, settings: ServeSetting
     cfg_dir.mkdir(parents=True, exist_ok=True)
     safe = {sp["name"]: sp["name"].replace(":", "-") for sp in specs}
     hashes = {sp["name"]: _spec_hash(sp) for sp in specs}
-    cached = {}
-    for sp in specs:
-        f = cfg_dir / f"{safe[sp['name']]}.json"
-        if f.is_file():
-            prev = json.loads(f.read_text())
-            if prev.get("spec_hash") == hashes[sp["name"]]:
-                cached[sp["name"]] = prev
+    cached = _cached_results(specs, cfg_dir, safe, hashes)
     if specs and len(cached) == len(specs):
         log.info("reusing every configuration's result under %s (same configurations)", cfg_dir)
         schedule_file = cfg_dir / f"schedule-{_group_id(specs)}.json"
@@ -560,25 +583,8 @@ def run_group(specs: list[dict[str, Any]], out_dir: Path, settings: ServeSetting
                 wk.fail("no final reply")
             results.append(wk.failure())
             continue
-        msg, fin = ready[wk.name], closed[wk.name]
-        batches = []
-        for bs in settings.batch_sizes:
-            rs = [r for r in rounds[wk.name] if r["batch_size"] == bs]
-            batches.append({"batch_size": bs, "rounds": rs,
-                            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs),
-                            "device_used_bytes": rs[-1]["device_used_bytes"]})
-        res = {k: v for k, v in msg.items() if k != "event"}
-        res.update(
-            batches=batches,
-            open_loop=open_runs[wk.name],
-            profile=profiles[wk.name],
-            peak_rss_bytes=fin["peak_rss_bytes"],
-            peak_pss_bytes=fin["peak_pss_bytes"],
-            spec_hash=hashes[wk.name],
-            status="ok",
-            seconds=time.time() - wk.t0,
-            log=str(wk.log_file),
-        )
+        res = _result(wk, ready[wk.name], closed[wk.name], rounds[wk.name], settings,
+                      open_loop=open_runs[wk.name], profile=profiles[wk.name], spec_hash=hashes[wk.name])
         write_json(cfg_dir / f"{safe[wk.name]}.json", res)
         results.append(res)
     write_json(cfg_dir / f"schedule-{_group_id(specs)}.json", schedule)
@@ -742,10 +748,56 @@ def explain_failure(lines: list[str]) -> str:
     return f"last log line: {last.strip()[:300]}"
 
 
-def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settings: ServeSettings,
-                    data_dir: str | None = None) -> dict[str, Any]:
+def _base_dir(base: str) -> Path:
+    """The base model's local folder (a Hub id is downloaded: configs, weights, tokenizer)."""
     from lorascope.models import resolve_model
 
+    base_dir = Path(resolve_model(base))
+    if not base_dir.is_dir():
+        from huggingface_hub import snapshot_download
+
+        base_dir = Path(snapshot_download(str(base_dir), allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                                          "*.txt", "*.jinja"]))
+    return base_dir
+
+
+def _check_kv_cache(base_dir: Path, dtype: str, settings: ServeSettings) -> int:
+    """KV-cache bytes per token; raises when vLLM's cache cannot hold one sequence of max_model_len."""
+    per_token = kv_bytes_per_token(base_dir, dtype)
+    need = per_token * settings.max_model_len
+    if settings.engine == "vllm" and need > settings.kv_cache_gib * 2**30:
+        raise LorascopeError(f"--kv-cache-gib {settings.kv_cache_gib}: not enough for one sequence of --max-model-len "
+                             f"{settings.max_model_len} ({need / 2**30:.2f} GiB at {per_token} bytes per token); "
+                             f"raise --kv-cache-gib or lower --max-model-len")
+    return per_token
+
+
+def _common_spec(settings: ServeSettings, base_sha: str, dtype: str, max_rank: int) -> dict[str, Any]:
+    """What every configuration's engine shares; base_sha256 and each adapter's sha256 are in the specs, so
+    cached timings are keyed by contents, not paths."""
+    return {
+        "base_sha256": base_sha,
+        "engine": settings.engine,
+        "batch_sizes": settings.batch_sizes,
+        "batches": settings.batches,
+        "warmup": settings.warmup,
+        "force_adapter_names": settings.force_adapter_names,
+        "output_tokens": settings.output_tokens,
+        "ignore_eos": not settings.natural_lengths,
+        "dtype": dtype,
+        "engine_args": _engine_args(settings),
+        "max_lora_rank": max_rank,
+        "kv_cache_gib": settings.kv_cache_gib,
+        "rates": settings.rates,
+        "open_requests": settings.open_requests if settings.rates else None,
+        "profile_reps": settings.profile_reps if settings.profile else None,
+        "profile": settings.profile,
+    }
+
+
+def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settings: ServeSettings,
+                    data_dir: str | None = None) -> dict[str, Any]:
+    """Serve each adapter merged and unmerged (and all at once: multi), interleaved; write serve.json/csv."""
     out_dir = Path(output_dir)
     bad = settings.problems()
     if bad:
@@ -753,23 +805,13 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
     if settings.repetitions is not None:
         settings.batches = settings.repetitions
     _check_engine(settings)
-    base_dir = Path(resolve_model(base))
-    if not base_dir.is_dir():
-        from huggingface_hub import snapshot_download
-
-        base_dir = Path(snapshot_download(str(base_dir), allow_patterns=["*.json", "*.safetensors", "*.model",
-                                                                          "*.txt", "*.jinja"]))
+    base_dir = _base_dir(base)
     shapes = base_shapes(base_dir)
     if not shapes:
         raise LorascopeError(f"base model {base_dir}: no *.safetensors weights")
     base_sha = base_digest(base_dir)
     dtype = _dtype(settings)
-    per_token = kv_bytes_per_token(base_dir, dtype)
-    need = per_token * settings.max_model_len
-    if settings.engine == "vllm" and need > settings.kv_cache_gib * 2**30:
-        raise LorascopeError(f"--kv-cache-gib {settings.kv_cache_gib}: not enough for one sequence of --max-model-len "
-                             f"{settings.max_model_len} ({need / 2**30:.2f} GiB at {per_token} bytes per token); "
-                             f"raise --kv-cache-gib or lower --max-model-len")
+    per_token = _check_kv_cache(base_dir, dtype, settings)
 
     adapters, problems = [], {}
     for name, path in parse_adapters(adapter_specs):
@@ -790,24 +832,7 @@ def run_serve_bench(base: str, adapter_specs: list[str], output_dir: str, settin
     workload = build_workload(adapters, base_dir, settings, data_dir, workload_info) if adapters else {}
 
     # base_sha256 and each adapter's sha256 are in the specs: cached timings are keyed by contents, not paths
-    common = {
-        "base_sha256": base_sha,
-        "engine": settings.engine,
-        "batch_sizes": settings.batch_sizes,
-        "batches": settings.batches,
-        "warmup": settings.warmup,
-        "force_adapter_names": settings.force_adapter_names,
-        "output_tokens": settings.output_tokens,
-        "ignore_eos": not settings.natural_lengths,
-        "dtype": dtype,
-        "engine_args": _engine_args(settings),
-        "max_lora_rank": max_rank,
-        "kv_cache_gib": settings.kv_cache_gib,
-        "rates": settings.rates,
-        "open_requests": settings.open_requests if settings.rates else None,
-        "profile_reps": settings.profile_reps if settings.profile else None,
-        "profile": settings.profile,
-    }
+    common = _common_spec(settings, base_sha, dtype, max_rank)
 
     all_names = [n for n, _ in parse_adapters(adapter_specs)]
     specs, failures = _specs(all_names, adapters, problems, workload, common, settings, base_dir, out_dir)
