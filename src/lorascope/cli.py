@@ -144,37 +144,22 @@ def _args_drift(sub) -> argparse.ArgumentParser:
     p.add_argument("--tuned", action="append", required=True, metavar="NAME=CHECKPOINT",
                    help="a tuned checkpoint (model directory or PEFT adapter directory) and its name (repeatable)")
     p.add_argument("--output-dir", required=True, help="where drift.json, drift.csv and the figures go")
-    p.add_argument("--max-examples", type=int, default=1000, help="held-out prompts to compare (default 1000)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
     p.add_argument("--data-dir", help="local data folder with mrpc/ and squad_v2/ (default: $LORASCOPE_DATA_DIR, "
                                       "else the Hugging Face Hub)")
-    p.add_argument("--tokens", choices=["content", "all"], default="content",
-                   help="content (default): only the example's own tokens (MRPC: the sentences; SQuAD: context and "
-                        "question), never position 0 or template tokens; all: every real token, for comparison")
-    p.add_argument("--drop-first-position", action="store_true",
-                   help="with --tokens all: leave out each prompt's first token (an attention sink)")
-    p.add_argument("--max-tokens", type=int, help="truncate prompts to this many tokens; prompts left with no "
-                                                  "content token are skipped and counted")
-    p.add_argument("--diagnostic-examples", type=int, default=128,
-                   help="prompts on which the base model's Gram-energy diagnostics are computed (default 128; 0: none)")
-    p.add_argument("--reduction", type=float, default=0.20,
-                   help="criterion 2a: LoRA's drift at least this much below full fine-tuning's (default 0.20)")
-    p.add_argument("--jackknife-groups", type=int, default=5,
-                   help="groups of prompts for the token-level intervals (default 5); memory grows with it")
-    p.add_argument("--float32-products", action="store_true",
-                   help="form each batch's co-moments in float32 (faster on CPUs, CKA within ~1e-6)")
+    from lorascope.cliargs import add_settings_args
+    from lorascope.drift.measure import DriftSettings
+
+    add_settings_args(p, DriftSettings)  # every drift setting, its default and help from DriftSettings
     return p
 
 
 def _cmd_drift(args: argparse.Namespace) -> int:
+    from lorascope.cliargs import settings_from_args
     from lorascope.drift import run_drift
+    from lorascope.drift.measure import DriftSettings
 
-    result = run_drift(args.task, args.base, args.tuned, args.output_dir, max_examples=args.max_examples,
-                       batch_size=args.batch_size, data_dir=args.data_dir,
-                       tokens=args.tokens, drop_first_position=args.drop_first_position,
-                       max_tokens=args.max_tokens, diagnostic_examples=args.diagnostic_examples,
-                       reduction=args.reduction, jackknife_groups=args.jackknife_groups,
-                       float32_products=args.float32_products)
+    result = run_drift(args.task, args.base, args.tuned, args.output_dir, settings_from_args(DriftSettings, args),
+                       data_dir=args.data_dir)
     if result is not None:  # rank 0 of a torchrun world, or a single process
         print(json.dumps({"output_dir": result["output_dir"], "n_examples": result["n_examples"],
                           "n_tokens": result["n_tokens"], "selection": result["selection"],

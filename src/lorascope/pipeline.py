@@ -39,6 +39,7 @@ from typing import Any
 
 from lorascope import LorascopeError
 from lorascope.config import Config, _coerce, _did_you_mean, apply_mapping
+from lorascope.drift.measure import DriftSettings
 from lorascope.layout import RunLayout, trained_name
 from lorascope.runinfo import provenance, write_json
 from lorascope.serve.bench import ServeSettings
@@ -46,16 +47,22 @@ from lorascope.serve.bench import ServeSettings
 log = logging.getLogger(__name__)
 
 
-_SERVE_FIELDS = {f.name: f for f in dataclasses.fields(ServeSettings)}
-
-
-def _from_serve(name: str):
-    """A study field that is a serving setting: ServeSettings' default and help, written once there."""
-    f = _SERVE_FIELDS[name]
-    meta = {"help": f.metadata.get("help", ""), "serve": name}
+def _from(settings_cls, key: str, name: str):
+    """A study field that is a serving or drift setting: the settings class's default and help, written
+    once there; metadata[key] names the setting."""
+    f = {f.name: f for f in dataclasses.fields(settings_cls)}[name]
+    meta = {"help": f.metadata.get("help", ""), key: name}
     if f.default_factory is not dataclasses.MISSING:
         return field(default_factory=f.default_factory, metadata=meta)
     return field(default=f.default, metadata=meta)
+
+
+def _from_serve(name: str):
+    return _from(ServeSettings, "serve", name)
+
+
+def _from_drift(name: str):
+    return _from(DriftSettings, "drift", name)
 
 
 @dataclass
@@ -67,10 +74,9 @@ class StudyArgs:
         "help": "the LoRA rank the verdict is about (default: 8 if swept, else the first rank)"})
     forgetting: bool = field(default=True, metadata={"help": "evaluate every tuned model on the other tasks too"})
     drift: bool = field(default=True, metadata={"help": "run the drift and weight-space stages"})
-    drift_examples: int = field(default=1000, metadata={"help": "held-out prompts per task for drift"})
-    drift_batch_size: int = field(default=8, metadata={"help": "prompts per forward pass in drift"})
-    drift_tokens: str = field(default="content", metadata={
-        "help": "tokens drift measures: content (the examples' own text; no position 0, no template) or all"})
+    drift_examples: int = _from_drift("max_examples")
+    drift_batch_size: int = _from_drift("batch_size")
+    drift_tokens: str = _from_drift("tokens")
     serve: bool = field(default=True, metadata={"help": "run the serving benchmark"})
     serve_tasks: list[str] | None = field(default=None, metadata={
         "help": "tasks whose LoRA adapters are served (default: every study task; each costs a merged and an "
@@ -89,7 +95,7 @@ class StudyArgs:
     serve_open_requests: int = _from_serve("open_requests")
     serve_profile: bool = _from_serve("profile")
     accuracy_margin: float = field(default=3.0, metadata={"help": "criterion 1: LoRA within this many points of full"})
-    drift_reduction: float = field(default=0.20, metadata={"help": "criterion 2a: LoRA drift at least this much lower"})
+    drift_reduction: float = _from_drift("reduction")
     max_serving_overhead: float = field(default=0.30, metadata={"help": "criterion 2b: unmerged overhead at most this"})
     min_seeds: int = field(default=1, metadata={
         "help": "seeds each criterion needs (train.seed must list at least this many); with one seed the accuracy "
@@ -112,6 +118,15 @@ class StudyArgs:
                 "top of the report"})
     per_task: dict = field(default_factory=dict, metadata={
         "help": "per-task overrides of the other sections, e.g. {squad_v2: {data: {max_seq_len: 256}}}"})
+
+    def drift_settings(self) -> DriftSettings:
+        """The drift stage's settings (the others at their defaults)."""
+        return DriftSettings(**{f.metadata["drift"]: getattr(self, f.name) for f in dataclasses.fields(self)
+                                if "drift" in f.metadata})
+
+    def _drift_field(self, flag: str) -> str:
+        name = flag.removeprefix("--").replace("-", "_")
+        return next((f.name for f in dataclasses.fields(self) if f.metadata.get("drift") == name), name)
 
     def problems(self) -> list[str]:
         from lorascope.tasks import TASKS
@@ -147,8 +162,9 @@ class StudyArgs:
         if self.serve_repetitions is not None and self.serve_repetitions < 1:
             out.append(f"study.serve_repetitions (the old name of serve_batches): must be at least 1, "
                        f"got {self.serve_repetitions}")
-        if self.drift_examples < 2:
-            out.append(f"study.drift_examples: must be at least 2, got {self.drift_examples}")
+        for line in self.drift_settings().problems():  # named as the study fields
+            flag, _, rest = line.partition(": ")
+            out.append(f"study.{self._drift_field(flag)}: {rest}")
         for name in ("lr_full", "lr_lora"):
             v = getattr(self, name)
             if v is not None and not v > 0:
@@ -169,8 +185,6 @@ class StudyArgs:
             if not 0.0 < self.tune_validation_share < 1.0:
                 out.append(f"study.tune_validation_share: must be between 0 and 1 (exclusive), got "
                            f"{self.tune_validation_share}")
-        if self.drift_tokens not in ("content", "all"):
-            out.append(f"study.drift_tokens: got {self.drift_tokens!r}; accepted: content, all")
         return out
 
 
@@ -406,9 +420,7 @@ def _plan_drift(study: Study, layout: RunLayout) -> list[Stage]:
         data = study.task_config(task).data  # the data settings training used: held-out means held out
         stages.append(Stage(f"drift:{task}", "drift",
                             (lambda t=task, tu=tuned, o=out, d=data: run_drift(
-                                t, model_name, tu, o, max_examples=st.drift_examples,
-                                batch_size=st.drift_batch_size, data=d, reduction=st.drift_reduction,
-                                tokens=st.drift_tokens)),
+                                t, model_name, tu, o, st.drift_settings(), data=d)),
                             {"examples": st.drift_examples, "batch": st.drift_batch_size, "model": model_name,
                              "data": dataclasses.asdict(data), "reduction": st.drift_reduction,
                              "tokens": st.drift_tokens}, deps, [out]))

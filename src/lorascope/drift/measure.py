@@ -67,6 +67,7 @@ import math
 import os
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,25 +96,50 @@ def parse_tuned(values) -> dict[str, str]:
     return dict(parse_named_paths(values, "--tuned", "CHECKPOINT", "lora=runs/mrpc-lora/model", reserved=("base",)))
 
 
-def drift_problems(*, max_examples: int, batch_size: int, jackknife_groups: int, tokens: str,
-                   max_tokens: int | None, diagnostic_examples: int, reduction: float) -> list[str]:
-    """What is wrong with run_drift's settings, one line each naming the option and what is accepted."""
-    out = []
-    if max_examples < 2:
-        out.append(f"--max-examples: must be at least 2, got {max_examples}")
-    if batch_size < 1:
-        out.append(f"--batch-size: must be a positive integer, got {batch_size}")
-    if jackknife_groups < 2:
-        out.append(f"--jackknife-groups: must be at least 2, got {jackknife_groups}")
-    if tokens not in TOKEN_MODES:
-        out.append(f"--tokens: got {tokens!r}; accepted: {', '.join(TOKEN_MODES)}")
-    if max_tokens is not None and max_tokens < 2:
-        out.append(f"--max-tokens: must be at least 2 (or unset), got {max_tokens}")
-    if diagnostic_examples < 0:
-        out.append(f"--diagnostic-examples: must be >= 0, got {diagnostic_examples}")
-    if not 0.0 < reduction < 1.0:
-        out.append(f"drift reduction: must be between 0 and 1, got {reduction}")
-    return out
+def _opt(default=None, **meta):
+    """A DriftSettings field: its default and its flag's help (lorascope.cliargs makes the flags)."""
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DriftSettings:
+    """What drift measures and how: `lorascope drift`'s flags are generated from these fields, and the
+    study's drift_* settings take their defaults from them."""
+
+    max_examples: int = _opt(1000, help="held-out prompts to compare (an error if the data has fewer)")
+    batch_size: int = _opt(8, help="prompts per forward pass")
+    tokens: str = _opt("content", help="content: only the example's own tokens (MRPC: the sentences; SQuAD: context "
+                                       "and question), never position 0 or template tokens; all: every real token, "
+                                       "for comparison")
+    drop_first_position: bool = _opt(False, help="with --tokens all: leave out each prompt's first token (an "
+                                                 "attention sink)")
+    max_tokens: int | None = _opt(None, help="truncate prompts to this many tokens; prompts left with no content "
+                                             "token are skipped and counted")
+    diagnostic_examples: int = _opt(128, help="prompts on which the base model's Gram-energy diagnostics are "
+                                              "computed (0: none)")
+    reduction: float = _opt(0.20, help="criterion 2a: LoRA's drift at least this much below full fine-tuning's")
+    jackknife_groups: int = _opt(5, help="groups of prompts for the token-level intervals; memory grows with it")
+    float32_products: bool = _opt(False, help="form each batch's co-moments in float32 (faster on CPUs, CKA within "
+                                              "~1e-6; merging stays float64)")
+
+    def problems(self) -> list[str]:
+        """What is wrong, one line each naming the option and what is accepted."""
+        out = []
+        if self.max_examples < 2:
+            out.append(f"--max-examples: must be at least 2, got {self.max_examples}")
+        if self.batch_size < 1:
+            out.append(f"--batch-size: must be a positive integer, got {self.batch_size}")
+        if self.jackknife_groups < 2:
+            out.append(f"--jackknife-groups: must be at least 2, got {self.jackknife_groups}")
+        if self.tokens not in TOKEN_MODES:
+            out.append(f"--tokens: got {self.tokens!r}; accepted: {', '.join(TOKEN_MODES)}")
+        if self.max_tokens is not None and self.max_tokens < 2:
+            out.append(f"--max-tokens: must be at least 2 (or unset), got {self.max_tokens}")
+        if self.diagnostic_examples < 0:
+            out.append(f"--diagnostic-examples: must be >= 0, got {self.diagnostic_examples}")
+        if not 0.0 < self.reduction < 1.0:
+            out.append(f"--reduction: must be between 0 and 1, got {self.reduction}")
+        return out
 
 
 def accumulate(models, names: list[str], tok, token_ids: list[list[int]], select: list[list[bool]], batches,
@@ -158,11 +184,9 @@ def write_outputs(result: dict[str, Any], out: Path, plots: bool) -> None:
             plot_diagnostics(result, out / "diagnostics.png")
 
 
-def run_drift(task: str, base: str, tuned, output_dir: str | os.PathLike, *, max_examples: int = 1000,
-              batch_size: int = 8, data_dir: str | None = None, data=None, tokens: str = "content",
-              drop_first_position: bool = False, max_tokens: int | None = None, jackknife_groups: int = 5,
-              float32_products: bool = False, diagnostic_examples: int = 128, reduction: float = 0.20,
-              plots: bool = True, seed: int = 0) -> dict[str, Any] | None:
+def run_drift(task: str, base: str, tuned, output_dir: str | os.PathLike, settings: DriftSettings | None = None, *,
+              data_dir: str | None = None, data=None, plots: bool = True, seed: int = 0,
+              **options: Any) -> dict[str, Any] | None:
     """Compare the hidden states of `base` and each tuned checkpoint, layer by layer.
 
     One straight pass, kept whole because it reads as the recipe: check the settings
@@ -179,23 +203,26 @@ def run_drift(task: str, base: str, tuned, output_dir: str | os.PathLike, *, max
         ending in ``_s<seed>`` (full_s0, full_s1, lora_r8_s0, ...) are seeds of one method:
         the method ratio pools them and two seeds of a method give its noise floor.
     output_dir : where drift.json, drift.csv and the figures go.
-    max_examples : prompts to compare (an error if the held-out data has fewer).
-    batch_size : prompts per forward pass.
+    settings : a :class:`DriftSettings` (default: its defaults); keyword `options` named like its
+        fields (max_examples=200, tokens="all", ...) override it. What they mean:
+
+        max_examples : prompts to compare (an error if the held-out data has fewer).
+        batch_size : prompts per forward pass.
+        tokens : ``content`` (default): only the example's own tokens (MRPC: the two
+            sentences; SQuAD: context and question), never position 0 or template tokens;
+            ``all``: every real token (for comparison; minus position 0 with `drop_first_position`).
+        max_tokens : truncate prompts to this many tokens (None: no truncation); a prompt left
+            with no content token is skipped and counted.
+        jackknife_groups : groups of prompts for the token-level intervals (memory grows with it).
+        float32_products : form each batch's co-moment matrices in float32 (about twice as
+            fast on CPUs, CKA within ~1e-6); merging and everything else stay float64.
+        diagnostic_examples : prompts (the first ones) on which the base model's Gram-energy
+            diagnostics are computed over all tokens by kind (0: none).
+        reduction : criterion 2a: LoRA's drift at least this much below full fine-tuning's.
     data_dir : local data folder (default: $LORASCOPE_DATA_DIR, else the Hub).
     data : the study's :class:`~lorascope.config.DataConfig` (subset seed, SQuAD eval share,
         ...), so that the held-out prompts are those training did not see; `data_dir`, when
         given, overrides its folder.
-    tokens : ``content`` (default): only the example's own tokens (MRPC: the two
-        sentences; SQuAD: context and question), never position 0 or template tokens;
-        ``all``: every real token (for comparison; minus position 0 with `drop_first_position`).
-    max_tokens : truncate prompts to this many tokens (None: no truncation); a prompt left
-        with no content token is skipped and counted.
-    jackknife_groups : groups of prompts for the token-level intervals (memory grows with it).
-    float32_products : form each batch's co-moment matrices in float32 (about twice as
-        fast on CPUs, CKA within ~1e-6); merging and everything else stay float64.
-    diagnostic_examples : prompts (the first ones) on which the base model's Gram-energy
-        diagnostics are computed over all tokens by kind (0: none).
-    reduction : criterion 2a: LoRA's drift at least this much below full fine-tuning's.
     plots : write the PNG figures.
     seed : seed of the random split of the prompts into jackknife groups.
 
@@ -213,11 +240,13 @@ def run_drift(task: str, base: str, tuned, output_dir: str | os.PathLike, *, max
 
     t_start = time.time()
     tuned = parse_tuned(tuned)
-    problems = drift_problems(max_examples=max_examples, batch_size=batch_size, jackknife_groups=jackknife_groups,
-                              tokens=tokens, max_tokens=max_tokens, diagnostic_examples=diagnostic_examples,
-                              reduction=reduction)
+    st = dataclasses.replace(settings or DriftSettings(), **options)
+    problems = st.problems()
     if problems:
         raise LorascopeError(problems[0])
+    max_examples, batch_size, tokens, max_tokens = st.max_examples, st.batch_size, st.tokens, st.max_tokens
+    drop_first_position, diagnostic_examples, reduction = st.drop_first_position, st.diagnostic_examples, st.reduction
+    jackknife_groups, float32_products = st.jackknife_groups, st.float32_products
     world, rank, pg, created = _distributed()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if torch.cuda.is_available() \
         else torch.device("cpu")
