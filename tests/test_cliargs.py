@@ -56,3 +56,21 @@ def test_problems_one_line_each():
     assert ServeSettings().problems() == []
     bad = ServeSettings(engine="tgi", batches=0, rates=[1.0, -2.0], output_tokens=1).problems()
     assert [p.split(":")[0] for p in bad] == ["--engine 'tgi'", "--batches 0", "--output-tokens 1", "--rates 1,-2"]
+
+
+def test_drift_flags_and_the_study_s_drift_settings_come_from_drift_settings():
+    from lorascope.drift.measure import DriftSettings
+
+    ns = build_parser().parse_args(["drift", "--tuned", "a=x", "--output-dir", "o"])
+    assert settings_from_args(DriftSettings, ns) == DriftSettings()
+    ns = build_parser().parse_args(["drift", "--tuned", "a=x", "--output-dir", "o", "--tokens", "all",
+                                    "--max-examples", "30", "--float32-products", "--reduction", "0.3"])
+    s = settings_from_args(DriftSettings, ns)
+    assert (s.tokens, s.max_examples, s.float32_products, s.reduction) == ("all", 30, True, 0.3)
+    study = StudyArgs()
+    linked = {f.name: f.metadata["drift"] for f in dataclasses.fields(StudyArgs) if "drift" in f.metadata}
+    assert linked == {"drift_examples": "max_examples", "drift_batch_size": "batch_size", "drift_tokens": "tokens",
+                      "drift_reduction": "reduction"}
+    assert study.drift_settings() == DriftSettings()
+    assert [p.split(":")[0] for p in StudyArgs(drift_examples=1, drift_reduction=1.5).problems()] == [
+        "study.drift_examples", "study.drift_reduction"]
