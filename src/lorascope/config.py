@@ -145,7 +145,7 @@ class TrainArgs:
         out = []
         if self.task not in TASKS:
             out.append(f"train.task: unknown task {self.task!r}; accepted: {', '.join(sorted(TASKS))}"
-                       + _did_you_mean(self.task, TASKS))
+                       + did_you_mean(self.task, TASKS))
         if self.method not in ("full", "lora"):
             out.append(f"train.method: unknown method {self.method!r}; accepted: full, lora")
         if self.epochs <= 0:
@@ -214,7 +214,7 @@ class EvalArgs:
         out = []
         if self.task not in TASKS:
             out.append(f"eval.task: unknown task {self.task!r}; accepted: {', '.join(sorted(TASKS))}"
-                       + _did_you_mean(self.task, TASKS))
+                       + did_you_mean(self.task, TASKS))
         if self.split not in ("eval", "train", "validation"):
             out.append(f"eval.split: got {self.split!r}; accepted: eval, train, validation (needs "
                        f"data.validation_share)")
@@ -252,12 +252,12 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _did_you_mean(word: str, choices) -> str:
+def did_you_mean(word: str, choices) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+def coerce(value: Any, tp: Any, where: str) -> Any:
     """Check a YAML value against a dataclass field type; ints are accepted for floats."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -265,13 +265,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
+        return coerce(value, inner[0], where)
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise LorascopeError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], where) for v in value]
+        return [coerce(v, args[0], where) for v in value]
     if tp is bool:
         if not isinstance(value, bool):
             raise LorascopeError(f"{where}: expected true or false, got {value!r}")
@@ -307,7 +307,7 @@ def apply_mapping(cfg: Config, mapping: dict[str, Any], source: str) -> Config:
     for sec_name, values in mapping.items():
         if sec_name not in _sections():
             raise LorascopeError(f"{source}: unknown section {sec_name!r}; accepted: {', '.join(_sections())}"
-                                 + _did_you_mean(str(sec_name), _sections()))
+                                 + did_you_mean(str(sec_name), _sections()))
         if values is None:
             continue
         if not isinstance(values, dict):
@@ -318,8 +318,8 @@ def apply_mapping(cfg: Config, mapping: dict[str, Any], source: str) -> Config:
         for key, value in values.items():
             if key not in names:
                 raise LorascopeError(f"{source}: unknown field {sec_name}.{key}; accepted: {', '.join(names)}"
-                                     + _did_you_mean(str(key), names))
-            setattr(section, key, _coerce(value, hints[key], f"{source}: {sec_name}.{key}"))
+                                     + did_you_mean(str(key), names))
+            setattr(section, key, coerce(value, hints[key], f"{source}: {sec_name}.{key}"))
     return cfg
 
 

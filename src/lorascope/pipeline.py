@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from lorascope import LorascopeError
-from lorascope.config import Config, _coerce, _did_you_mean, apply_mapping
+from lorascope.config import Config, apply_mapping, coerce, did_you_mean
 from lorascope.drift.measure import DriftSettings
 from lorascope.layout import RunLayout, trained_name
 from lorascope.runinfo import provenance, write_json
@@ -135,7 +135,7 @@ class StudyArgs:
         for t in self.tasks:
             if t not in TASKS:
                 out.append(f"study.tasks: unknown task {t!r}; accepted: {', '.join(sorted(TASKS))}"
-                           + _did_you_mean(t, TASKS))
+                           + did_you_mean(t, TASKS))
         if not self.tasks:
             out.append("study.tasks: name at least one task")
         for m in self.methods:
@@ -245,13 +245,13 @@ def load_study(path: str | Path) -> Study:
     for key, value in study_raw.items():
         if key not in names:
             raise LorascopeError(f"{p}: unknown field study.{key}; accepted: {', '.join(names)}"
-                                 + _did_you_mean(str(key), names))
+                                 + did_you_mean(str(key), names))
         if key == "per_task":
             if not isinstance(value, dict):
                 raise LorascopeError(f"{p}: study.per_task must map task names to sections")
             setattr(study, key, value)
         else:
-            setattr(study, key, _coerce(value, hints[key], f"{p}: study.{key}"))
+            setattr(study, key, coerce(value, hints[key], f"{p}: study.{key}"))
     problems = study.problems()
     if problems:
         raise LorascopeError(f"{p}: " + "; ".join(problems))
