@@ -52,8 +52,9 @@ lora:
 study:
   tasks: [mrpc]
   serve: false
-  drift_examples: 8
-  drift_batch_size: 8
+  drift:
+    max_examples: 8
+    batch_size: 8
 """
 
 VOLATILE = {"provenance", "eval_seconds", "seconds", "elapsed_s", "tokens_per_s", "tokens_per_s_this_process",

@@ -43,13 +43,14 @@ def test_flags_typed_from_the_fields():
         settings_from_args(ServeSettings, _serve("--rates", "fast"))
 
 
-def test_the_study_takes_its_serving_defaults_from_serve_settings():
-    study, serve = StudyArgs(), ServeSettings()
-    linked = [f for f in dataclasses.fields(StudyArgs) if "serve" in f.metadata]
-    assert len(linked) == 13
-    for f in linked:
-        assert getattr(study, f.name) == getattr(serve, f.metadata["serve"]), f.name
-        assert f.metadata["help"] == dict(ServeSettings.__dataclass_fields__[f.metadata["serve"]].metadata)["help"]
+def test_the_study_s_serve_section_is_serve_settings_plus_three_fields():
+    study = StudyArgs()
+    assert study.serve.settings() == ServeSettings()
+    own = {f.name for f in dataclasses.fields(ServeSettings)}
+    assert {f.name for f in dataclasses.fields(study.serve)} - own == {"enabled", "tasks", "max_overhead"}
+    for f in dataclasses.fields(ServeSettings):  # the same defaults and help, written once
+        assert getattr(study.serve, f.name) == getattr(ServeSettings(), f.name), f.name
+        assert dict(type(study.serve).__dataclass_fields__[f.name].metadata) == dict(f.metadata)
 
 
 def test_problems_one_line_each():
@@ -68,9 +69,32 @@ def test_drift_flags_and_the_study_s_drift_settings_come_from_drift_settings():
     s = settings_from_args(DriftSettings, ns)
     assert (s.tokens, s.max_examples, s.float32_products, s.reduction) == ("all", 30, True, 0.3)
     study = StudyArgs()
-    linked = {f.name: f.metadata["drift"] for f in dataclasses.fields(StudyArgs) if "drift" in f.metadata}
-    assert linked == {"drift_examples": "max_examples", "drift_batch_size": "batch_size", "drift_tokens": "tokens",
-                      "drift_reduction": "reduction"}
-    assert study.drift_settings() == DriftSettings()
-    assert [p.split(":")[0] for p in StudyArgs(drift_examples=1, drift_reduction=1.5).problems()] == [
-        "study.drift_examples", "study.drift_reduction"]
+    assert study.drift.settings() == DriftSettings() and study.drift.enabled
+    study.drift.max_examples, study.drift.reduction = 1, 1.5
+    assert [p.split(":")[0] for p in study.problems()] == ["study.drift.max_examples", "study.drift.reduction"]
+    study.serve.batch_sizes = [0]
+    assert "study.serve.batch_sizes: [0]: expected positive integers, e.g. 1,2,4,8,16" in study.problems()
+
+
+def test_study_sections_in_yaml_false_for_off_and_the_old_flat_names(tmp_path, caplog):
+    from lorascope.pipeline import load_study
+
+    f = tmp_path / "s.yaml"
+    f.write_text("study:\n  tasks: [mrpc]\n  drift: {max_examples: 30, jackknife_groups: 4}\n  serve: false\n")
+    s = load_study(f).study
+    assert (s.drift.enabled, s.drift.max_examples, s.drift.jackknife_groups, s.serve.enabled) == (True, 30, 4, False)
+    f.write_text("study:\n  tasks: [mrpc]\n  drift_examples: 30\n  serve_batch_sizes: [2]\n"
+                 "  max_serving_overhead: 0.5\n")
+    with caplog.at_level("WARNING"):
+        s = load_study(f).study
+    assert (s.drift.max_examples, s.serve.batch_sizes, s.serve.max_overhead) == (30, [2], 0.5)
+    assert "study.drift_examples is now study.drift.max_examples" in caplog.text
+    for text, msg in (("  serve: {batch_size: [2]}", r"unknown field study\.serve\.batch_size; .*did you mean "
+                                                     r"'batch_sizes'"),
+                      ("  drift: 3", r"study\.drift: expected a mapping of its settings, or true / false; got 3"),
+                      ("  serve: {tasks: [x]}", r"study\.serve\.tasks: 'x' is not one of study\.tasks"),
+                      ("  drift: false\n  drift_examples: 5", r"study\.drift_examples is now study\.drift\."
+                                                             r"max_examples, but study\.drift is False here")):
+        f.write_text("study:\n  tasks: [mrpc]\n" + text + "\n")
+        with pytest.raises(LorascopeError, match=msg):
+            load_study(f)

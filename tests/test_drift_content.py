@@ -325,8 +325,8 @@ def test_drift_prompts_share_no_article_or_pair_with_training(small_data, tmp_pa
     d = stages["drift:squad_v2"].config["data"]
     assert d["subset_seed"] == 99 and d["squad_eval_share"] == 0.6
     assert stages["drift:squad_v2"].config["tokens"] == "content"
-    cfg.write_text(cfg.read_text().replace("serve: false", "serve: false\n  drift_tokens: every"))
-    with pytest.raises(LorascopeError, match="study.drift_tokens: got 'every'; accepted: content, all"):
+    cfg.write_text(cfg.read_text().replace("serve: false", "serve: false\n  drift: {tokens: every}"))
+    with pytest.raises(LorascopeError, match="study.drift.tokens: got 'every'; accepted: content, all"):
         load_study(cfg)
 
 

@@ -102,12 +102,12 @@ def test_fixed_per_method_rates_and_tuned_stages_in_the_plan(tmp_path):
     stages = {s.name: s for s in plan(load_study(f), tmp_path / "run")}
     assert stages["train:mrpc:full_s0"].deps == ["prepare", "tune:mrpc:full"]
     assert "lr" not in stages["train:mrpc:lora_r8_s0"].config["train"]  # the search decides it
-    f.write_text(yaml.safe_dump({"study": {"tasks": ["mrpc", "squad_v2"], "serve_tasks": ["mrpc"]}}))
+    f.write_text(yaml.safe_dump({"study": {"tasks": ["mrpc", "squad_v2"], "serve": {"tasks": ["mrpc"]}}}))
     serve = next(s for s in plan(load_study(f), tmp_path / "run") if s.kind == "serve")
     assert serve.deps == ["train:mrpc:lora_r8_s0"] and serve.config["tasks"] == ["mrpc"]
     for bad, msg in (([], "name at least one task"), (["squad"], "'squad' is not one of study.tasks")):
-        f.write_text(yaml.safe_dump({"study": {"tasks": ["mrpc", "squad_v2"], "serve_tasks": bad}}))
-        with pytest.raises(LorascopeError, match=f"study.serve_tasks: {msg}"):
+        f.write_text(yaml.safe_dump({"study": {"tasks": ["mrpc", "squad_v2"], "serve": {"tasks": bad}}}))
+        with pytest.raises(LorascopeError, match=f"study.serve.tasks: {msg}"):
             load_study(f)
     f.write_text(yaml.safe_dump({"study": {"tasks": ["mrpc"], "tune_lr": True, "lr_lora": 1e-3}}))
     with pytest.raises(LorascopeError, match="fixed rates contradict study.tune_lr"):
@@ -119,7 +119,8 @@ def test_reference_preset_is_the_issue_s_study():
 
     s = load_study(REPO / "configs" / "reference.yaml")
     assert s.study.tune_lr and len(s.study.tune_lrs_full) == len(s.study.tune_lrs_lora) >= 3
-    assert len(s.seeds) >= 3 and s.study.drift_examples >= 1000 and s.study.serve
+    assert len(s.seeds) >= 3 and s.study.drift.max_examples >= 1000 and s.study.serve.enabled
+    assert s.study.serve.batches >= 20  # a p95 from 20 timed batches, not from 3
     mrpc, squad = s.task_config("mrpc"), s.task_config("squad_v2")
     assert mrpc.data.max_train_examples is None and mrpc.data.max_eval_examples is None
     assert squad.data.max_train_examples >= 4000 and squad.data.max_eval_examples == 1000

@@ -242,13 +242,18 @@ def test_a_task_left_out_of_serving_says_why_2b_is_missing(tmp_path):
 
     run = fake_run(tmp_path, full=[0.9], lora=[0.9], ratio=0.9, overhead=0.1)
     study = json.loads((run / "study.json").read_text())
-    study["config"]["serve_tasks"] = ["squad_v2"]  # mrpc's adapter was not served
+    study["config"]["serve"]["tasks"] = ["squad_v2"]  # mrpc's adapter was not served
     (run / "study.json").write_text(json.dumps(study))
     serve = run / "serve" / "r8" / "serve.json"
     serve.write_text(serve.read_text().replace("unmerged:mrpc", "unmerged:squad_v2"))
     t = judge(run)["tasks"]["mrpc"]
-    assert "serving" not in t and "study.serve_tasks: squad_v2" in t["serving_absent"]
+    assert "serving" not in t and "study.serve.tasks: squad_v2" in t["serving_absent"]
     assert t["verdict"] == "FAIL"  # (2a) fails and (2b) is not there to rescue it
-    study["config"]["serve"] = False
+    study["config"]["serve"]["enabled"] = False
     (run / "study.json").write_text(json.dumps(study))
+    assert "serving is off" in judge(run)["tasks"]["mrpc"]["serving_absent"]
+    # a run folder from before study.serve was a section: the same judgement from its flat fields
+    flat = {k: v for k, v in study["config"].items() if k not in ("drift", "serve")}
+    flat.update(serve=False, serve_tasks=None, drift_reduction=0.2, max_serving_overhead=0.3)
+    (run / "study.json").write_text(json.dumps(dict(study, config=flat)))
     assert "serving is off" in judge(run)["tasks"]["mrpc"]["serving_absent"]

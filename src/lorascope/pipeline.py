@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 import shutil
 import time
 import typing
@@ -47,22 +48,51 @@ from lorascope.serve.bench import ServeSettings
 log = logging.getLogger(__name__)
 
 
-def _from(settings_cls, key: str, name: str):
-    """A study field that is a serving or drift setting: the settings class's default and help, written
-    once there; metadata[key] names the setting."""
-    f = {f.name: f for f in dataclasses.fields(settings_cls)}[name]
-    meta = {"help": f.metadata.get("help", ""), key: name}
-    if f.default_factory is not dataclasses.MISSING:
-        return field(default_factory=f.default_factory, metadata=meta)
-    return field(default=f.default, metadata=meta)
+@dataclass
+class StudyDrift(DriftSettings):
+    """study.drift: the drift and weight-space stages. Every `lorascope drift` setting (same names, defaults
+    and help), plus whether the stages run; `study.drift: false` is short for `{enabled: false}`."""
+
+    enabled: bool = field(default=True, metadata={"help": "run the drift and weight-space stages"})
+
+    def settings(self) -> DriftSettings:
+        """The drift stage's settings."""
+        return DriftSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DriftSettings)})
 
 
-def _from_serve(name: str):
-    return _from(ServeSettings, "serve", name)
+@dataclass
+class StudyServe(ServeSettings):
+    """study.serve: the serving stage. Every `lorascope serve-bench` setting (same names, defaults and help),
+    plus whether it runs, which tasks' adapters it serves and criterion 2b's threshold; `study.serve: false`
+    is short for `{enabled: false}`."""
+
+    enabled: bool = field(default=True, metadata={"help": "run the serving benchmark"})
+    tasks: list[str] | None = field(default=None, metadata={
+        "help": "tasks whose LoRA adapters are served (default: every study task; each costs a merged and an "
+                "unmerged engine); criterion 2b is not measured for the others, and the report says so"})
+    max_overhead: float = field(default=0.30, metadata={"help": "criterion 2b: unmerged overhead at most this"})
+
+    def settings(self) -> ServeSettings:
+        """The serving stage's settings."""
+        return ServeSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ServeSettings)})
 
 
-def _from_drift(name: str):
-    return _from(DriftSettings, "drift", name)
+def _section_problems(section: str, settings) -> list[str]:
+    """A settings class's problems() ('--batch-sizes [0]: expected ...') named as study fields
+    ('study.serve.batch_sizes: [0]: expected ...')."""
+    flags = {f.metadata.get("flag", "--" + f.name.replace("_", "-")): f.name for f in dataclasses.fields(settings)}
+    out = []
+    for line in settings.problems():
+        flag, rest = re.match(r"(--[a-z0-9-]+):? ?(.*)", line, re.S).groups()
+        out.append(f"study.{section}.{flags.get(flag, flag)}: {rest}")
+    return out
+
+
+#: study fields from before study.drift and study.serve were sections, and where they went
+LEGACY = {"drift_examples": ("drift", "max_examples"), "drift_batch_size": ("drift", "batch_size"),
+          "drift_tokens": ("drift", "tokens"), "drift_reduction": ("drift", "reduction"),
+          "max_serving_overhead": ("serve", "max_overhead"),
+          **{f"serve_{f.name}": ("serve", f.name) for f in dataclasses.fields(StudyServe) if f.name != "enabled"}}
 
 
 @dataclass
@@ -73,30 +103,12 @@ class StudyArgs:
     primary_rank: int | None = field(default=None, metadata={
         "help": "the LoRA rank the verdict is about (default: 8 if swept, else the first rank)"})
     forgetting: bool = field(default=True, metadata={"help": "evaluate every tuned model on the other tasks too"})
-    drift: bool = field(default=True, metadata={"help": "run the drift and weight-space stages"})
-    drift_examples: int = _from_drift("max_examples")
-    drift_batch_size: int = _from_drift("batch_size")
-    drift_tokens: str = _from_drift("tokens")
-    serve: bool = field(default=True, metadata={"help": "run the serving benchmark"})
-    serve_tasks: list[str] | None = field(default=None, metadata={
-        "help": "tasks whose LoRA adapters are served (default: every study task; each costs a merged and an "
-                "unmerged engine); criterion 2b is not measured for the others, and the report says so"})
-    serve_engine: str = _from_serve("engine")
-    serve_batch_sizes: list[int] = _from_serve("batch_sizes")
-    serve_output_tokens: int = _from_serve("output_tokens")
-    serve_batches: int = _from_serve("batches")
-    serve_repetitions: int | None = _from_serve("repetitions")
-    serve_check_prompts: int = _from_serve("check_prompts")
-    serve_kv_cache_gib: float = _from_serve("kv_cache_gib")
-    serve_max_prompt_tokens: int = _from_serve("max_prompt_tokens")
-    serve_max_model_len: int = _from_serve("max_model_len")
-    serve_modes: list[str] = _from_serve("modes")
-    serve_rates: list[float] = _from_serve("rates")
-    serve_open_requests: int = _from_serve("open_requests")
-    serve_profile: bool = _from_serve("profile")
+    drift: StudyDrift = field(default_factory=StudyDrift, metadata={
+        "help": "the drift and weight-space stages: every `lorascope drift` setting, plus enabled (or false)"})
+    serve: StudyServe = field(default_factory=StudyServe, metadata={
+        "help": "the serving stage: every `lorascope serve-bench` setting, plus enabled (or false), tasks and "
+                "max_overhead (criterion 2b)"})
     accuracy_margin: float = field(default=3.0, metadata={"help": "criterion 1: LoRA within this many points of full"})
-    drift_reduction: float = _from_drift("reduction")
-    max_serving_overhead: float = field(default=0.30, metadata={"help": "criterion 2b: unmerged overhead at most this"})
     min_seeds: int = field(default=1, metadata={
         "help": "seeds each criterion needs (train.seed must list at least this many); with one seed the accuracy "
                 "intervals cover evaluation examples only, and the report says so"})
@@ -119,15 +131,6 @@ class StudyArgs:
     per_task: dict = field(default_factory=dict, metadata={
         "help": "per-task overrides of the other sections, e.g. {squad_v2: {data: {max_seq_len: 256}}}"})
 
-    def drift_settings(self) -> DriftSettings:
-        """The drift stage's settings (the others at their defaults)."""
-        return DriftSettings(**{f.metadata["drift"]: getattr(self, f.name) for f in dataclasses.fields(self)
-                                if "drift" in f.metadata})
-
-    def _drift_field(self, flag: str) -> str:
-        name = flag.removeprefix("--").replace("-", "_")
-        return next((f.name for f in dataclasses.fields(self) if f.metadata.get("drift") == name), name)
-
     def problems(self) -> list[str]:
         from lorascope.tasks import TASKS
 
@@ -141,30 +144,22 @@ class StudyArgs:
         for m in self.methods:
             if m not in ("full", "lora"):
                 out.append(f"study.methods: unknown method {m!r}; accepted: full, lora")
-        if self.serve_engine not in ("vllm", "transformers"):
-            out.append(f"study.serve_engine: got {self.serve_engine!r}; accepted: vllm, transformers")
-        for t in self.serve_tasks or []:
+        sv = self.serve
+        for t in sv.tasks or []:
             if t not in self.tasks:
-                out.append(f"study.serve_tasks: {t!r} is not one of study.tasks ({', '.join(self.tasks)})")
-        if self.serve_tasks is not None and not self.serve_tasks:
-            out.append("study.serve_tasks: name at least one task, or leave it out (every task) and set "
+                out.append(f"study.serve.tasks: {t!r} is not one of study.tasks ({', '.join(self.tasks)})")
+        if sv.tasks is not None and not sv.tasks:
+            out.append("study.serve.tasks: name at least one task, or leave it out (every task) and set "
                        "study.serve: false to skip serving")
+        if not 0 <= sv.max_overhead:
+            out.append(f"study.serve.max_overhead: must be 0 or more (0.3 is 30 %), got {sv.max_overhead}")
         for t in self.per_task:
             if t not in self.tasks:
                 out.append(f"study.per_task: {t!r} is not one of study.tasks ({', '.join(self.tasks)})")
-        if any(not isinstance(r, (int, float)) or r <= 0 for r in self.serve_rates):
-            out.append(f"study.serve_rates: expected positive request rates (requests/s), e.g. [0.5, 1, 2]; "
-                       f"got {self.serve_rates}")
-        if self.serve_rates and self.serve_open_requests < 1:
-            out.append(f"study.serve_open_requests: must be at least 1 (default 40), got {self.serve_open_requests}")
-        if self.serve_batches < 1:
-            out.append(f"study.serve_batches: must be at least 1 (default 20), got {self.serve_batches}")
-        if self.serve_repetitions is not None and self.serve_repetitions < 1:
-            out.append(f"study.serve_repetitions (the old name of serve_batches): must be at least 1, "
-                       f"got {self.serve_repetitions}")
-        for line in self.drift_settings().problems():  # named as the study fields
-            flag, _, rest = line.partition(": ")
-            out.append(f"study.{self._drift_field(flag)}: {rest}")
+        if sv.enabled:
+            out += _section_problems("serve", sv.settings())
+        if self.drift.enabled:
+            out += _section_problems("drift", self.drift.settings())
         for name in ("lr_full", "lr_lora"):
             v = getattr(self, name)
             if v is not None and not v > 0:
@@ -239,19 +234,7 @@ def load_study(path: str | Path) -> Study:
         base.lora.rank = ranks[0]
     if seeds:
         base.train.seed = seeds[0]
-    study = StudyArgs()
-    hints = typing.get_type_hints(StudyArgs)
-    names = [f.name for f in dataclasses.fields(StudyArgs)]
-    for key, value in study_raw.items():
-        if key not in names:
-            raise LorascopeError(f"{p}: unknown field study.{key}; accepted: {', '.join(names)}"
-                                 + did_you_mean(str(key), names))
-        if key == "per_task":
-            if not isinstance(value, dict):
-                raise LorascopeError(f"{p}: study.per_task must map task names to sections")
-            setattr(study, key, value)
-        else:
-            setattr(study, key, coerce(value, hints[key], f"{p}: study.{key}"))
+    study = _study_args(study_raw, str(p))
     problems = study.problems()
     if problems:
         raise LorascopeError(f"{p}: " + "; ".join(problems))
@@ -266,6 +249,47 @@ def load_study(path: str | Path) -> Study:
     if s.primary_rank not in s.ranks and "lora" in study.methods:
         raise LorascopeError(f"{p}: study.primary_rank {s.primary_rank} is not among lora.rank {s.ranks}")
     return s
+
+
+def _study_args(raw: dict, src: str) -> StudyArgs:
+    """The `study` section: its fields, with `drift` and `serve` sections of their own (or false / true)."""
+    study = StudyArgs()
+    raw = dict(raw)
+    for key in [k for k in raw if k in LEGACY]:  # the flat names of before 2026-11-30
+        section, name = LEGACY[key]
+        sec = raw.setdefault(section, {})
+        if not isinstance(sec, dict):
+            raise LorascopeError(f"{src}: study.{key} is now study.{section}.{name}, but study.{section} is "
+                                 f"{sec!r} here; write study.{section}: {{{name}: ...}}")
+        log.warning("%s: study.%s is now study.%s.%s; reading it as that", src, key, section, name)
+        sec.setdefault(name, raw.pop(key))
+    for key, value in raw.items():
+        _set_field(study, "study", key, value, src)
+    return study
+
+
+def _set_field(obj, path: str, key, value, src: str) -> None:
+    """obj.key = value, checked; `path` is obj's dotted name in the config (study, study.serve)."""
+    names = [f.name for f in dataclasses.fields(obj)]
+    if key not in names:
+        raise LorascopeError(f"{src}: unknown field {path}.{key}; accepted: {', '.join(names)}"
+                             + did_you_mean(str(key), names))
+    current = getattr(obj, key)
+    if key == "per_task":
+        if not isinstance(value, dict):
+            raise LorascopeError(f"{src}: study.per_task must map task names to sections")
+        setattr(obj, key, value)
+    elif dataclasses.is_dataclass(current):  # a section: a mapping of its fields, or true / false for enabled
+        if isinstance(value, bool):
+            current.enabled = value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                _set_field(current, f"{path}.{key}", k, v, src)
+        else:
+            raise LorascopeError(f"{src}: {path}.{key}: expected a mapping of its settings, or true / false; "
+                                 f"got {value!r}")
+    else:
+        setattr(obj, key, coerce(value, typing.get_type_hints(type(obj))[key], f"{src}: {path}.{key}"))
 
 
 def _sweep(data: dict, section: str, name: str, p: Path) -> list[int]:
@@ -310,9 +334,9 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
         stages += _plan_tune(study, layout)
     stages += _plan_train(study, layout)
     stages += _plan_eval(study, layout)
-    if study.study.drift and study.models():
+    if study.study.drift.enabled and study.models():
         stages += _plan_drift(study, layout)
-    if study.study.serve and "lora" in study.study.methods:
+    if study.study.serve.enabled and "lora" in study.study.methods:
         stages += _plan_serve(study, layout)
 
     from lorascope.report import render_report
@@ -413,17 +437,22 @@ def _plan_drift(study: Study, layout: RunLayout) -> list[Stage]:
     from lorascope.drift import run_drift, run_weights
 
     st, stages, model_name = study.study, [], study.base.model.name
+    settings = st.drift.settings()
+    # what the stage depends on: the four settings a study could set before study.drift was a section (so run
+    # folders of that time stay up to date), and any other setting that is not at its default
+    dep_settings = {"examples": settings.max_examples, "batch": settings.batch_size, "reduction": settings.reduction,
+                    "tokens": settings.tokens}
+    dep_settings.update({k: v for k, v in dataclasses.asdict(settings).items()
+                         if k not in ("max_examples", "batch_size", "reduction", "tokens")
+                         and v != getattr(DriftSettings(), k)})
     for task in st.tasks:
         tuned = {name: str(layout.model(task, name)) for name, *_ in study.models()}
         deps = [f"train:{task}:{n}" for n in tuned]
         out = layout.drift(task)
         data = study.task_config(task).data  # the data settings training used: held-out means held out
         stages.append(Stage(f"drift:{task}", "drift",
-                            (lambda t=task, tu=tuned, o=out, d=data: run_drift(
-                                t, model_name, tu, o, st.drift_settings(), data=d)),
-                            {"examples": st.drift_examples, "batch": st.drift_batch_size, "model": model_name,
-                             "data": dataclasses.asdict(data), "reduction": st.drift_reduction,
-                             "tokens": st.drift_tokens}, deps, [out]))
+                            (lambda t=task, tu=tuned, o=out, d=data: run_drift(t, model_name, tu, o, settings, data=d)),
+                            {**dep_settings, "model": model_name, "data": dataclasses.asdict(data)}, deps, [out]))
         wout = layout.weights(task)
         stages.append(Stage(f"weights:{task}", "weights",
                             (lambda tu=tuned, o=wout: run_weights(model_name, tu, o)),
@@ -435,9 +464,8 @@ def _plan_serve(study: Study, layout: RunLayout) -> list[Stage]:
     """serve:rRANK: the first seed's adapters of the served tasks, merged vs unmerged."""
     st, stages, model_name = study.study, [], study.base.model.name
     data_dir = study.base.data.resolved_dir()
-    settings = ServeSettings(**{f.metadata["serve"]: getattr(st, f.name) for f in dataclasses.fields(st)
-                                if "serve" in f.metadata})
-    served = [t for t in st.tasks if t in (st.serve_tasks or st.tasks)]
+    settings = st.serve.settings()
+    served = [t for t in st.tasks if t in (st.serve.tasks or st.tasks)]
     for r in sorted(set(study.ranks)):
         lora_name = trained_name("lora", r, study.seeds[0])
         adapters = [f"{task}={layout.model(task, lora_name)}" for task in served]
@@ -445,7 +473,7 @@ def _plan_serve(study: Study, layout: RunLayout) -> list[Stage]:
         stages.append(Stage(f"serve:r{r}", "serve",
                             (lambda a=adapters, o=out, s=settings: _serve(model_name, a, o, s, data_dir)),
                             {"settings": dataclasses.asdict(settings), "model": model_name,
-                             **({"tasks": served} if st.serve_tasks is not None else {})},
+                             **({"tasks": served} if st.serve.tasks is not None else {})},
                             [f"train:{task}:{lora_name}" for task in served], [out]))
     return stages
 

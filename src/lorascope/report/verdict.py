@@ -294,12 +294,24 @@ def serving_2b(serve: dict[str, Any], task: str, max_overhead: float) -> dict[st
     return out
 
 
+def study_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What the verdict reads of study.json's config: the three thresholds and what was served. Run folders
+    written before study.drift and study.serve became sections (2026-11-30) have them as flat fields."""
+    if isinstance(cfg.get("serve"), dict):
+        drift, serve = cfg["drift"], cfg["serve"]
+        return {"accuracy_margin": cfg["accuracy_margin"], "drift_reduction": drift["reduction"],
+                "max_serving_overhead": serve["max_overhead"], "serve": serve["enabled"], "serve_tasks": serve["tasks"]}
+    return {"accuracy_margin": cfg["accuracy_margin"], "drift_reduction": cfg["drift_reduction"],
+            "max_serving_overhead": cfg["max_serving_overhead"], "serve": cfg.get("serve", True),
+            "serve_tasks": cfg.get("serve_tasks")}
+
+
 def _serving_absent(cfg: dict[str, Any], task: str) -> str:
-    if not cfg.get("serve", True):
+    if not cfg["serve"]:
         return "not measured: serving is off in this study (study.serve)"
-    if cfg.get("serve_tasks") is not None and task not in cfg["serve_tasks"]:
+    if cfg["serve_tasks"] is not None and task not in cfg["serve_tasks"]:
         return (f"not measured: {task}'s adapter is not served in this study "
-                f"(study.serve_tasks: {', '.join(cfg['serve_tasks'])})")
+                f"(study.serve.tasks: {', '.join(cfg['serve_tasks'])})")
     return "not measured: no serving result for this task's adapter"
 
 
@@ -316,10 +328,10 @@ def judge(run_dir: str | Path) -> dict[str, Any]:
     study = _load(RunLayout(run_dir).study_file)
     if study is None:
         raise FileNotFoundError(f"{run_dir}: no study.json; not a `lorascope run` directory")
-    cfg = study["config"]
+    tasks_run, cfg = study["config"]["tasks"], study_settings(study["config"])
     rank, seeds = study["primary_rank"], study["seeds"]
     tasks = {}
-    for task in cfg["tasks"]:
+    for task in tasks_run:
         metric, label = primary(task)
         t: dict[str, Any] = {"metric": metric, "label": label}
         acc = accuracy_criterion(task, run_dir, seeds, rank, cfg["accuracy_margin"])
@@ -356,7 +368,8 @@ def _task_reason(t: dict[str, Any]) -> tuple[str, str | None]:
     if t["verdict"] == INCONCLUSIVE:
         if acc["status"] == INCONCLUSIVE:
             return f"(1) {acc['reason']}", acc.get("next")
-        return "(2a) " + t.get("drift", {}).get("reason", "not measured"), "more drift prompts (study.drift_examples)"
+        return ("(2a) " + t.get("drift", {}).get("reason", "not measured"),
+                "more drift prompts (study.drift.max_examples)")
     parts = [f"(1) {acc['status']}"] + [f"({k}) {t[n]['status']}" for k, n in (("2a", "drift"), ("2b", "serving"))
                                          if n in t]
     return ", ".join(parts), None
