@@ -105,10 +105,14 @@ def test_fixed_per_method_rates_and_tuned_stages_in_the_plan(tmp_path):
     f.write_text(yaml.safe_dump({"study": {"tasks": ["mrpc", "squad_v2"], "serve": {"tasks": ["mrpc"]}}}))
     serve = next(s for s in plan(load_study(f), tmp_path / "run") if s.kind == "serve")
     assert serve.deps == ["train:mrpc:lora_r8_s0"] and serve.config["tasks"] == ["mrpc"]
-    for bad, msg in (([], "name at least one task"), (["squad"], "'squad' is not one of study.tasks")):
-        f.write_text(yaml.safe_dump({"study": {"tasks": ["mrpc", "squad_v2"], "serve": {"tasks": bad}}}))
-        with pytest.raises(LorascopeError, match=f"study.serve.tasks: {msg}"):
-            load_study(f)
+    f.write_text(yaml.safe_dump({"study": {"tasks": ["mrpc", "squad_v2"], "drift": {"tasks": ["squad_v2"]}}}))
+    kinds = [s.name for s in plan(load_study(f), tmp_path / "run") if s.kind in ("drift", "weights")]
+    assert kinds == ["drift:squad_v2", "weights:squad_v2"]
+    for section in ("serve", "drift"):
+        for bad, msg in (([], "name at least one task"), (["squad"], "'squad' is not one of study.tasks")):
+            f.write_text(yaml.safe_dump({"study": {"tasks": ["mrpc", "squad_v2"], section: {"tasks": bad}}}))
+            with pytest.raises(LorascopeError, match=f"study.{section}.tasks: {msg}"):
+                load_study(f)
     f.write_text(yaml.safe_dump({"study": {"tasks": ["mrpc"], "tune_lr": True, "lr_lora": 1e-3}}))
     with pytest.raises(LorascopeError, match="fixed rates contradict study.tune_lr"):
         load_study(f)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -252,8 +253,21 @@ def test_a_task_left_out_of_serving_says_why_2b_is_missing(tmp_path):
     study["config"]["serve"]["enabled"] = False
     (run / "study.json").write_text(json.dumps(study))
     assert "serving is off" in judge(run)["tasks"]["mrpc"]["serving_absent"]
+    # drift left out for this task: (2a) says why, and with (2b) off too nothing can rescue (1)
+    study["config"]["drift"]["tasks"] = ["squad_v2"]
+    (run / "study.json").write_text(json.dumps(study))
+    shutil.rmtree(run / "drift" / "mrpc")
+    t = judge(run)["tasks"]["mrpc"]
+    assert "drift" not in t and "study.drift.tasks: squad_v2" in t["drift_absent"]
+    assert t["verdict"] == "INCONCLUSIVE" and t["reason"].startswith("neither drift (2a) nor serving (2b)")
     # a run folder from before study.serve was a section: the same judgement from its flat fields
     flat = {k: v for k, v in study["config"].items() if k not in ("drift", "serve")}
     flat.update(serve=False, serve_tasks=None, drift_reduction=0.2, max_serving_overhead=0.3)
+    (run / "eval" / "mrpc").rename(run / "eval" / "mrpc.learned")
+    shutil.copytree(fake_run(tmp_path / "unlearned", full=[0.5], lora=[0.5], drift=False) / "eval" / "mrpc",
+                    run / "eval" / "mrpc")
     (run / "study.json").write_text(json.dumps(dict(study, config=flat)))
-    assert "serving is off" in judge(run)["tasks"]["mrpc"]["serving_absent"]
+    t = judge(run)["tasks"]["mrpc"]
+    assert "serving is off" in t["serving_absent"] and "no drift result" in t["drift_absent"]
+    # models that learned nothing: that is the reason given, before anything about (2a) or (2b)
+    assert t["verdict"] == "INCONCLUSIVE" and t["reason"].startswith("(1) the models have not learned")

@@ -51,9 +51,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class StudyDrift(DriftSettings):
     """study.drift: the drift and weight-space stages. Every `lorascope drift` setting (same names, defaults
-    and help), plus whether the stages run; `study.drift: false` is short for `{enabled: false}`."""
+    and help), plus whether the stages run and for which tasks; `study.drift: false` is short for
+    `{enabled: false}`."""
 
     enabled: bool = field(default=True, metadata={"help": "run the drift and weight-space stages"})
+    tasks: list[str] | None = field(default=None, metadata={
+        "help": "tasks whose drift and weight space are measured (default: every study task); criterion 2a is not "
+                "measured for the others, and the report says so"})
 
     def settings(self) -> DriftSettings:
         """The drift stage's settings."""
@@ -145,12 +149,13 @@ class StudyArgs:
             if m not in ("full", "lora"):
                 out.append(f"study.methods: unknown method {m!r}; accepted: full, lora")
         sv = self.serve
-        for t in sv.tasks or []:
-            if t not in self.tasks:
-                out.append(f"study.serve.tasks: {t!r} is not one of study.tasks ({', '.join(self.tasks)})")
-        if sv.tasks is not None and not sv.tasks:
-            out.append("study.serve.tasks: name at least one task, or leave it out (every task) and set "
-                       "study.serve: false to skip serving")
+        for section, chosen in (("serve", sv.tasks), ("drift", self.drift.tasks)):
+            for t in chosen or []:
+                if t not in self.tasks:
+                    out.append(f"study.{section}.tasks: {t!r} is not one of study.tasks ({', '.join(self.tasks)})")
+            if chosen is not None and not chosen:
+                out.append(f"study.{section}.tasks: name at least one task, or leave it out (every task) and set "
+                           f"study.{section}: false to skip the stage")
         if not 0 <= sv.max_overhead:
             out.append(f"study.serve.max_overhead: must be 0 or more (0.3 is 30 %), got {sv.max_overhead}")
         for t in self.per_task:
@@ -433,7 +438,7 @@ def _plan_eval(study: Study, layout: RunLayout) -> list[Stage]:
 
 
 def _plan_drift(study: Study, layout: RunLayout) -> list[Stage]:
-    """drift:TASK and weights:TASK over every tuned model of the task."""
+    """drift:TASK and weights:TASK over every tuned model of the task, for the tasks study.drift.tasks names."""
     from lorascope.drift import run_drift, run_weights
 
     st, stages, model_name = study.study, [], study.base.model.name
@@ -445,7 +450,7 @@ def _plan_drift(study: Study, layout: RunLayout) -> list[Stage]:
     dep_settings.update({k: v for k, v in dataclasses.asdict(settings).items()
                          if k not in ("max_examples", "batch_size", "reduction", "tokens")
                          and v != getattr(DriftSettings(), k)})
-    for task in st.tasks:
+    for task in [t for t in st.tasks if t in (st.drift.tasks or st.tasks)]:
         tuned = {name: str(layout.model(task, name)) for name, *_ in study.models()}
         deps = [f"train:{task}:{n}" for n in tuned]
         out = layout.drift(task)

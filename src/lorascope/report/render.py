@@ -242,6 +242,9 @@ def _verdict_section(doc: Doc, verdict: dict[str, Any], rank: int) -> None:
         if dr:
             rows.append([task, f"(2a) LoRA drift at least {crit['drift_reduction']:.0%} below full",
                          f"{dr['measured']}; {_drift_seeds(dr)}", f"{dr['status']}: {dr['reason']}"])
+        elif t.get("drift_absent"):
+            rows.append([task, f"(2a) LoRA drift at least {crit['drift_reduction']:.0%} below full", "-",
+                         t["drift_absent"]])
         if sv:
             rows.append([task, f"(2b) unmerged serving overhead at most {crit['max_serving_overhead']:.0%}",
                          f"{sv['engine']}: {_pct(sv['min'])} to {_pct(sv['max'])} over batch sizes "

@@ -20,7 +20,9 @@ it is all on the bad side, INCONCLUSIVE when it straddles it or cannot be comput
 2b. Serving: the unmerged adapter's overhead over merged serving at most
     `max_serving_overhead` at every batch size measured (median of paired repetitions).
 Overall, per task: (1) and ((2a) or (2b)) in three-valued (Kleene) logic: FAIL wins an
-"and", PASS wins an "or", INCONCLUSIVE otherwise.
+"and", PASS wins an "or", INCONCLUSIVE otherwise. A criterion the study did not measure for
+a task (study.drift.tasks, study.serve.tasks, or the stage switched off) is left out of that
+"or", and the task's `drift_absent` / `serving_absent` says why.
 
 Accuracy intervals come from a hierarchical bootstrap: each resample draws the seeds of
 each method with replacement, then the evaluation clusters with replacement (MRPC: single
@@ -300,10 +302,20 @@ def study_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     if isinstance(cfg.get("serve"), dict):
         drift, serve = cfg["drift"], cfg["serve"]
         return {"accuracy_margin": cfg["accuracy_margin"], "drift_reduction": drift["reduction"],
-                "max_serving_overhead": serve["max_overhead"], "serve": serve["enabled"], "serve_tasks": serve["tasks"]}
+                "max_serving_overhead": serve["max_overhead"], "serve": serve["enabled"], "serve_tasks": serve["tasks"],
+                "drift": drift["enabled"], "drift_tasks": drift.get("tasks")}
     return {"accuracy_margin": cfg["accuracy_margin"], "drift_reduction": cfg["drift_reduction"],
             "max_serving_overhead": cfg["max_serving_overhead"], "serve": cfg.get("serve", True),
-            "serve_tasks": cfg.get("serve_tasks")}
+            "serve_tasks": cfg.get("serve_tasks"), "drift": cfg.get("drift", True), "drift_tasks": None}
+
+
+def _drift_absent(cfg: dict[str, Any], task: str) -> str:
+    if not cfg["drift"]:
+        return "not measured: drift is off in this study (study.drift)"
+    if cfg["drift_tasks"] is not None and task not in cfg["drift_tasks"]:
+        return (f"not measured: {task}'s drift is not measured in this study "
+                f"(study.drift.tasks: {', '.join(cfg['drift_tasks'])})")
+    return "not measured: no drift result for this task"
 
 
 def _serving_absent(cfg: dict[str, Any], task: str) -> str:
@@ -341,6 +353,8 @@ def judge(run_dir: str | Path) -> dict[str, Any]:
         drift = _load(RunLayout(run_dir).drift(task) / "drift.json")
         if drift:
             t["drift"] = drift_criterion(drift, rank, cfg["drift_reduction"], both_learned)
+        else:  # say why (2a) is missing rather than leave its row out
+            t["drift_absent"] = _drift_absent(cfg, task)
         serve = _load(RunLayout(run_dir).serve(rank) / "serve.json")
         if serve:
             sv = serving_2b(serve, task, cfg["max_serving_overhead"])
@@ -363,11 +377,11 @@ def _task_reason(t: dict[str, Any]) -> tuple[str, str | None]:
     acc = t.get("accuracy")
     if acc is None:
         return "no evaluation of the tuned models", "rerun `lorascope run` with the same config"
+    if acc["status"] == INCONCLUSIVE:  # the first thing to fix, whatever else was measured
+        return f"(1) {acc['reason']}", acc.get("next")
     if "drift" not in t and "serving" not in t:
         return "neither drift (2a) nor serving (2b) was measured", "rerun with study.drift or study.serve on"
     if t["verdict"] == INCONCLUSIVE:
-        if acc["status"] == INCONCLUSIVE:
-            return f"(1) {acc['reason']}", acc.get("next")
         return ("(2a) " + t.get("drift", {}).get("reason", "not measured"),
                 "more drift prompts (study.drift.max_examples)")
     parts = [f"(1) {acc['status']}"] + [f"({k}) {t[n]['status']}" for k, n in (("2a", "drift"), ("2b", "serving"))
