@@ -128,3 +128,30 @@ def test_reference_preset_is_the_issue_s_study():
     mrpc, squad = s.task_config("mrpc"), s.task_config("squad_v2")
     assert mrpc.data.max_train_examples is None and mrpc.data.max_eval_examples is None
     assert squad.data.max_train_examples >= 4000 and squad.data.max_eval_examples == 1000
+
+
+def test_a_task_with_its_own_seeds(tmp_path):
+    """study.per_task.TASK.train.seed: SQuAD v2 with 2 seeds beside MRPC's 3, in every stage that reads models."""
+    from lorascope.pipeline import load_study, plan
+
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({"train": {"seed": [0, 1, 2]}, "study": {
+        "tasks": ["mrpc", "squad_v2"], "min_seeds": 2, "tune_lr": True, "forgetting": True,
+        "per_task": {"squad_v2": {"train": {"seed": [3, 4]}}}}}))
+    s = load_study(f)
+    assert (s.seeds_of("mrpc"), s.seeds_of("squad_v2")) == ([0, 1, 2], [3, 4])
+    stages = {st.name: st for st in plan(s, tmp_path / "run")}
+    trained = sorted(n for n in stages if n.startswith("train:squad_v2:"))
+    assert trained == ["train:squad_v2:full_s3", "train:squad_v2:full_s4", "train:squad_v2:lora_r8_s3",
+                       "train:squad_v2:lora_r8_s4"]
+    assert len([n for n in stages if n.startswith("train:mrpc:")]) == 6
+    assert stages["tune:squad_v2:full"].config["train"]["seed"] == 3  # the search runs at the task's first seed
+    assert "eval:mrpc:squad_v2.lora_r8_s4" in stages and "eval:mrpc:squad_v2.lora_r8_s2" not in stages
+    assert stages["drift:squad_v2"].deps == [f"train:squad_v2:{m}" for m in ("full_s3", "lora_r8_s3", "full_s4",
+                                                                          "lora_r8_s4")]
+    assert stages["serve:r8"].deps == ["train:mrpc:lora_r8_s0", "train:squad_v2:lora_r8_s3"]
+    f.write_text(yaml.safe_dump({"train": {"seed": [0, 1, 2]}, "study": {
+        "tasks": ["mrpc", "squad_v2"], "min_seeds": 2, "per_task": {"squad_v2": {"train": {"seed": 3}}}}}))
+    with pytest.raises(LorascopeError, match=r"study.per_task.squad_v2.train.seed: 1 seed\(s\) given \(\[3\]\) for "
+                                             r"squad_v2, but study.min_seeds asks for at least 2"):
+        load_study(f)

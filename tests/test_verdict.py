@@ -238,6 +238,21 @@ def test_recommendation_says_whether_the_serving_overhead_is_arithmetic_or_imple
     assert "where the unmerged time goes" not in recommend({"mrpc": {"serving": s}}, 8, cfg)
 
 
+def test_a_task_s_own_seeds_are_the_ones_judged(tmp_path):
+    from lorascope.report import judge
+
+    run = fake_run(tmp_path, full=[0.9, 0.9], lora=[0.9, 0.9])
+    study = json.loads((run / "study.json").read_text())
+    study["seeds"] = [0, 1, 2]  # the study's list; mrpc trained with two of them
+    (run / "study.json").write_text(json.dumps(study))
+    assert "evaluations missing: full_s2, lora_r8_s2" in judge(run)["tasks"]["mrpc"]["reason"]
+    study["task_seeds"] = {"mrpc": [0, 1]}
+    (run / "study.json").write_text(json.dumps(study))
+    t = judge(run)["tasks"]["mrpc"]
+    assert t["seeds"] == [0, 1] and t["accuracy"]["seeds"] == {"full": 2, "lora": 2}
+    assert t["accuracy"]["bootstrap"]["seeds"] == [2, 2] and "missing" not in t["accuracy"]["reason"]
+
+
 def test_a_task_left_out_of_serving_says_why_2b_is_missing(tmp_path):
     from lorascope.report import judge
 

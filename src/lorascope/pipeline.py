@@ -195,6 +195,11 @@ class Study:
     ranks: list[int]
     seeds: list[int]
     source: str
+    task_seeds: dict[str, list[int]] = field(default_factory=dict)  # study.per_task.TASK.train.seed
+
+    def seeds_of(self, task: str) -> list[int]:
+        """The seeds `task` trains with: its own list (study.per_task.TASK.train.seed) or train.seed."""
+        return self.task_seeds.get(task, self.seeds)
 
     def task_config(self, task: str) -> Config:
         cfg = copy.deepcopy(self.base)
@@ -209,10 +214,10 @@ class Study:
             return self.study.primary_rank
         return 8 if 8 in self.ranks else self.ranks[0]
 
-    def models(self) -> list[tuple[str, str, int | None, int]]:
-        """(name, method, rank, seed) of every model trained per task."""
+    def models(self, task: str) -> list[tuple[str, str, int | None, int]]:
+        """(name, method, rank, seed) of every model trained on `task`."""
         out = []
-        for seed in self.seeds:
+        for seed in self.seeds_of(task):
             if "full" in self.study.methods:
                 out.append((trained_name("full", None, seed), "full", None, seed))
             if "lora" in self.study.methods:
@@ -245,12 +250,20 @@ def load_study(path: str | Path) -> Study:
         raise LorascopeError(f"{p}: " + "; ".join(problems))
     s = Study(base=base.validate(str(p)), study=study, ranks=ranks or [base.lora.rank],
               seeds=seeds or [base.train.seed], source=str(p))
+    for t, over in study.per_task.items():  # a task's own seed list (a task may cost more per seed)
+        if isinstance(over, dict) and isinstance(over.get("train"), dict):
+            own = _sweep(over, "train", "seed", Path(f"{p}: study.per_task.{t}"))
+            if own:
+                s.task_seeds[t] = own
     for t in study.tasks:
         s.task_config(t)  # validates the per-task overrides now, not hours later
-    if len(s.seeds) < study.min_seeds:
-        raise LorascopeError(f"{p}: train.seed: {len(s.seeds)} seed(s) given ({s.seeds}), but study.min_seeds asks "
-                             f"for at least {study.min_seeds}; list them, e.g. train.seed: "
-                             f"{list(range(study.min_seeds))}")
+    short = [("train.seed", s.seeds, "")] if any(t not in s.task_seeds for t in study.tasks) else []
+    short += [(f"study.per_task.{t}.train.seed", own, f" for {t}") for t, own in s.task_seeds.items()]
+    for where, given, task in short:
+        if len(given) < study.min_seeds:
+            raise LorascopeError(f"{p}: {where}: {len(given)} seed(s) given ({given}){task}, but study.min_seeds asks "
+                                 f"for at least {study.min_seeds}; list them, e.g. {where}: "
+                                 f"{list(range(study.min_seeds))}")
     if s.primary_rank not in s.ranks and "lora" in study.methods:
         raise LorascopeError(f"{p}: study.primary_rank {s.primary_rank} is not among lora.rank {s.ranks}")
     return s
@@ -339,7 +352,7 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
         stages += _plan_tune(study, layout)
     stages += _plan_train(study, layout)
     stages += _plan_eval(study, layout)
-    if study.study.drift.enabled and study.models():
+    if study.study.drift.enabled and any(study.models(t) for t in study.study.tasks):
         stages += _plan_drift(study, layout)
     if study.study.serve.enabled and "lora" in study.study.methods:
         stages += _plan_serve(study, layout)
@@ -348,7 +361,8 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
 
     stages.append(Stage("report", "report", lambda: render_report(run_dir),
                         {"study": dataclasses.asdict(study.study), "ranks": study.ranks, "seeds": study.seeds,
-                         "primary_rank": study.primary_rank},
+                         "primary_rank": study.primary_rank,
+                         **({"task_seeds": study.task_seeds} if study.task_seeds else {})},
                         [s.name for s in stages], [layout.report]))
     return stages
 
@@ -362,7 +376,7 @@ def _plan_tune(study: Study, layout: RunLayout) -> list[Stage]:
         for method in st.methods:
             cfg = study.task_config(task)
             cfg.train.method = method
-            cfg.train.seed = study.seeds[0]
+            cfg.train.seed = study.seeds_of(task)[0]
             if method == "lora":
                 cfg.lora.rank = study.primary_rank
             lrs = getattr(st, f"tune_lrs_{method}")
@@ -382,7 +396,7 @@ def _plan_train(study: Study, layout: RunLayout) -> list[Stage]:
     """train:TASK:MODEL for every method, rank and seed; at the searched rate when tune_lr is on."""
     st, stages = study.study, []
     for task in st.tasks:
-        for name, method, rank, seed in study.models():
+        for name, method, rank, seed in study.models(task):
             cfg = study.task_config(task)
             cfg.train.method = method
             cfg.train.seed = seed
@@ -431,7 +445,7 @@ def _plan_eval(study: Study, layout: RunLayout) -> list[Stage]:
         for train_task in st.tasks:
             if train_task != task and not st.forgetting:
                 continue
-            for name, *_ in study.models():
+            for name, *_ in study.models(train_task):
                 eval_stage(task, name, str(layout.model(train_task, name)), [f"train:{train_task}:{name}"],
                            trained_on=train_task)
     return stages
@@ -451,7 +465,7 @@ def _plan_drift(study: Study, layout: RunLayout) -> list[Stage]:
                          if k not in ("max_examples", "batch_size", "reduction", "tokens")
                          and v != getattr(DriftSettings(), k)})
     for task in [t for t in st.tasks if t in (st.drift.tasks or st.tasks)]:
-        tuned = {name: str(layout.model(task, name)) for name, *_ in study.models()}
+        tuned = {name: str(layout.model(task, name)) for name, *_ in study.models(task)}
         deps = [f"train:{task}:{n}" for n in tuned]
         out = layout.drift(task)
         data = study.task_config(task).data  # the data settings training used: held-out means held out
@@ -472,14 +486,14 @@ def _plan_serve(study: Study, layout: RunLayout) -> list[Stage]:
     settings = st.serve.settings()
     served = [t for t in st.tasks if t in (st.serve.tasks or st.tasks)]
     for r in sorted(set(study.ranks)):
-        lora_name = trained_name("lora", r, study.seeds[0])
-        adapters = [f"{task}={layout.model(task, lora_name)}" for task in served]
+        lora = {task: trained_name("lora", r, study.seeds_of(task)[0]) for task in served}
+        adapters = [f"{task}={layout.model(task, lora[task])}" for task in served]
         out = layout.serve(r)
         stages.append(Stage(f"serve:r{r}", "serve",
                             (lambda a=adapters, o=out, s=settings: _serve(model_name, a, o, s, data_dir)),
                             {"settings": dataclasses.asdict(settings), "model": model_name,
                              **({"tasks": served} if st.serve.tasks is not None else {})},
-                            [f"train:{task}:{lora_name}" for task in served], [out]))
+                            [f"train:{task}:{lora[task]}" for task in served], [out]))
     return stages
 
 
@@ -547,6 +561,7 @@ def _run(study: Study, config_path: str, run_dir: Path, only, force) -> dict:
     write_json(RunLayout(run_dir).study_file,
                {"config_file": str(config_path), "config": dataclasses.asdict(study.study),
                 "base_config": study.base.to_dict(), "ranks": study.ranks, "seeds": study.seeds,
+                "task_seeds": {t: study.seeds_of(t) for t in study.study.tasks},
                 "primary_rank": study.primary_rank, "stages": names, "provenance": provenance()})
     records: dict[str, dict] = {}
     hashes: dict[str, str] = {}

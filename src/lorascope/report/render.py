@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lorascope.layout import RunLayout, trained_name
-from lorascope.report.verdict import RESAMPLES, judge, primary
+from lorascope.report.verdict import RESAMPLES, judge, primary, seeds_of
 from lorascope.runinfo import atomic_path
 
 _SIGNAL_WORDS = {"first_token": "no-answer margin", "answer_nll": "answer NLL"}
@@ -197,9 +197,12 @@ def render_report(run_dir: str | Path) -> Path:
     doc.h(1, "lorascope report: LoRA vs full fine-tuning")
     from lorascope.models import display_name
 
+    per_task = {t: seeds_of(study, t) for t in tasks}
+    seeds = (", ".join(map(str, study["seeds"])) if all(s == study["seeds"] for s in per_task.values())
+             else "; ".join(f"{t} {', '.join(map(str, s))}" for t, s in per_task.items()))
     doc.p(f"Base model {display_name(study['base_config']['model']['name'])}; tasks {', '.join(tasks)}; LoRA "
           f"rank(s) {', '.join(map(str, study['ranks']))} (the verdict is about rank {rank}); seed(s) "
-          f"{', '.join(map(str, study['seeds']))}. Config {study['config_file']}.")
+          f"{seeds}. Config {study['config_file']}.")
     if cfg.get("note"):
         doc.p(f"What this preset leaves out: {cfg['note'].strip()}")
 
@@ -279,8 +282,11 @@ def _verdict_section(doc: Doc, verdict: dict[str, Any], rank: int) -> None:
               "baseline and the zero-shot base model exclude 0. Criteria (1) and (2a) compare only models that "
               "learned the task; otherwise they are INCONCLUSIVE.")
     units = sorted({t["accuracy"].get("unit", "example") for t in verdict["tasks"].values() if "accuracy" in t})
-    n_seeds = len(verdict["seeds"])
-    doc.p(f"Intervals: accuracy, hierarchical bootstrap ({RESAMPLES} resamples) over the {n_seeds} seed(s) of each "
+    counts = sorted({len(t.get("seeds", verdict["seeds"])) for t in verdict["tasks"].values()}) or [
+        len(verdict["seeds"])]
+    n_seeds = counts[0]
+    doc.p(f"Intervals: accuracy, hierarchical bootstrap ({RESAMPLES} resamples) over the "
+          f"{' or '.join(map(str, counts))} seed(s) of each "
           f"method and then over evaluation clusters (unit: {', '.join(units) or 'example'})"
           + (": with 1 seed they cover the choice of evaluation examples only, not seed variance"
              if n_seeds < 2 else "")
@@ -487,7 +493,7 @@ def _rank_section(doc: Doc, layout: RunLayout, study: dict[str, Any], tasks: lis
         for r in study["ranks"]:
             for task in tasks:
                 metric = primary(task)[0]
-                names = [trained_name("lora", r, s) for s in study["seeds"]]
+                names = [trained_name("lora", r, s) for s in seeds_of(study, task)]
                 evs = [_load(layout.eval(task, n)) for n in names]
                 acc = [e["metrics"][metric] for e in evs if e]
                 d = _load(layout.drift(task) / "drift.json")
@@ -509,7 +515,7 @@ def _environment_section(doc: Doc, study: dict[str, Any], cfg: dict[str, Any]) -
     prov = study["provenance"]
     doc.pre(json.dumps({"versions": prov["versions"], "git": prov["git"], "hardware": prov["hardware"]}, indent=2))
     doc.pre(json.dumps({"study": cfg, "base_config": study["base_config"], "ranks": study["ranks"],
-                        "seeds": study["seeds"]}, indent=2))
+                        "seeds": study["seeds"], "task_seeds": study.get("task_seeds")}, indent=2))
 
 
 def drift_sensitivity(doc: Doc, d: dict[str, Any], folder: Path) -> None:

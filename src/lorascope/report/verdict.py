@@ -309,6 +309,11 @@ def study_settings(cfg: dict[str, Any]) -> dict[str, Any]:
             "serve_tasks": cfg.get("serve_tasks"), "drift": cfg.get("drift", True), "drift_tasks": None}
 
 
+def seeds_of(study: dict[str, Any], task: str) -> list[int]:
+    """The seeds `task` trained with (study.json's task_seeds; run folders without it: the study's seeds)."""
+    return (study.get("task_seeds") or {}).get(task, study["seeds"])
+
+
 def _drift_absent(cfg: dict[str, Any], task: str) -> str:
     if not cfg["drift"]:
         return "not measured: drift is off in this study (study.drift)"
@@ -345,8 +350,8 @@ def judge(run_dir: str | Path) -> dict[str, Any]:
     tasks = {}
     for task in tasks_run:
         metric, label = primary(task)
-        t: dict[str, Any] = {"metric": metric, "label": label}
-        acc = accuracy_criterion(task, run_dir, seeds, rank, cfg["accuracy_margin"])
+        t: dict[str, Any] = {"metric": metric, "label": label, "seeds": seeds_of(study, task)}
+        acc = accuracy_criterion(task, run_dir, t["seeds"], rank, cfg["accuracy_margin"])
         if acc is not None:
             t["accuracy"] = acc
         both_learned = bool(acc and acc.get("learned") and all(v["learned"] for v in acc["learned"].values()))
