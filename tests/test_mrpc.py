@@ -77,9 +77,9 @@ def test_answer_logprob_scoring_matches_full_forward(tiny_model, small_data):
     """The fast scorer (logits only at answer positions) equals log-softmax of a plain forward."""
     import torch
 
+    from lorascope.lm import answer_logprobs, candidate_logprobs
     from lorascope.models import load_model, load_tokenizer
     from lorascope.tasks.base import answer_ids, prompt_ids
-    from lorascope.tasks.mrpc import answer_logprobs, candidate_logprobs
 
     model, tok = load_model(str(tiny_model)), load_tokenizer(str(tiny_model))
     exs = get_task("mrpc").load_split("eval", DataConfig(dir=str(small_data)))[:3]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lorascope import LorascopeError
-from lorascope.lm import pad_batch
+from lorascope.lm import candidate_logprobs
 from lorascope.tasks.base import Example, Task, answer_ids, build_prompt, prompt_ids, register
 
 log = logging.getLogger(__name__)
@@ -189,42 +189,6 @@ class MRPC(Task):
         majority = int(sum(labels) * 2 >= len(labels))
         preds = {str(i): {"label": y, "pred": majority} for i, y in enumerate(labels)}
         return {f"majority_class ({LABELS[majority]})": classification_metrics(preds)}
-
-
-def candidate_logprobs(model, tok, prompts: list[list[int]], candidates: list[list[int]], device) -> list[list[float]]:
-    """Log-probability of each candidate answer after each prompt: scores[c][i].
-
-    When every candidate is a single token (as "yes" / "no" are for most tokenizers) one
-    forward pass of the prompts gives them all; otherwise one pass per candidate.
-    """
-    if all(len(c) == 1 for c in candidates):
-        import torch
-
-        ids, mask = pad_batch(prompts, tok.pad_token_id, device=device)
-        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-        last = hidden[
-            torch.arange(len(prompts), device=device), torch.tensor([len(p) - 1 for p in prompts], device=device)
-        ]
-        logp = torch.log_softmax(model.get_output_embeddings()(last).float(), dim=-1)
-        return [logp[:, c[0]].tolist() for c in candidates]
-    return [answer_logprobs(model, tok, prompts, c, device) for c in candidates]
-
-
-def answer_logprobs(model, tok, prompts: list[list[int]], answer: list[int], device) -> list[float]:
-    """Sum of log-probabilities of `answer` after each prompt (one forward pass, right padding)."""
-    import torch
-
-    seqs = [p + answer for p in prompts]
-    ids, mask = pad_batch(seqs, tok.pad_token_id, device=device)
-    # logits only where answer tokens are predicted: positions len(p)-1 .. len(p)+len(a)-2
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-    rows = torch.arange(len(seqs), device=device).repeat_interleave(len(answer))
-    cols = torch.tensor([len(p) - 1 + k for p in prompts for k in range(len(answer))], device=device)
-    logits = model.get_output_embeddings()(hidden[rows, cols]).float()
-    logp = torch.log_softmax(logits, dim=-1)
-    target = torch.tensor(answer * len(prompts), device=device)
-    token_lp = logp.gather(1, target[:, None]).squeeze(1).view(len(prompts), len(answer))
-    return token_lp.sum(1).tolist()
 
 
 def classification_metrics(preds: dict[str, dict]) -> dict[str, Any]:

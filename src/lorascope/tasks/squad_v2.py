@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 from lorascope import LorascopeError
-from lorascope.lm import pad_batch
+from lorascope.lm import greedy_generate
 from lorascope.tasks import squad_metric
 from lorascope.tasks.base import Example, Feature, Task, answer_ids, build_prompt, prompt_ids, register
 
@@ -383,20 +383,16 @@ class SquadV2(Task):
         with torch.inference_mode():
             for start in tqdm(range(0, len(order), batch_size), desc="squad_v2 eval", unit="batch"):
                 batch = order[start:start + batch_size]
-                ids, mask = pad_batch([prompts[e.id] for e in batch], tok.pad_token_id, side="left", device=device)
-                gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     do_sample=False, eos_token_id=stop, pad_token_id=tok.pad_token_id,
-                                     begin_suppress_tokens=na_first, output_logits=True,
-                                     return_dict_in_generate=True)
-                first = gen.logits[0].float()
+                new, logits = greedy_generate(model, tok, [prompts[e.id] for e in batch], max_new_tokens, stop,
+                                              device, begin_suppress_tokens=na_first)
+                first = logits[0].float()
                 na = first[:, na_first].max(dim=1).values
                 other = first.clone()
                 other[:, na_first] = float("-inf")
                 margin = (na - other.max(dim=1).values).tolist()
-                new = gen.sequences[:, ids.shape[1]:]
                 # log-probability of each generated token under the raw (unsuppressed) logits
                 token_lp = torch.stack([torch.log_softmax(step.float(), dim=-1).gather(1, new[:, t:t + 1])[:, 0]
-                                        for t, step in enumerate(gen.logits)], dim=1)
+                                        for t, step in enumerate(logits)], dim=1)
                 for i, (e, row, m) in enumerate(zip(batch, new.tolist(), margin)):
                     end = next((t + 1 for t, x in enumerate(row) if x in stop), len(row))  # stop token counts
                     raw[e.id] = tok.decode(row, skip_special_tokens=True)
