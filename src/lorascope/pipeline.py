@@ -273,7 +273,7 @@ def _study_args(raw: dict, src: str) -> StudyArgs:
     """The `study` section: its fields, with `drift` and `serve` sections of their own (or false / true)."""
     study = StudyArgs()
     raw = dict(raw)
-    for key in [k for k in raw if k in LEGACY]:  # the flat names of before 2026-11-30
+    for key in [k for k in raw if k in LEGACY]:  # the flat names used until 2026-11-29
         section, name = LEGACY[key]
         sec = raw.setdefault(section, {})
         if not isinstance(sec, dict):

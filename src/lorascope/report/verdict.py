@@ -298,7 +298,7 @@ def serving_2b(serve: dict[str, Any], task: str, max_overhead: float) -> dict[st
 
 def study_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     """What the verdict reads of study.json's config: the three thresholds and what was served. Run folders
-    written before study.drift and study.serve became sections (2026-11-30) have them as flat fields."""
+    written before study.drift and study.serve became sections (2026-11-29) have them as flat fields."""
     if isinstance(cfg.get("serve"), dict):
         drift, serve = cfg["drift"], cfg["serve"]
         return {"accuracy_margin": cfg["accuracy_margin"], "drift_reduction": drift["reduction"],
