@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -143,6 +144,26 @@ def test_changed_config_reruns_what_depends_on_it(smoke_run, tmp_path):
     assert r.returncode == 2
     assert "eval:squad_v2:base: out of date, not selected by --only" in r.stderr
     assert "stage report: needs eval:squad_v2:base, which has not run for this config" in r.stderr
+
+
+def test_a_grown_search_grid_keeps_the_finished_trials(smoke_run, tmp_path):
+    run_dir, env, _ = smoke_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    cfg["study"]["tune_lrs_full"] += [3e-4]
+    cfg["study"]["tune_lrs_lora"] += [3e-3]  # the same budget for both
+    grown = tmp_path / "smoke-grown.yaml"
+    grown.write_text(yaml.safe_dump(cfg))
+    trials = run / "tune" / "mrpc" / "lora"
+    before = {p: p.stat().st_mtime_ns for p in trials.glob("lr_*/validation.json")}
+    assert len(before) == 2
+    r = run_cli("run", str(grown), "--run-dir", str(run), "--only", "tune:mrpc:lora", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # the two finished trials are kept
+    tj = json.loads((trials / "tune.json").read_text())
+    assert [t["lr"] for t in tj["trials"]] == sorted(cfg["study"]["tune_lrs_lora"]) and tj["budget"] == 3
+    assert (trials / "lr_3.00e-03" / "validation.json").is_file()
 
 
 def test_killed_training_resumes_inside_the_pipeline(tmp_path, pipeline_data):

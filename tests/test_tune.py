@@ -82,8 +82,23 @@ def test_tune_records_every_trial_selects_the_best_and_resumes(tiny_model, small
     # a rerun reads the finished trials instead of training again
     import lorascope.train
 
+    real_train = lorascope.train.train
     monkeypatch.setattr(lorascope.train, "train", lambda c: pytest.fail("retrained a finished trial"))
     assert tune_lr(cfg, [1e-3, 1e-5], 0.25, out)["trials"] == r["trials"]
+
+    # a grown grid trains only the new rate; a trial made with another config is trained again
+    trained = []
+    monkeypatch.setattr(lorascope.train, "train", lambda c: trained.append(c.train.lr) or real_train(c))
+    grown = tune_lr(cfg, [1e-3, 1e-5, 1e-4], 0.25, out)
+    assert trained == [1e-4] and grown["trials"][0] == r["trials"][0] and grown["trials"][2] == r["trials"][1]
+    record = out / "lr_1.00e-03" / "validation.json"
+    legacy = {k: v for k, v in json.loads(record.read_text()).items() if k not in ("train_config_hash", "scoring")}
+    record.write_text(json.dumps(legacy))  # a record from before trials stored their config: read from training
+    tune_lr(cfg, [1e-3, 1e-5, 1e-4], 0.25, out)
+    assert trained == [1e-4]
+    cfg.train.max_steps = 2  # another training config: every trial is made again
+    tune_lr(cfg, [1e-3, 1e-5], 0.25, out)
+    assert trained == [1e-4, 1e-5, 1e-3]
     with pytest.raises(LorascopeError, match="the search budget is zero"):
         tune_lr(cfg, [], 0.25, out)
 

@@ -388,7 +388,9 @@ def _plan_tune(study: Study, layout: RunLayout) -> list[Stage]:
             dep_cfg["grid"], dep_cfg["validation_share"] = lrs, st.tune_validation_share
             stages.append(Stage(f"tune:{task}:{method}", "tune",
                                 (lambda c=cfg, g=lrs, o=out: tune_lr(c, g, st.tune_validation_share, o)),
-                                dep_cfg, ["prepare"], [out]))
+                                # the trials' folders are not among the outputs: a changed grid or config reruns
+                                # the search, which keeps every trial whose own config is unchanged (tune.py)
+                                dep_cfg, ["prepare"], [out / "tune.json", out / "lr_curve.png"]))
     return stages
 
 

@@ -8,8 +8,12 @@ evaluation, calibration and drift examples are never seen. Full fine-tuning and 
 the same budget: as many trials each (the study checks that their grids are equally long).
 
 Every trial is recorded in OUT/tune.json, with the selected rate (best validation score;
-ties: the smaller rate). A trial's record is written when it finishes, so an interrupted
-search resumes at the next trial; a trial's weights are deleted once it is scored.
+ties: the smaller rate). A trial's record (OUT/lr_RATE/validation.json) is written when it
+finishes, so an interrupted search resumes at the next trial; a trial's weights are deleted
+once it is scored. A finished trial is reused only while what it measured is unchanged: the
+hash of its training config (`lorascope.train.config_hash`) and the evaluation settings that
+score it are in its record, and a trial whose config differs is trained again. So a grid
+can grow (or shrink) without repeating the trials it keeps.
 """
 
 from __future__ import annotations
@@ -41,10 +45,28 @@ def check_grid(lrs: list[float], field: str) -> list[str]:
     return []
 
 
+#: the evaluation settings a trial's validation score depends on
+SCORING = ("batch_size", "max_new_tokens")
+
+
+def _still_valid(record: Path, chash: str, scoring: dict[str, Any]) -> bool:
+    """Whether a finished trial measured what this trial would: the same training config hash and scoring
+    settings. Records written before these were stored (2026-11-29) take the hash from the trial's training
+    record and are taken to have been scored with the current settings."""
+    rec = json.loads(record.read_text())
+    if "train_config_hash" not in rec:
+        done = record.parent / "train" / "lorascope-train.json"  # where the trial trained (the run folder may move)
+        if not done.is_file():
+            return False
+        rec["train_config_hash"] = json.loads(done.read_text()).get("config_hash")
+        rec.setdefault("scoring", scoring)
+    return rec["train_config_hash"] == chash and rec["scoring"] == scoring
+
+
 def tune_lr(cfg: Config, lrs: list[float], validation_share: float, out_dir: str | Path) -> dict[str, Any]:
     """Train and score cfg.train.method on cfg.train.task at each rate of `lrs`; write OUT/tune.json."""
     from lorascope.evaluate import evaluate
-    from lorascope.train import train
+    from lorascope.train import config_hash, train
 
     problems = check_grid(lrs, "learning rates")
     if not 0.0 < validation_share < 1.0:
@@ -56,15 +78,19 @@ def tune_lr(cfg: Config, lrs: list[float], validation_share: float, out_dir: str
     from lorascope.tasks import get_task
 
     metric = get_task(task).primary_metric
+    scoring = {k: cfg.to_dict()["eval"][k] for k in SCORING}
     trials = []
     for lr in sorted(lrs):
         tdir = out / f"lr_{lr:.2e}"
         result_file = tdir / "validation.json"
+        c = copy.deepcopy(cfg)
+        c.train.lr = lr
+        c.data.validation_share = validation_share
+        c.train.output_dir = str(tdir / "train")
+        if result_file.is_file() and not _still_valid(result_file, config_hash(c), scoring):
+            log.info("tune %s/%s: the trial at %.2e was made with another config; training it again", task, method, lr)
+            shutil.rmtree(tdir)
         if not result_file.is_file():
-            c = copy.deepcopy(cfg)
-            c.train.lr = lr
-            c.data.validation_share = validation_share
-            c.train.output_dir = str(tdir / "train")
             state = "complete"
             try:
                 model_dir = train(c)
@@ -83,10 +109,12 @@ def tune_lr(cfg: Config, lrs: list[float], validation_share: float, out_dir: str
                 ev = evaluate(c)
                 value, n = ev["metrics"][metric], ev["n_examples"]
             write_json(result_file, {"lr": lr, "value": value, "metric": metric, "state": state,
-                                     "n_validation": n, "train_dir": str(tdir / "train")})
+                                     "n_validation": n, "train_dir": str(tdir / "train"),
+                                     "train_config_hash": config_hash(c), "scoring": scoring})
             shutil.rmtree(tdir / "train" / "model", ignore_errors=True)  # weights are not kept
             shutil.rmtree(tdir / "train" / "checkpoints", ignore_errors=True)
-        trials.append(json.loads(result_file.read_text()))
+        trials.append({k: v for k, v in json.loads(result_file.read_text()).items()
+                       if k not in ("train_config_hash", "scoring")})
         log.info("tune %s/%s: lr %.2e -> validation %s %s", task, method, lr, metric, trials[-1]["value"])
     scored = [t for t in trials if t["value"] is not None]
     if not scored:
