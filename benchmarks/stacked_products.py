@@ -52,46 +52,50 @@ def main() -> None:
           f"median [min, max] over {a.repeats} timings of {a.reps} calls")
     groups = {"q/k/v": [a.hidden, 192, 192], "gate/up": [1536, 1536]}  # SmolLM2-135M: 3 KV heads of 64
     for name, outs in groups.items():
-        ws = [torch.randn(o, a.hidden) for o in outs]
-        w_cat = torch.cat(ws)
-        x = torch.randn(a.tokens, a.hidden)
-        gs = [torch.randn(a.tokens, o) for o in outs]
-        g_cat = torch.cat(gs, 1)
+        _time_group(name, outs, a)
 
-        def fwd_sep():
-            return [torch.nn.functional.linear(x, w) for w in ws]
 
-        def fwd_cat():
-            return torch.nn.functional.linear(x, w_cat).split(outs, 1)
+def _time_group(name: str, outs: list[int], a: argparse.Namespace) -> None:
+    ws = [torch.randn(o, a.hidden) for o in outs]
+    w_cat = torch.cat(ws)
+    x = torch.randn(a.tokens, a.hidden)
+    gs = [torch.randn(a.tokens, o) for o in outs]
+    g_cat = torch.cat(gs, 1)
 
-        def bwd_sep():
-            gx = gs[0] @ ws[0]
-            for g, w in zip(gs[1:], ws[1:]):
-                gx.addmm_(g, w)
-            return gx
+    def fwd_sep():
+        return [torch.nn.functional.linear(x, w) for w in ws]
 
-        def bwd_cat():
-            return torch.cat(gs, 1) @ w_cat
+    def fwd_cat():
+        return torch.nn.functional.linear(x, w_cat).split(outs, 1)
 
-        def bwd_cat_nocopy():
-            return g_cat @ w_cat
+    def bwd_sep():
+        gx = gs[0] @ ws[0]
+        for g, w in zip(gs[1:], ws[1:]):
+            gx.addmm_(g, w)
+        return gx
 
-        # check that the variants compute the same thing before timing them
-        assert all(torch.allclose(s, c, rtol=1e-4, atol=1e-3) for s, c in zip(fwd_sep(), fwd_cat()))
-        assert torch.allclose(bwd_sep(), bwd_cat(), rtol=1e-4, atol=1e-2)
-        t = {k: [] for k in ("fwd_sep", "fwd_cat", "bwd_sep", "bwd_cat", "bwd_cat_nocopy")}
-        for _ in range(a.repeats):  # interleaved, so drifts of the machine fall on every variant
-            for k, f in (("fwd_sep", fwd_sep), ("fwd_cat", fwd_cat), ("bwd_sep", bwd_sep), ("bwd_cat", bwd_cat),
-                         ("bwd_cat_nocopy", bwd_cat_nocopy)):
-                t[k].append(_median_ms(f, a.reps))
-        r_f = [s / c for s, c in zip(t["fwd_sep"], t["fwd_cat"])]
-        r_b = [s / c for s, c in zip(t["bwd_sep"], t["bwd_cat"])]
-        r_n = [s / c for s, c in zip(t["bwd_sep"], t["bwd_cat_nocopy"])]
-        print(f"{name:8s} outputs {outs}")
-        print(f"  forward   separate {_fmt(t['fwd_sep'])}  stacked {_fmt(t['fwd_cat'])}  ratio {_fmt(r_f)}")
-        print(f"  backward  separate {_fmt(t['bwd_sep'])}  stacked {_fmt(t['bwd_cat'])}  ratio {_fmt(r_b)}")
-        print(f"  backward, gradients already side by side: stacked {_fmt(t['bwd_cat_nocopy'])}  ratio {_fmt(r_n)}")
+    def bwd_cat():
+        return torch.cat(gs, 1) @ w_cat
 
+    def bwd_cat_nocopy():
+        return g_cat @ w_cat
+
+    # check that the variants compute the same thing before timing them
+    assert all(torch.allclose(s, c, rtol=1e-4, atol=1e-3) for s, c in zip(fwd_sep(), fwd_cat()))
+    assert torch.allclose(bwd_sep(), bwd_cat(), rtol=1e-4, atol=1e-2)
+    variants = {"fwd_sep": fwd_sep, "fwd_cat": fwd_cat, "bwd_sep": bwd_sep, "bwd_cat": bwd_cat,
+                "bwd_cat_nocopy": bwd_cat_nocopy}
+    t: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(a.repeats):  # interleaved, so drifts of the machine fall on every variant
+        for k, f in variants.items():
+            t[k].append(_median_ms(f, a.reps))
+    r_f = [s / c for s, c in zip(t["fwd_sep"], t["fwd_cat"])]
+    r_b = [s / c for s, c in zip(t["bwd_sep"], t["bwd_cat"])]
+    r_n = [s / c for s, c in zip(t["bwd_sep"], t["bwd_cat_nocopy"])]
+    print(f"{name:8s} outputs {outs}")
+    print(f"  forward   separate {_fmt(t['fwd_sep'])}  stacked {_fmt(t['fwd_cat'])}  ratio {_fmt(r_f)}")
+    print(f"  backward  separate {_fmt(t['bwd_sep'])}  stacked {_fmt(t['bwd_cat'])}  ratio {_fmt(r_b)}")
+    print(f"  backward, gradients already side by side: stacked {_fmt(t['bwd_cat_nocopy'])}  ratio {_fmt(r_n)}")
 
 if __name__ == "__main__":
     main()
