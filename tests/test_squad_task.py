@@ -131,6 +131,41 @@ def test_best_threshold_picks_the_best_abstention_set():
     assert tie["f1"] == pytest.approx(100.0) and -1.0 < tie["threshold"] < 1.0
 
 
+def test_search_score_fits_the_no_answer_rule_on_the_other_half_of_the_paragraphs():
+    """Hand-computed: 4 paragraphs, each with one answerable question the model answers right and one
+    unanswerable question it answers wrong. Greedy never abstains (first-token margin -1 everywhere): F1 50.
+    The answer NLL separates them, in one half at 0.5 / 3.0, in the other at 2.0 / 2.5."""
+    from lorascope.tasks.squad_v2 import SquadV2, articles_to_examples, paragraph_key
+
+    contexts = [f"Paragraph {i} is about Beta{i}." for i in range(4)]
+    arts = [{"title": "t", "paragraphs": [
+        {"context": c, "qas": [
+            {"id": f"a{i}", "question": f"What is paragraph {i} about?", "is_impossible": False,
+             "answers": [{"text": f"Beta{i}", "answer_start": c.index(f"Beta{i}")}]},
+            {"id": f"u{i}", "question": f"Who wrote paragraph {i}?", "is_impossible": True, "answers": []}]}
+        for i, c in enumerate(contexts)]}]
+    examples = articles_to_examples(arts)
+    order = sorted(paragraph_key(c) for c in contexts)  # the rule: halves alternate over the sorted keys
+    half = {i: order.index(paragraph_key(c)) % 2 for i, c in enumerate(contexts)}
+    nll_of = {0: (0.5, 3.0), 1: (2.0, 2.5)}  # (answerable, unanswerable) NLL per half
+    pred = {"answers": {}, "no_answer_margin": {}, "answer_nll": {}}
+    for i in range(4):
+        pred["answers"].update({f"a{i}": f"Beta{i}", f"u{i}": "Gamma"})
+        pred["no_answer_margin"].update({f"a{i}": -1.0, f"u{i}": -1.0})
+        pred["answer_nll"].update({f"a{i}": nll_of[half[i]][0], f"u{i}": nll_of[half[i]][1]})
+    got = SquadV2().selection_score(examples, pred)
+    # half 0 scored with half 1's threshold (between 2.0 and 2.5): answers a, abstains on u: F1 100;
+    # half 1 scored with half 0's threshold (between 0.5 and 3.0): abstains on both: F1 50; overall 75.
+    # Fitting each half on itself would give 100, greedy 50.
+    assert got["value"] == pytest.approx(75.0) and got["n"] == 8
+    assert [h["signal"] for h in got["halves"]] == ["answer_nll", "answer_nll"]
+    assert [h["f1"] for h in got["halves"]] == pytest.approx([100.0, 50.0])
+    assert 2.0 < got["halves"][0]["threshold"] < 2.5 and 0.5 < got["halves"][1]["threshold"] < 3.0
+    assert [h["paragraphs"] for h in got["halves"]] == [2, 2]
+    # one paragraph cannot be split in two halves: the search then scores as evaluated
+    assert SquadV2().selection_score([x for x in examples if x.id in ("a0", "u0")], pred) is None
+
+
 def test_no_answer_margin_reproduces_greedy_abstention(tiny_model, small_data):
     import torch
 

@@ -103,6 +103,38 @@ def test_tune_records_every_trial_selects_the_best_and_resumes(tiny_model, small
         tune_lr(cfg, [], 0.25, out)
 
 
+def test_squad_trials_are_scored_with_the_cross_fitted_no_answer_rule(tiny_model, small_data, tmp_path):
+    from lorascope.tasks.squad_v2 import SquadV2
+    from lorascope.tune import tune_lr
+
+    cfg = load_config(None, ["train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=2",
+                             "train.save_every=0", "eval.batch_size=8", "eval.max_new_tokens=4"],
+                      **{"train.task": "squad_v2", "train.method": "lora", "model.name": str(tiny_model),
+                         "data.dir": str(small_data)})
+    out = tmp_path / "tune"
+    r = tune_lr(cfg, [1e-3], 0.4, out)
+    trial = r["trials"][0]
+    record = json.loads((out / "lr_1.00e-03" / "validation.json").read_text())
+    val = json.loads((out / "lr_1.00e-03" / "eval.json").read_text())
+    # greedy decoding's own abstention is kept beside the score the search uses
+    assert trial["value_as_evaluated"] == val["metrics"]["f1"]
+    sel = trial["selection"]
+    assert sel["rule"] == SquadV2.selection_rule and len(sel["halves"]) == 2 and sel["n"] == val["n_examples"]
+    assert trial["value"] == sel["value"] == pytest.approx(
+        sum(h["f1"] * h["questions"] for h in sel["halves"]) / sel["n"])
+    assert record["scoring"]["selection"] == SquadV2.selection_rule
+    assert r["score"] == SquadV2.selection_rule and "selection rule" in r["score_label"]
+    # MRPC's trials are scored as before, so records made before the squad rule existed stay valid
+    mcfg = load_config(None, ["train.batch_size=8", "train.micro_batch_size=8", "train.max_steps=1",
+                              "train.save_every=0", "eval.batch_size=8"],
+                       **{"train.task": "mrpc", "train.method": "lora", "model.name": str(tiny_model),
+                          "data.dir": str(small_data)})
+    m = tune_lr(mcfg, [1e-3], 0.25, tmp_path / "mtune")
+    mrec = json.loads((tmp_path / "mtune" / "lr_1.00e-03" / "validation.json").read_text())
+    assert set(mrec["scoring"]) == {"batch_size", "max_new_tokens"} and "selection" not in m["trials"][0]
+    assert m["score"] == "accuracy of the validation split as evaluated"
+
+
 def test_fixed_per_method_rates_and_tuned_stages_in_the_plan(tmp_path):
     from lorascope.pipeline import load_study, plan
 

@@ -3,8 +3,11 @@
 Each trial trains the method at one learning rate on the training side minus a validation
 share (`data.validation_share`; whole paragraphs for SQuAD v2), with the study's first seed
 and the same steps as the final model, then scores the validation split with the task's
-primary metric (MRPC accuracy, SQuAD v2 F1 with greedy decoding's own abstention). The
-evaluation, calibration and drift examples are never seen. Full fine-tuning and LoRA get
+primary metric: MRPC accuracy; SQuAD v2 F1 under the no-answer rule its final evaluation
+uses (signal and threshold fitted on held-out questions), fitted on one half of the
+validation paragraphs and scored on the other, both ways (`Task.selection_score`; greedy
+decoding's own abstention, which can score every rate alike, is kept in the record as
+`value_as_evaluated`). The evaluation, calibration and drift examples are never seen. Full fine-tuning and LoRA get
 the same budget: as many trials each (the study checks that their grids are equally long).
 
 Every trial is recorded in OUT/tune.json, with the selected rate (best validation score;
@@ -77,8 +80,11 @@ def tune_lr(cfg: Config, lrs: list[float], validation_share: float, out_dir: str
     task, method = cfg.train.task, cfg.train.method
     from lorascope.tasks import get_task
 
-    metric = get_task(task).primary_metric
+    task_def = get_task(task)
+    metric = task_def.primary_metric
     scoring = {k: cfg.to_dict()["eval"][k] for k in SCORING}
+    if task_def.selection_rule is not None:
+        scoring["selection"] = task_def.selection_rule
     trials = []
     for lr in sorted(lrs):
         tdir = out / f"lr_{lr:.2e}"
@@ -98,18 +104,26 @@ def tune_lr(cfg: Config, lrs: list[float], validation_share: float, out_dir: str
                 if "loss became" not in str(exc) and "gradient norm became" not in str(exc):
                     raise
                 state, model_dir = f"diverged ({exc})", None
-            value, n = None, 0
+            value, n, extra = None, 0, {}
             if model_dir is not None:
-                c.eval.split = "validation"
+                c.eval.task, c.eval.split = task, "validation"  # the trained task's validation split, always
                 c.eval.checkpoint = str(model_dir)
                 c.eval.output = str(tdir / "eval.json")
-                # SQuAD v2: greedy decoding's own abstention (calibration questions come from the evaluation side)
+                # SQuAD v2: greedy decoding's own abstention here (calibration questions come from the evaluation
+                # side); its selection rule then refits the no-answer rule on the validation paragraphs
                 c.eval.calibration_examples = 0
                 c.eval.no_answer_signal, c.eval.no_answer_threshold = "first_token", 0.0
                 ev = evaluate(c)
                 value, n = ev["metrics"][metric], ev["n_examples"]
+                if task_def.selection_rule is not None:
+                    extra["value_as_evaluated"] = value
+                    examples = task_def.examples("validation", c.data, limit=c.data.max_train_examples)
+                    sel = task_def.selection_score(examples, json.loads(Path(ev["predictions_file"]).read_text()))
+                    if sel is not None:
+                        value = sel["value"]
+                    extra["selection"] = sel or {"note": "fewer than 2 validation paragraphs: scored as evaluated"}
             write_json(result_file, {"lr": lr, "value": value, "metric": metric, "state": state,
-                                     "n_validation": n, "train_dir": str(tdir / "train"),
+                                     "n_validation": n, "train_dir": str(tdir / "train"), **extra,
                                      "train_config_hash": config_hash(c), "scoring": scoring})
             shutil.rmtree(tdir / "train" / "model", ignore_errors=True)  # weights are not kept
             shutil.rmtree(tdir / "train" / "checkpoints", ignore_errors=True)
@@ -125,7 +139,10 @@ def tune_lr(cfg: Config, lrs: list[float], validation_share: float, out_dir: str
     result = {"task": task, "method": method, "metric": metric, "trials": trials, "best_lr": best["lr"],
               "best_value": best["value"], "budget": len(lrs), "validation_share": validation_share,
               "seed": cfg.train.seed, "selected_at_grid_edge": edge,
-              "rule": "best validation score; ties: the smaller learning rate", "config": cfg.to_dict(),
+              "rule": "best validation score; ties: the smaller learning rate",
+              "score": task_def.selection_rule or f"{metric} of the validation split as evaluated",
+              "score_label": f"validation {metric}" + (" (selection rule)" if task_def.selection_rule else ""),
+              "config": cfg.to_dict(),
               "provenance": provenance()}
     if edge:
         log.warning("tune %s/%s: the best rate %.2e is at the edge of the grid; the optimum may lie beyond it",
@@ -150,7 +167,7 @@ def plot_lr_curve(result: dict[str, Any], path: Path) -> None:
             ax.axvline(t["lr"], color="grey", linestyle=":", label="diverged")
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate")
-    ax.set_ylabel(f"validation {result['metric']}")
+    ax.set_ylabel(result.get("score_label", f"validation {result['metric']}"))
     ax.set_title(f"{result['task']} / {result['method']}: {result['budget']} trials")
     ax.legend()
     ax.grid(alpha=0.3)

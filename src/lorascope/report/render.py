@@ -63,11 +63,12 @@ def _ci(c: dict | None) -> str:
 
 def _lr_section(doc: Doc, run_dir: Path, tasks: list[str]) -> None:
     """Learning-rate selection: every trial, the rate chosen per method, the curve per method and task."""
-    rows = []
+    rows, rules = [], {}
     for task in tasks:
         tune_dir = RunLayout(run_dir).tune_dir(task)
         for f in sorted(tune_dir.glob("*/tune.json")) if tune_dir.is_dir() else []:
             tj = _load(f)
+            rules[task] = tj.get("score") or f"{tj['metric']} of the validation split as evaluated"
             for trial in tj["trials"]:
                 rows.append([task, tj["method"], f"{trial['lr']:.1e}", _f(trial.get("value")),
                              trial.get("state", "complete"), "selected" if trial["lr"] == tj["best_lr"] else ""])
@@ -78,7 +79,8 @@ def _lr_section(doc: Doc, run_dir: Path, tasks: list[str]) -> None:
         doc.h(2, "Learning-rate selection")
         doc.table(["task", "method", "learning rate", "validation score", "trial", ""], rows)
         doc.p("Each method gets the same budget of trials on a validation split carved from the training side "
-              "(never the evaluation, calibration or drift examples); the final models train at the selected rate.")
+              "(never the evaluation, calibration or drift examples); the final models train at the selected rate. "
+              "Validation score: " + "; ".join(f"{t}: {r}" for t, r in rules.items()) + ".")
         doc.blocks += blocks
 
 

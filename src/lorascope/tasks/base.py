@@ -105,6 +105,15 @@ class Task:
     def finish_eval(self, examples: list[Example], predictions: dict, metrics: dict, prepared: dict | None) -> None:
         """Add what `prepare_eval` decided to the metrics."""
 
+    #: how a learning-rate search scores a trial on its validation split when not by the primary metric as
+    #: evaluated (None); `selection_score` computes it
+    selection_rule: str | None = None
+
+    def selection_score(self, examples: list[Example], predictions: dict) -> dict | None:
+        """A search trial's validation score under `selection_rule` ({"value": ..., ...}), or None: the
+        primary metric as evaluated."""
+        return None
+
     def load_split(self, split: str, data) -> list[Example]:
         """Examples of `split` ("train", "eval", or task-specific extras), before subsetting."""
         raise NotImplementedError

@@ -186,6 +186,46 @@ class SquadV2(Task):
         metrics["greedy"] = dict(squad_metric.score_predictions(examples_to_articles(kept), greedy))
         metrics["calibration"] = prepared
 
+    selection_rule = ("F1 with the no-answer rule fitted on the other half: the validation paragraphs in two "
+                      "halves, each scored with the signal and threshold best on the other (as the final "
+                      "evaluation fits them on held-out calibration questions)")
+
+    def selection_score(self, examples, pred) -> dict | None:
+        """Validation F1 under the no-answer rule the final evaluation uses, fitted without the scored questions.
+
+        Greedy decoding's own abstention can score every rate alike (a model that abstains on every
+        question scores always-no-answer at any rate), and the final models are evaluated with a
+        signal and threshold tuned on held-out questions (`calibrate_no_answer`). So a trial is
+        scored the same way, by 2-fold cross-fitting over paragraphs: the validation paragraphs,
+        ordered by their key, alternate between two halves; each half is scored with the signal
+        (first-token margin or answer NLL, ties: first_token) and threshold that give the best F1
+        on the other half. None with fewer than 2 paragraphs.
+        """
+        kept = [x for x in examples if x.id in pred["answers"]]
+        para = {x.id: paragraph_key(x.meta["context"]) for x in kept}
+        keys = sorted(set(para.values()))
+        if len(keys) < 2:
+            return None
+        half = {k: i % 2 for i, k in enumerate(keys)}
+        halves = [[x for x in kept if half[para[x.id]] == h] for h in (0, 1)]
+        names = list(NO_ANSWER_SIGNALS)
+        total, folds = 0.0, []
+        for h in (0, 1):
+            fit, scored = halves[1 - h], halves[h]
+            answers = {x.id: pred["answers"][x.id] for x in fit}
+            per_signal = {n: best_threshold({x.id: pred[NO_ANSWER_SIGNALS[n]][x.id] for x in fit}, answers,
+                                            examples_to_articles(fit)) for n in names}
+            signal = max(names, key=lambda n: (round(per_signal[n]["f1"], 9), -names.index(n)))
+            threshold = per_signal[signal]["threshold"]
+            preds = predictions_at({x.id: pred[NO_ANSWER_SIGNALS[signal]][x.id] for x in scored},
+                                   {x.id: pred["answers"][x.id] for x in scored}, threshold)
+            _, f1 = squad_metric.raw_scores(examples_to_articles(scored), preds)
+            total += sum(f1.values())
+            folds.append({"questions": len(scored), "paragraphs": sum(1 for k in keys if half[k] == h),
+                          "signal": signal, "threshold": threshold, "fit_f1": per_signal[signal]["f1"],
+                          "f1": 100.0 * sum(f1.values()) / len(scored)})
+        return {"value": 100.0 * total / len(kept), "n": len(kept), "rule": self.selection_rule, "halves": folds}
+
     def calibrate_no_answer(self, model, tok, cfg, examples, kwargs) -> dict:
         """Tune the no-answer threshold on held-out questions disjoint from `examples`' paragraphs.
 
