@@ -58,7 +58,8 @@ study:
 """
 
 VOLATILE = {"provenance", "eval_seconds", "seconds", "elapsed_s", "tokens_per_s", "tokens_per_s_this_process",
-            "train_seconds_this_invocation", "resumed_from_step", "created", "started", "finished", "argv", "timing"}
+            "train_seconds_this_invocation", "cpu_seconds_this_invocation", "tokens_per_cpu_s", "cpu_s",
+            "resumed_from_step", "created", "started", "finished", "argv", "timing"}
 
 
 def write_config(folder: Path) -> Path:

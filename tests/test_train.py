@@ -47,6 +47,11 @@ def test_trains_and_writes_every_file(tiny_model, small_data, tmp_path, method):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert rows[-1]["loss"] < rows[0]["loss"]  # it learns
+    # throughput per wall second and per CPU second of the same tokens (the CPU figure survives pauses)
+    tokens = rows[-1]["tokens_per_s_this_process"] * rows[-1]["elapsed_s"]
+    assert tokens > 0 and info["tokens_per_s"] * info["train_seconds_this_invocation"] == pytest.approx(tokens)
+    assert info["tokens_per_cpu_s"] * info["cpu_seconds_this_invocation"] == pytest.approx(tokens)
+    assert 0 < rows[0]["cpu_s"] <= rows[-1]["cpu_s"] <= info["cpu_seconds_this_invocation"]
     assert not (out / "checkpoints").exists()  # cleaned up after the final save
     # rerunning a finished config does nothing and returns the same model
     before = (out / "lorascope-train.json").read_text()

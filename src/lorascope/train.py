@@ -105,7 +105,9 @@ def _train(cfg: Config, on_step=None) -> Path:
         if args.trackers:
             accelerator.init_trackers(f"lorascope-{args.task}-{args.method}", config=_flat(cfg.to_dict()))
 
-    t0, tokens_seen, last_loss = time.time(), 0, float("nan")
+    # wall time, and this process's CPU time: a run that was paused (SIGSTOP) or shared its cores still has
+    # an honest tokens per CPU-second (both threads of an idle 2-core machine: ~2 CPU-seconds per second)
+    t0, c0, tokens_seen, last_loss = time.time(), time.process_time(), 0, float("nan")
     bar = tqdm(total=total_steps, initial=start_step, desc=f"train {args.task}/{args.method}", unit="step",
                disable=not accelerator.is_local_main_process)
     wrapper.train()
@@ -127,10 +129,11 @@ def _train(cfg: Config, on_step=None) -> Path:
             elapsed = time.time() - t0
             _log_step(accelerator, metrics_path, {
                 "step": done_steps, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                "tokens_per_s_this_process": tokens_seen / elapsed if elapsed else None, "elapsed_s": elapsed})
+                "tokens_per_s_this_process": tokens_seen / elapsed if elapsed else None, "elapsed_s": elapsed,
+                "cpu_s": time.process_time() - c0})
         _save_points(accelerator, wrapper, optimizer, scheduler, tok, cfg, done_steps, total_steps)
     bar.close()
-    train_s = time.time() - t0
+    train_s, cpu_s = time.time() - t0, time.process_time() - c0
 
     accelerator.wait_for_everyone()
     _save_model(accelerator, wrapper, tok, cfg, out / "model", model_path)
@@ -140,6 +143,8 @@ def _train(cfg: Config, on_step=None) -> Path:
             "resumed_from_step": start_step, "train_examples": len(examples), "train_features": len(feats),
             "final_loss": last_loss, "train_seconds_this_invocation": train_s, "processes": world,
             "tokens_per_s": tokens_seen * world / train_s if train_s and start_step < total_steps else None,
+            "cpu_seconds_this_invocation": cpu_s,  # of the main process
+            "tokens_per_cpu_s": tokens_seen / cpu_s if cpu_s and start_step < total_steps else None,
             "trainable_parameters": trainable, "total_parameters": total_params,
             "model_dir": str(out / "model"), "provenance": provenance()})
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
