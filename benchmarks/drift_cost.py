@@ -135,10 +135,10 @@ def main() -> None:
         print(f"  with float32 products:           {s['float32_products_s']:9.2f} s   ratio "
               f"{s['float32_products_ratio']:.3f}, max |CKA diff| from float64 "
               f"{s['float32_vs_float64_max_abs_cka_diff']:.2e}")
-    print(f"peak RSS, drift on {N} prompts:    {big['peak_rss_mb']:9.0f} MB")
-    print(f"peak RSS, drift on {small} prompts:    {little['peak_rss_mb']:9.0f} MB   growth "
+    print(f"peak RSS, drift on {N} prompts:    {big['peak_rss_mb']:9.0f} MiB")
+    print(f"peak RSS, drift on {small} prompts:    {little['peak_rss_mb']:9.0f} MiB   growth "
           f"{100 * s['rss_growth']:+.1f}% (target within 5%)")
-    print(f"in-memory baseline, {n_base} prompts: {base['seconds']:9.1f} s, peak RSS {base['peak_rss_mb']:.0f} MB"
+    print(f"in-memory baseline, {n_base} prompts: {base['seconds']:9.1f} s, peak RSS {base['peak_rss_mb']:.0f} MiB"
           + (f", streaming on the same prompts {little['seconds']:.1f} s, max |CKA diff| "
              f"{s['baseline_vs_streaming_max_abs_diff']:.2e}" if n_base == small else ""))
     if args.output:
@@ -155,7 +155,7 @@ def subprocess_arm(arm: str, n: int, common: list[str]) -> dict:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB (keys say "mb")
 
 
 def run_arm(args) -> dict:
