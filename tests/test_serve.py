@@ -697,3 +697,57 @@ def test_transformers_time_split(serve_model, adapters, small_data, tmp_path):
                 f"a={adapters['mrpc']}", "--profile", "--profile-reps", "0", "--output-dir", str(tmp_path / "o"))
     assert r.returncode == 2 and "--profile-reps 0: expected a positive number" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o" / "serve.json").exists()
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+_PARENT = """
+import os, signal, subprocess, sys, time
+from lorascope.serve.bench import _die_with_parent, _guard_group
+# a stand-in for the serving worker (a session of its own, dies with this process), whose child stands in
+# for vLLM's engine core (no parent-death signal of its own)
+w = subprocess.Popen(["bash", "-c", "sleep 300 & echo $!; wait"], stdout=subprocess.PIPE, text=True,
+                     start_new_session=True, preexec_fn=_die_with_parent)
+guard = _guard_group(w.pid) if sys.argv[1] == "guarded" else None
+engine = w.stdout.readline().strip()
+if sys.argv[2] == "stopped":
+    os.killpg(w.pid, signal.SIGSTOP)  # as the benchmark pauses an engine while another one is timed
+print(w.pid, engine, flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux /proc")
+def test_a_killed_benchmark_takes_the_engine_processes_of_its_workers_with_it(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+
+    def kill_parent(guarded, state, wait):
+        p = subprocess.Popen([sys.executable, "-c", _PARENT, guarded, state], stdout=subprocess.PIPE, text=True,
+                             env=env)
+        worker, engine = map(int, p.stdout.readline().split())
+        assert _alive(worker) and _alive(engine)
+        p.kill()  # kill -9: no handler of ours runs
+        p.wait()
+        deadline = time.time() + wait
+        while time.time() < deadline and (_alive(worker) or _alive(engine)):
+            time.sleep(0.1)
+        return _alive(worker), _alive(engine), engine
+
+    for state in ("running", "stopped"):
+        assert kill_parent("guarded", state, 15)[:2] == (False, False), state
+    # without the guard the worker dies (its parent-death signal) but its child lives on: what the guard is for
+    worker_alive, engine_alive, engine = kill_parent("unguarded", "running", 3)
+    assert not worker_alive and engine_alive
+    os.kill(engine, 9)

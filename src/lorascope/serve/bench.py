@@ -381,6 +381,7 @@ class _Worker:
                                          pass_fds=(w,), text=True)
         finally:
             os.close(w)
+        self.guard = _guard_group(self.proc.pid)
         self.fd = r
         self._buf = b""
         self.error: str | None = None
@@ -475,6 +476,9 @@ class _Worker:
 
     def kill(self) -> None:
         _kill_group(self.proc)  # also when the worker has exited: the engine's own processes may outlive it
+        if self.guard is not None:
+            self.guard.kill()  # SIGKILL: gone without firing
+            self.guard.wait()
         self._logfh.flush()
 
     def release(self) -> None:
@@ -715,6 +719,59 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass  # not Linux: the process-group kill on timeout or error still applies
+
+
+#: the guard of a worker's process group: waits for SIGTERM (sent by the kernel when the process that started it
+#: dies) and then kills the group. argv: the group id, the pid of the process that started it.
+_GUARD = r"""
+import os, signal, sys
+group, parent = int(sys.argv[1]), int(sys.argv[2])
+def fire(*_):
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except OSError:
+        pass
+    os._exit(0)
+signal.signal(signal.SIGTERM, fire)
+if os.getppid() != parent:
+    fire()
+os.write(1, b"armed\n")
+os.close(1)
+while True:
+    signal.pause()
+"""
+
+
+def _guard_group(group: int) -> subprocess.Popen | None:
+    """A process that kills process group `group` when this process dies, even by SIGKILL.
+
+    The worker itself dies with this process (its parent-death signal), but vLLM's engine core is the
+    worker's child and has none: without the guard it would outlive a killed study, holding its memory
+    and, unless stopped, polling on the cores the next measurement uses. The guard has a session of its
+    own, so pausing the worker's group (SIGSTOP) does not stop it, and it is not in the worker's process
+    tree, whose memory is measured. None where the parent-death signal is unavailable (not Linux).
+    """
+    import signal
+
+    def arm():
+        os.setsid()
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        if libc.prctl(1, signal.SIGTERM, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+    try:
+        guard = subprocess.Popen([sys.executable, "-c", _GUARD, str(group), str(os.getpid())], preexec_fn=arm,
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        with guard.stdout:
+            if guard.stdout.readline() != b"armed\n":  # its handler is in place before anything can need it
+                raise OSError(f"the guard exited before it was armed (status {guard.wait()})")
+        return guard
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("no guard for the serving worker's process group (%s): if this process is killed, vLLM's "
+                    "engine processes may outlive it", exc)
+        return None
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
