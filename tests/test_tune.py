@@ -177,6 +177,46 @@ def test_reference_preset_is_the_issue_s_study():
     assert squad.data.max_train_examples >= 4000 and squad.data.max_eval_examples == 1000
 
 
+def test_a_task_with_its_own_learning_rate_grids(tmp_path):
+    """study.per_task.TASK.tune_lrs_full / tune_lrs_lora: a task searched over rates of its own, the same budget
+    for both methods on each task."""
+    from lorascope.pipeline import load_study, plan
+
+    f = tmp_path / "s.yaml"
+    study = {"tasks": ["mrpc", "squad_v2"], "tune_lr": True, "drift": False, "serve": False,
+             "tune_lrs_full": [1e-5, 1e-4], "tune_lrs_lora": [1e-4, 1e-3],
+             "per_task": {"squad_v2": {"tune_lrs_full": [3e-5, 1e-4, 3e-4], "tune_lrs_lora": [3e-4, 1e-3, 3e-3],
+                                       "data": {"max_train_examples": 64}}}}
+    f.write_text(yaml.safe_dump({"study": study}))
+    s = load_study(f)
+    stages = {st.name: st for st in plan(s, tmp_path / "run")}
+    assert stages["tune:mrpc:full"].config["grid"] == [1e-5, 1e-4]
+    assert stages["tune:mrpc:lora"].config["grid"] == [1e-4, 1e-3]
+    assert stages["tune:squad_v2:full"].config["grid"] == [3e-5, 1e-4, 3e-4]
+    assert stages["tune:squad_v2:lora"].config["grid"] == [3e-4, 1e-3, 3e-3]
+    assert s.task_config("squad_v2").data.max_train_examples == 64  # the task's other overrides still apply
+    # a change of one task's grid leaves the other task's search as it was
+    study["per_task"]["squad_v2"]["tune_lrs_full"] = [3e-5, 1e-4, 1e-3]
+    f.write_text(yaml.safe_dump({"study": study}))
+    again = {st.name: st for st in plan(load_study(f), tmp_path / "run")}
+    assert again["tune:mrpc:full"].config == stages["tune:mrpc:full"].config
+    assert again["tune:squad_v2:full"].config != stages["tune:squad_v2:full"].config
+    for own, message in (
+            ({"tune_lrs_lora": [3e-4, 1e-3, 3e-3]},
+             r"study.per_task.squad_v2: 2 rates for full fine-tuning vs 3 for LoRA on squad_v2; both methods must "
+             r"get the same search budget"),
+            ({"tune_lrs_full": [], "tune_lrs_lora": []}, r"study.per_task.squad_v2.tune_lrs_full: the search budget "
+                                                         r"is zero"),
+            ({"tune_lrs_full": [1e-4, -1.0], "tune_lrs_lora": [1e-4, 1e-3]},
+             r"study.per_task.squad_v2.tune_lrs_full: learning rates must be positive numbers, got \[-1.0\]"),
+            ({"tune_lrs_full": 1e-4, "tune_lrs_lora": [1e-4]},
+             r"study.per_task.squad_v2.tune_lrs_full: expected a list of learning rates, got 0.0001")):
+        study["per_task"] = {"squad_v2": own}
+        f.write_text(yaml.safe_dump({"study": study}))
+        with pytest.raises(LorascopeError, match=message):
+            load_study(f)
+
+
 def test_a_task_with_its_own_seeds(tmp_path):
     """study.per_task.TASK.train.seed: SQuAD v2 with 2 seeds beside MRPC's 3, in every stage that reads models."""
     from lorascope.pipeline import load_study, plan

@@ -133,7 +133,8 @@ class StudyArgs:
         "help": "what this preset leaves out and why (fewer seeds, samples, serving configurations); shown at the "
                 "top of the report"})
     per_task: dict = field(default_factory=dict, metadata={
-        "help": "per-task overrides of the other sections, e.g. {squad_v2: {data: {max_seq_len: 256}}}"})
+        "help": "per-task overrides of the other sections, e.g. {squad_v2: {data: {max_seq_len: 256}}}, and a "
+                "task's own learning-rate grids (tune_lrs_full, tune_lrs_lora)"})
 
     def problems(self) -> list[str]:
         from lorascope.tasks import TASKS
@@ -182,10 +183,28 @@ class StudyArgs:
             if set(self.methods) == {"full", "lora"} and len(self.tune_lrs_full) != len(self.tune_lrs_lora):
                 out.append(f"study.tune_lrs_full and study.tune_lrs_lora: {len(self.tune_lrs_full)} vs "
                            f"{len(self.tune_lrs_lora)} rates; both methods must get the same search budget")
+            for t, over in self.per_task.items():
+                own = {m: over[f"tune_lrs_{m}"] for m in ("full", "lora")
+                       if isinstance(over, dict) and f"tune_lrs_{m}" in over}
+                for m, lrs in own.items():
+                    if not isinstance(lrs, list):
+                        out.append(f"study.per_task.{t}.tune_lrs_{m}: expected a list of learning rates, got {lrs!r}")
+                    else:
+                        out += check_grid(lrs, f"study.per_task.{t}.tune_lrs_{m}")
+                if own and set(self.methods) == {"full", "lora"}:
+                    grids = {m: own.get(m, getattr(self, f"tune_lrs_{m}")) for m in ("full", "lora")}
+                    if all(isinstance(g, list) for g in grids.values()) and len(grids["full"]) != len(grids["lora"]):
+                        out.append(f"study.per_task.{t}: {len(grids['full'])} rates for full fine-tuning vs "
+                                   f"{len(grids['lora'])} for LoRA on {t}; both methods must get the same search "
+                                   f"budget (set tune_lrs_full and tune_lrs_lora there together)")
             if not 0.0 < self.tune_validation_share < 1.0:
                 out.append(f"study.tune_validation_share: must be between 0 and 1 (exclusive), got "
                            f"{self.tune_validation_share}")
         return out
+
+
+#: keys of study.per_task.TASK that are the study's own settings for that task, not config sections
+PER_TASK_STUDY_KEYS = ("tune_lrs_full", "tune_lrs_lora")
 
 
 @dataclass
@@ -201,9 +220,16 @@ class Study:
         """The seeds `task` trains with: its own list (study.per_task.TASK.train.seed) or train.seed."""
         return self.task_seeds.get(task, self.seeds)
 
+    def tune_grid(self, task: str, method: str) -> list[float]:
+        """The learning rates `method` is searched over on `task`: the task's own (study.per_task.TASK.tune_lrs_M)
+        or the study's."""
+        own = self.study.per_task.get(task) or {}
+        return list(own.get(f"tune_lrs_{method}") or getattr(self.study, f"tune_lrs_{method}"))
+
     def task_config(self, task: str) -> Config:
         cfg = copy.deepcopy(self.base)
-        apply_mapping(cfg, self.study.per_task.get(task) or {}, f"{self.source}: study.per_task.{task}")
+        over = {k: v for k, v in (self.study.per_task.get(task) or {}).items() if k not in PER_TASK_STUDY_KEYS}
+        apply_mapping(cfg, over, f"{self.source}: study.per_task.{task}")
         cfg.train.task = task
         cfg.eval.task = task
         return cfg.validate(self.source)
@@ -379,7 +405,7 @@ def _plan_tune(study: Study, layout: RunLayout) -> list[Stage]:
             cfg.train.seed = study.seeds_of(task)[0]
             if method == "lora":
                 cfg.lora.rank = study.primary_rank
-            lrs = getattr(st, f"tune_lrs_{method}")
+            lrs = study.tune_grid(task, method)
             out = layout.tune(task, method)
             dep_cfg = cfg.to_dict()
             dep_cfg["train"] = {k: v for k, v in dep_cfg["train"].items() if k != "output_dir"}
