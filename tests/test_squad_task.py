@@ -162,6 +162,13 @@ def test_search_score_fits_the_no_answer_rule_on_the_other_half_of_the_paragraph
     assert [h["f1"] for h in got["halves"]] == pytest.approx([100.0, 50.0])
     assert 2.0 < got["halves"][0]["threshold"] < 2.5 and 0.5 < got["halves"][1]["threshold"] < 3.0
     assert [h["paragraphs"] for h in got["halves"]] == [2, 2]
+    # a study that abstains by the first-token margin only is scored by it only: here it cannot tell the
+    # questions apart, so both halves answer everything (F1 50)
+    from types import SimpleNamespace
+
+    only_margin = SquadV2().selection_score(examples, pred, SimpleNamespace(no_answer_signal="first_token"))
+    assert only_margin["value"] == pytest.approx(50.0)
+    assert [h["signal"] for h in only_margin["halves"]] == ["first_token", "first_token"]
     # one paragraph cannot be split in two halves: the search then scores as evaluated
     assert SquadV2().selection_score([x for x in examples if x.id in ("a0", "u0")], pred) is None
 

@@ -123,6 +123,7 @@ def test_squad_trials_are_scored_with_the_cross_fitted_no_answer_rule(tiny_model
     assert trial["value"] == sel["value"] == pytest.approx(
         sum(h["f1"] * h["questions"] for h in sel["halves"]) / sel["n"])
     assert record["scoring"]["selection"] == SquadV2.selection_rule
+    assert record["scoring"]["no_answer_signal"] == cfg.eval.no_answer_signal
     assert r["score"] == SquadV2.selection_rule and "selection rule" in r["score_label"]
     # MRPC's trials are scored as before, so records made before the squad rule existed stay valid
     mcfg = load_config(None, ["train.batch_size=8", "train.micro_batch_size=8", "train.max_steps=1",

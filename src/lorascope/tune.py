@@ -85,6 +85,7 @@ def tune_lr(cfg: Config, lrs: list[float], validation_share: float, out_dir: str
     scoring = {k: cfg.to_dict()["eval"][k] for k in SCORING}
     if task_def.selection_rule is not None:
         scoring["selection"] = task_def.selection_rule
+        scoring["no_answer_signal"] = cfg.eval.no_answer_signal  # the signal(s) the rule may fit
     trials = []
     for lr in sorted(lrs):
         tdir = out / f"lr_{lr:.2e}"
@@ -118,7 +119,8 @@ def tune_lr(cfg: Config, lrs: list[float], validation_share: float, out_dir: str
                 if task_def.selection_rule is not None:
                     extra["value_as_evaluated"] = value
                     examples = task_def.examples("validation", c.data, limit=c.data.max_train_examples)
-                    sel = task_def.selection_score(examples, json.loads(Path(ev["predictions_file"]).read_text()))
+                    sel = task_def.selection_score(examples, json.loads(Path(ev["predictions_file"]).read_text()),
+                                                   cfg.eval)
                     if sel is not None:
                         value = sel["value"]
                     extra["selection"] = sel or {"note": "fewer than 2 validation paragraphs: scored as evaluated"}

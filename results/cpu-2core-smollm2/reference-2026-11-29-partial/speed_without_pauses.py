@@ -20,8 +20,10 @@ for d in sorted(glob.glob(sys.argv[1] + '/tune/mrpc/*/lr_*/')):
     done = json.load(open(d + '/train/lorascope-train.json')) if glob.glob(d + '/train/lorascope-train.json') else {}
     # start: the first 'train mrpc/METHOD: 3103 examples' line after which this trial's log began; paused time
     # inside [start, start + elapsed] is taken out
-    t0 = dt.datetime.fromtimestamp(__import__('os').path.getmtime(d + '/train/run-config.json'))
-    end = t0 + dt.timedelta(seconds=last['elapsed_s'])
+    # the trial's end: when its last metrics row was written; its start: that minus the logged elapsed time
+    # (run-config.json's time is not the start when a trial was restarted from scratch with the same config)
+    end = dt.datetime.fromtimestamp(__import__('os').path.getmtime(d + '/train/metrics.jsonl'))
+    t0 = end - dt.timedelta(seconds=last['elapsed_s'])
     paused = sum(max(0, (min(b, end) - max(a, t0)).total_seconds()) for a, b in pauses)
     if done.get('resumed_from_step'):  # a resumed trial: its process logged only its own steps, unpaused here
         print(d.split('/tune/')[1], 'resumed at step', done['resumed_from_step'], 'tok/s of the resumed process',

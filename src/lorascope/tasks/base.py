@@ -109,9 +109,9 @@ class Task:
     #: evaluated (None); `selection_score` computes it
     selection_rule: str | None = None
 
-    def selection_score(self, examples: list[Example], predictions: dict) -> dict | None:
+    def selection_score(self, examples: list[Example], predictions: dict, eval_cfg) -> dict | None:
         """A search trial's validation score under `selection_rule` ({"value": ..., ...}), or None: the
-        primary metric as evaluated."""
+        primary metric as evaluated. `eval_cfg`: the study's evaluation settings for the task."""
         return None
 
     def load_split(self, split: str, data) -> list[Example]:

@@ -190,7 +190,7 @@ class SquadV2(Task):
                       "halves, each scored with the signal and threshold best on the other (as the final "
                       "evaluation fits them on held-out calibration questions)")
 
-    def selection_score(self, examples, pred) -> dict | None:
+    def selection_score(self, examples, pred, eval_cfg=None) -> dict | None:
         """Validation F1 under the no-answer rule the final evaluation uses, fitted without the scored questions.
 
         Greedy decoding's own abstention can score every rate alike (a model that abstains on every
@@ -198,8 +198,9 @@ class SquadV2(Task):
         signal and threshold tuned on held-out questions (`calibrate_no_answer`). So a trial is
         scored the same way, by 2-fold cross-fitting over paragraphs: the validation paragraphs,
         ordered by their key, alternate between two halves; each half is scored with the signal
-        (first-token margin or answer NLL, ties: first_token) and threshold that give the best F1
-        on the other half. None with fewer than 2 paragraphs.
+        (eval_cfg.no_answer_signal; with 'best', the default, the first-token margin or the answer NLL,
+        ties: first_token) and threshold that give the best F1 on the other half. None with fewer than
+        2 paragraphs.
         """
         kept = [x for x in examples if x.id in pred["answers"]]
         para = {x.id: paragraph_key(x.meta["context"]) for x in kept}
@@ -208,7 +209,8 @@ class SquadV2(Task):
             return None
         half = {k: i % 2 for i, k in enumerate(keys)}
         halves = [[x for x in kept if half[para[x.id]] == h] for h in (0, 1)]
-        names = list(NO_ANSWER_SIGNALS)
+        wanted = getattr(eval_cfg, "no_answer_signal", "best")
+        names = list(NO_ANSWER_SIGNALS) if wanted == "best" else [wanted]
         total, folds = 0.0, []
         for h in (0, 1):
             fit, scored = halves[1 - h], halves[h]
