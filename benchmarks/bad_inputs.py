@@ -389,6 +389,20 @@ def cases(fx: Fixtures) -> list[tuple[str, str, int, Callable[[], list[str]]]]:
             ),
         ),
         ("run", "--only of an unknown stage", 2, lambda: run(mini, "run-only", "--only", "trian")),
+        # the learning-rate search and seeds (a fair comparison needs the same budget for both methods)
+        ("run", "an empty learning-rate list (a search budget of zero)", 2,
+         lambda: run(mini + "  tune_lr: true\n  tune_lrs_full: []\n  tune_lrs_lora: []\n", "run-lr-empty")),
+        ("run", "a negative learning rate in the search", 2,
+         lambda: run(mini + "  tune_lr: true\n  tune_lrs_full: [1.0e-4, -1.0e-3]\n  tune_lrs_lora: [1.0e-4, 1.0e-3]\n",
+                     "run-lr-neg")),
+        ("run", "more learning rates for one method than the other", 2,
+         lambda: run(mini + "  tune_lr: true\n  tune_lrs_full: [1.0e-4]\n  tune_lrs_lora: [1.0e-4, 1.0e-3]\n",
+                     "run-lr-budget")),
+        ("run", "a search validation share of 1", 2,
+         lambda: run(mini + "  tune_lr: true\n  tune_validation_share: 1.0\n", "run-share")),
+        ("run", "fewer seeds than study.min_seeds", 2, lambda: run(mini + "  min_seeds: 3\n", "run-seeds")),
+        ("train", "a validation share that leaves no training examples", 2,
+         lambda: train(d, "mrpc", "--set", "data.validation_share=0.999999")),
         # report, prepare-model
         ("report", "not a run folder", 2, lambda: ["report", str(fx.dir("notrun"))]),
         ("prepare-model", "model folder missing", 2, lambda: ["prepare-model", "--model", "/nonexistent/model"]),
@@ -429,6 +443,12 @@ EXPECT = {
     ("run", "run folder held by another process"): "in use by another lorascope process (pid",
     ("run", "train.epochs: .inf in study.per_task"): "expected a finite number",
     ("run", "SQuAD answer_start out of range (checked before any stage)"): "answer_start is -3, outside the context",
+    ("run", "an empty learning-rate list (a search budget of zero)"): "study.tune_lrs_full: the search budget is zero",
+    ("run", "a negative learning rate in the search"): "study.tune_lrs_full: learning rates must be positive",
+    ("run", "more learning rates for one method than the other"): "both methods must get the same search budget",
+    ("run", "a search validation share of 1"): "study.tune_validation_share: must be between 0 and 1",
+    ("run", "fewer seeds than study.min_seeds"): "but study.min_seeds asks for at least 3",
+    ("train", "a validation share that leaves no training examples"): "leaves no",
 }
 
 

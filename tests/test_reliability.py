@@ -498,7 +498,8 @@ def real_data_dir():
 
 
 def test_every_command_on_bad_input_exits_with_one_clear_line(tmp_path):
-    """benchmarks/bad_inputs.py's cases (49, every command): expected exit status, no traceback, the right line."""
+    """benchmarks/bad_inputs.py's cases (every command; the study's search and seeds too): expected exit
+    status, no traceback, the right line."""
     _bi = importlib.util.spec_from_file_location("bad_inputs", REPO / "benchmarks" / "bad_inputs.py")
     bad_inputs = importlib.util.module_from_spec(_bi)
     _bi.loader.exec_module(bad_inputs)
