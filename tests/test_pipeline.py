@@ -73,7 +73,15 @@ def test_smoke_study_writes_every_stage_and_the_report(smoke_run):
             trained = json.loads((run_dir / "train" / task / name / "lorascope-train.json").read_text())
             assert trained["config"]["train"]["lr"] == tj["best_lr"]
             assert trained["config"]["data"]["validation_share"] == 0.0  # the final models use every example
+            # smoke.yaml searches MRPC's epochs too (1 or 2 at the selected rate); SQuAD v2 trains train.epochs
+            if task == "mrpc":
+                assert [t["epochs"] for t in tj["epoch_trials"]] == [1.0, 2.0]
+                assert trained["config"]["train"]["epochs"] == tj["best_epochs"]
+            else:
+                assert "best_epochs" not in tj and trained["config"]["train"]["epochs"] == 1.0
     assert "## Learning-rate selection" in md and md.count("lr_curve.png") == 4
+    assert "and vs epochs at the selected rate" in md and "mrpc: accuracy of the validation split as evaluated; " \
+        "epochs at the selected learning rate" in md
     # SQuAD v2: each model's no-answer threshold tuned on 20 held-out questions (smoke.yaml), and reported
     ev = json.loads((run_dir / "eval" / "squad_v2" / "lora_r8_s0.json").read_text())
     cal = ev["metrics"]["calibration"]
@@ -157,10 +165,10 @@ def test_a_grown_search_grid_keeps_the_finished_trials(smoke_run, tmp_path):
     grown.write_text(yaml.safe_dump(cfg))
     trials = run / "tune" / "mrpc" / "lora"
     before = {p: p.stat().st_mtime_ns for p in trials.glob("lr_*/validation.json")}
-    assert len(before) == 2
+    assert len(before) == 3  # 2 rates, and 2 epochs at the selected one (smoke.yaml searches MRPC's epochs)
     r = run_cli("run", str(grown), "--run-dir", str(run), "--only", "tune:mrpc:lora", env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # the two finished trials are kept
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # the finished trials are kept
     tj = json.loads((trials / "tune.json").read_text())
     assert [t["lr"] for t in tj["trials"]] == sorted(cfg["study"]["tune_lrs_lora"]) and tj["budget"] == 3
     assert (trials / "lr_3.00e-03" / "validation.json").is_file()

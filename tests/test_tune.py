@@ -1,4 +1,4 @@
-"""Learning-rate selection: the validation split, the search, its bad input, and the study stage."""
+"""Learning-rate (and epoch) selection: the validation split, the search, its bad input, and the study stage."""
 
 from __future__ import annotations
 
@@ -45,6 +45,14 @@ def test_validation_share_that_leaves_no_training_examples(small_data):
      r"1 vs 2 rates; both methods must get the same search budget"),
     ({"tune_lr": True, "tune_validation_share": 1.0}, r"study.tune_validation_share: must be between 0 and 1"),
     ({"min_seeds": 3}, r"train.seed: 1 seed\(s\) given \(\[0\]\), but study.min_seeds asks for at least 3"),
+    ({"tune_lr": True, "tune_epochs": []}, r"study.tune_epochs: expected a non-empty list of epoch counts"),
+    ({"tune_lr": True, "tune_epochs": [1, 0]},
+     r"study.tune_epochs: epoch counts must be positive numbers, got \[0(\.0)?\]"),
+    ({"tune_lr": True, "tune_epochs": [1, 1.0]}, r"study.tune_epochs: an epoch count is listed twice"),
+    ({"tune_lr": True, "per_task": {"mrpc": {"tune_epochs": 2}}},
+     r"study.per_task.mrpc.tune_epochs: expected a non-empty list of epoch counts, e.g. \[1, 2\], got 2"),
+    ({"tune_epochs": [1, 2]}, r"study.tune_epochs: searches epochs at the selected learning rate, so it needs "
+                              r"study.tune_lr: true"),
 ])
 def test_search_config_errors_name_the_field(tmp_path, study, message):
     from lorascope.pipeline import load_study
@@ -101,6 +109,81 @@ def test_tune_records_every_trial_selects_the_best_and_resumes(tiny_model, small
     assert trained == [1e-4, 1e-5, 1e-3]
     with pytest.raises(LorascopeError, match="the search budget is zero"):
         tune_lr(cfg, [], 0.25, out)
+
+
+def test_an_epoch_search_at_the_selected_rate(tiny_model, small_data, tmp_path, monkeypatch):
+    """With epochs, the selected rate trains once more per other epoch count; the count the rates were searched
+    at reuses its trial; the best count is selected (ties: fewer) and a rerun trains nothing."""
+    from lorascope.tune import tune_lr
+
+    cfg = load_config(None, ["train.batch_size=8", "train.micro_batch_size=8", "train.save_every=0",
+                             "eval.batch_size=8"],
+                      **{"train.task": "mrpc", "train.method": "lora", "model.name": str(tiny_model),
+                         "data.dir": str(small_data)})
+    out = tmp_path / "tune"
+    r = tune_lr(cfg, [1e-3, 1e-5], 0.25, out, epochs=[2, 1])
+    best = r["best_lr"]
+    assert r["epochs_grid"] == [1.0, 2.0] and [t["epochs"] for t in r["epoch_trials"]] == [1.0, 2.0]
+    one, two = r["epoch_trials"]
+    assert one["reused_from"] == f"lr_{best:.2e}" and one["value"] == r["best_value"]
+    assert two["lr"] == best and "reused_from" not in two
+    tdir = out / f"lr_{best:.2e}_epochs_2"
+    trained2 = json.loads((tdir / "train" / "lorascope-train.json").read_text())
+    trained1 = json.loads((out / f"lr_{best:.2e}" / "train" / "lorascope-train.json").read_text())
+    assert trained2["config"]["train"]["epochs"] == 2.0 and trained2["config"]["train"]["lr"] == best
+    assert trained2["steps"] == 2 * trained1["steps"] > 0
+    val = json.loads((tdir / "eval.json").read_text())
+    assert two["value"] == val["metrics"]["accuracy"] and val["split"] == "validation"
+    want = max(r["epoch_trials"], key=lambda t: (t["value"], -t["epochs"]))
+    assert (r["best_epochs"], r["best_epochs_value"]) == (want["epochs"], want["value"])
+    assert r["epochs_at_grid_edge"] and "ties: fewer epochs" in r["epochs_rule"]
+    assert all(t["epochs"] == 1.0 for t in r["trials"])  # the rates are searched at train.epochs
+    saved = json.loads((out / "tune.json").read_text())
+    assert saved["epoch_trials"] == r["epoch_trials"] and (out / "lr_curve.png").stat().st_size > 1000
+
+    import lorascope.train
+
+    monkeypatch.setattr(lorascope.train, "train", lambda c: pytest.fail("retrained a finished trial"))
+    again = tune_lr(cfg, [1e-3, 1e-5], 0.25, out, epochs=[1, 2])
+    assert again["epoch_trials"] == r["epoch_trials"] and again["best_epochs"] == r["best_epochs"]
+    # without an epoch search, nothing about epochs is claimed and the same trials stand
+    plain = tune_lr(cfg, [1e-3, 1e-5], 0.25, out)
+    assert "best_epochs" not in plain and plain["trials"] == r["trials"]
+    with pytest.raises(LorascopeError, match="epochs: epoch counts must be positive"):
+        tune_lr(cfg, [1e-3], 0.25, out, epochs=[-1])
+
+
+def test_the_final_models_train_for_the_selected_epochs(tmp_path, monkeypatch):
+    """In a study with tune_epochs the train stages leave epochs to the search (and read them from tune.json);
+    a study without it keeps its stage hashes."""
+    import lorascope.train
+    from lorascope.pipeline import _hash, _train, load_study, plan
+
+    f = tmp_path / "s.yaml"
+    study = {"tasks": ["mrpc", "squad_v2"], "tune_lr": True, "drift": False, "serve": False}
+    f.write_text(yaml.safe_dump({"study": study}))
+    before = {st.name: _hash(st.config) for st in plan(load_study(f), tmp_path / "run")}
+    study["per_task"] = {"mrpc": {"tune_epochs": [1, 2, 3]}}
+    f.write_text(yaml.safe_dump({"study": study}))
+    s = load_study(f)
+    assert s.tune_epochs("mrpc") == [1.0, 2.0, 3.0] and s.tune_epochs("squad_v2") is None
+    stages = {st.name: st for st in plan(s, tmp_path / "run")}
+    assert stages["tune:mrpc:lora"].config["epochs_grid"] == [1.0, 2.0, 3.0]
+    assert "epochs" not in stages["train:mrpc:full_s0"].config["train"]
+    assert stages["train:squad_v2:full_s0"].config["train"]["epochs"] == 1.0
+    assert {n: _hash(st.config) for n, st in stages.items() if "squad_v2" in n} == \
+        {n: h for n, h in before.items() if "squad_v2" in n}  # the other task's stages are untouched
+    assert _hash(stages["tune:mrpc:lora"].config) != before["tune:mrpc:lora"]
+
+    tj = tmp_path / "tune.json"
+    tj.write_text(json.dumps({"best_lr": 3e-4, "best_epochs": 2.0}))
+    seen = []
+    monkeypatch.setattr(lorascope.train, "train", lambda c: seen.append((c.train.lr, c.train.epochs)))
+    cfg = s.task_config("mrpc")
+    _train(cfg, tj)
+    tj.write_text(json.dumps({"best_lr": 1e-4}))
+    _train(cfg, tj)
+    assert seen == [(3e-4, 2.0), (1e-4, 1.0)] and cfg.train.epochs == 1.0
 
 
 def test_squad_trials_are_scored_with_the_cross_fitted_no_answer_rule(tiny_model, small_data, tmp_path):
@@ -176,6 +259,7 @@ def test_reference_preset_is_the_issue_s_study():
     mrpc, squad = s.task_config("mrpc"), s.task_config("squad_v2")
     assert mrpc.data.max_train_examples is None and mrpc.data.max_eval_examples is None
     assert squad.data.max_train_examples >= 4000 and squad.data.max_eval_examples == 1000
+    assert s.tune_epochs("mrpc") == [1.0, 2.0]  # "more than one epoch if validation says so": validation decides
 
 
 def test_a_task_with_its_own_learning_rate_grids(tmp_path):

@@ -127,6 +127,9 @@ class StudyArgs:
         "help": "learning rates tried for full fine-tuning (the search budget: as many trials as rates)"})
     tune_lrs_lora: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3], metadata={
         "help": "learning rates tried for LoRA; as many as for full fine-tuning, so both get the same budget"})
+    tune_epochs: list[float] | None = field(default=None, metadata={
+        "help": "epoch counts tried at each method's selected learning rate (one list for both methods: the same "
+                "budget); the final models train for the best. null: train.epochs, not searched"})
     tune_validation_share: float = field(default=0.15, metadata={
         "help": "share of the training examples (whole paragraphs for SQuAD v2) that scores the trials"})
     note: str = field(default="", metadata={
@@ -134,7 +137,7 @@ class StudyArgs:
                 "top of the report"})
     per_task: dict = field(default_factory=dict, metadata={
         "help": "per-task overrides of the other sections, e.g. {squad_v2: {data: {max_seq_len: 256}}}, and a "
-                "task's own learning-rate grids (tune_lrs_full, tune_lrs_lora)"})
+                "task's own learning-rate grids (tune_lrs_full, tune_lrs_lora) and epoch grid (tune_epochs)"})
 
     def problems(self) -> list[str]:
         from lorascope.tasks import TASKS
@@ -173,6 +176,11 @@ class StudyArgs:
         if self.tune_lr and (self.lr_full is not None or self.lr_lora is not None):
             out.append("study.lr_full / study.lr_lora: fixed rates contradict study.tune_lr: true (the search "
                        "selects them); remove one or the other")
+        if not self.tune_lr and (self.tune_epochs is not None
+                                 or any(isinstance(o, dict) and o.get("tune_epochs") is not None
+                                        for o in self.per_task.values())):
+            out.append("study.tune_epochs: searches epochs at the selected learning rate, so it needs study.tune_lr: "
+                       "true; set it, or set train.epochs instead")
         if self.min_seeds < 1:
             out.append(f"study.min_seeds: must be at least 1, got {self.min_seeds}")
         if self.tune_lr:
@@ -197,6 +205,13 @@ class StudyArgs:
                         out.append(f"study.per_task.{t}: {len(grids['full'])} rates for full fine-tuning vs "
                                    f"{len(grids['lora'])} for LoRA on {t}; both methods must get the same search "
                                    f"budget (set tune_lrs_full and tune_lrs_lora there together)")
+            from lorascope.tune import check_epochs
+
+            if self.tune_epochs is not None:
+                out += check_epochs(self.tune_epochs, "study.tune_epochs")
+            for t, over in self.per_task.items():
+                if isinstance(over, dict) and over.get("tune_epochs") is not None:
+                    out += check_epochs(over["tune_epochs"], f"study.per_task.{t}.tune_epochs")
             if not 0.0 < self.tune_validation_share < 1.0:
                 out.append(f"study.tune_validation_share: must be between 0 and 1 (exclusive), got "
                            f"{self.tune_validation_share}")
@@ -204,7 +219,7 @@ class StudyArgs:
 
 
 #: keys of study.per_task.TASK that are the study's own settings for that task, not config sections
-PER_TASK_STUDY_KEYS = ("tune_lrs_full", "tune_lrs_lora")
+PER_TASK_STUDY_KEYS = ("tune_lrs_full", "tune_lrs_lora", "tune_epochs")
 
 
 @dataclass
@@ -225,6 +240,13 @@ class Study:
         or the study's."""
         own = self.study.per_task.get(task) or {}
         return list(own.get(f"tune_lrs_{method}") or getattr(self.study, f"tune_lrs_{method}"))
+
+    def tune_epochs(self, task: str) -> list[float] | None:
+        """The epoch counts searched on `task` (study.per_task.TASK.tune_epochs, else study.tune_epochs), sorted;
+        None: not searched."""
+        own = self.study.per_task.get(task) or {}
+        grid = own["tune_epochs"] if "tune_epochs" in own else self.study.tune_epochs
+        return None if grid is None else sorted(float(e) for e in grid)
 
     def task_config(self, task: str) -> Config:
         cfg = copy.deepcopy(self.base)
@@ -412,8 +434,11 @@ def _plan_tune(study: Study, layout: RunLayout) -> list[Stage]:
             # what the validation scoring uses of the eval section (it never calibrates)
             dep_cfg["eval"] = {k: dep_cfg["eval"][k] for k in ("batch_size", "max_new_tokens")}
             dep_cfg["grid"], dep_cfg["validation_share"] = lrs, st.tune_validation_share
+            epochs = study.tune_epochs(task)
+            if epochs is not None:  # only then: a study without an epoch search keeps its stage hashes
+                dep_cfg["epochs_grid"] = epochs
             stages.append(Stage(f"tune:{task}:{method}", "tune",
-                                (lambda c=cfg, g=lrs, o=out: tune_lr(c, g, st.tune_validation_share, o)),
+                                (lambda c=cfg, g=lrs, o=out, e=epochs: tune_lr(c, g, st.tune_validation_share, o, e)),
                                 # the trials' folders are not among the outputs: a changed grid or config reruns
                                 # the search, which keeps every trial whose own config is unchanged (tune.py)
                                 dep_cfg, ["prepare"], [out / "tune.json", out / "lr_curve.png"]))
@@ -445,6 +470,8 @@ def _plan_train(study: Study, layout: RunLayout) -> list[Stage]:
                 deps.append(f"tune:{task}:{method}")
                 tuned_lr = layout.tune(task, method) / "tune.json"
                 dep_cfg["train"].pop("lr")
+                if study.tune_epochs(task) is not None:  # and for the epochs it selected
+                    dep_cfg["train"].pop("epochs")
             stages.append(Stage(f"train:{task}:{name}", "train", (lambda c=cfg, t=tuned_lr: _train(c, t)), dep_cfg,
                                 deps, [layout.train(task, name)]))
     return stages
@@ -530,8 +557,12 @@ def _train(cfg: Config, tune_file: Path | None):
 
     if tune_file is not None:
         cfg = copy.deepcopy(cfg)
-        cfg.train.lr = json.loads(tune_file.read_text())["best_lr"]
-        log.info("train %s/%s at the selected learning rate %.2e", cfg.train.task, cfg.train.method, cfg.train.lr)
+        tj = json.loads(tune_file.read_text())
+        cfg.train.lr = tj["best_lr"]
+        if "best_epochs" in tj:
+            cfg.train.epochs = tj["best_epochs"]
+        log.info("train %s/%s at the selected learning rate %.2e%s", cfg.train.task, cfg.train.method, cfg.train.lr,
+                 f", for the selected {cfg.train.epochs:g} epoch(s)" if "best_epochs" in tj else "")
     return train(cfg)
 
 

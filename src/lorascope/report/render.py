@@ -69,17 +69,24 @@ def _lr_section(doc: Doc, run_dir: Path, tasks: list[str]) -> None:
         for f in sorted(tune_dir.glob("*/tune.json")) if tune_dir.is_dir() else []:
             tj = _load(f)
             rules[task] = tj.get("score") or f"{tj['metric']} of the validation split as evaluated"
-            for trial in tj["trials"]:
-                rows.append([task, tj["method"], f"{trial['lr']:.1e}", _f(trial.get("value")),
-                             trial.get("state", "complete"), "selected" if trial["lr"] == tj["best_lr"] else ""])
-            doc.fig(f.parent / "lr_curve.png", f"{task} / {tj['method']}: validation {tj['metric']} vs learning rate")
+            if "epochs_rule" in tj:
+                rules[task] += f"; epochs {tj['epochs_rule']}"
+            searched = "best_epochs" in tj
+            for trial in tj["trials"] + [t for t in tj.get("epoch_trials", []) if "reused_from" not in t]:
+                e = trial.get("epochs", tj.get("epochs"))
+                chosen = trial["lr"] == tj["best_lr"] and (not searched or e == tj["best_epochs"])
+                rows.append([task, tj["method"], f"{trial['lr']:.1e}", "-" if e is None else f"{e:g}",
+                             _f(trial.get("value")), trial.get("state", "complete"), "selected" if chosen else ""])
+            doc.fig(f.parent / "lr_curve.png", f"{task} / {tj['method']}: validation {tj['metric']} vs learning rate"
+                    + (" and vs epochs at the selected rate" if searched else ""))
     if rows:
         blocks = [b for b in doc.blocks if b[0] == "fig" and "lr_curve" in str(b[1])]
         doc.blocks = [b for b in doc.blocks if b not in blocks]
         doc.h(2, "Learning-rate selection")
-        doc.table(["task", "method", "learning rate", "validation score", "trial", ""], rows)
+        doc.table(["task", "method", "learning rate", "epochs", "validation score", "trial", ""], rows)
         doc.p("Each method gets the same budget of trials on a validation split carved from the training side "
-              "(never the evaluation, calibration or drift examples); the final models train at the selected rate. "
+              "(never the evaluation, calibration or drift examples); the final models train at the selected rate "
+              "(and, where epochs were searched, for the selected epochs). "
               "Validation score: " + "; ".join(f"{t}: {r}" for t, r in rules.items()) + ".")
         doc.blocks += blocks
 
