@@ -144,3 +144,38 @@ def test_adapter_on_wrong_base_is_a_clear_error(tiny_model, small_data, tmp_path
     (model_dir / "lorascope-model.json").unlink()  # no record: shapes decide
     with pytest.raises(LorascopeError, match="does not fit the base model"):
         load_checkpoint(str(model_dir), ModelConfig(name=str(other)))
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_training_that_would_not_fit_on_the_disk_is_refused_before_it_starts(tiny_model, small_data, tmp_path,
+                                                                                 monkeypatch, method):
+    """6 steps, a checkpoint every 2: checkpoints at steps 2 and 4 (3 x the trainable bytes each: weights and
+    AdamW's two moments), then the model. Bytes counted here from the model's shapes, not from lorascope."""
+    import shutil
+    from collections import namedtuple
+
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(tiny_model)
+    h, i, n = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    kv = c.num_key_value_heads * (h // c.num_attention_heads)
+    shapes = {"q": (h, h), "k": (h, kv), "v": (h, kv), "o": (h, h), "gate": (h, i), "up": (h, i), "down": (i, h)}
+    if method == "lora":
+        r = load_config(None, []).lora.rank
+        trainable = n * sum(r * (a + b) for a, b in shapes.values()) * 4
+        weights = trainable
+    else:
+        per_layer = sum(a * b for a, b in shapes.values()) + 2 * h  # two RMSNorm weights
+        embed = c.vocab_size * h * (1 if c.tie_word_embeddings else 2)
+        trainable = weights = (n * per_layer + h + embed) * 4
+    need = 2 * 3 * trainable + weights
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 12, 0, need - 1))
+    with pytest.raises(LorascopeError, match=r"train.output_dir .*: 0.00 GiB free on its disk, but this training "
+                                             r"writes up to 0.00 GiB \(2 checkpoint\(s\) of .* GiB \(weights and "
+                                             r"optimizer state\), the model, .* GiB\); free space, raise "
+                                             r"train.save_every"):
+        train(_cfg(tiny_model, small_data, tmp_path / "d", method))
+    assert not (tmp_path / "d" / "model").exists() and not (tmp_path / "d" / "checkpoints").exists()
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 12, 0, need))
+    assert train(_cfg(tiny_model, small_data, tmp_path / "d", method)).is_dir()  # exactly enough: it trains

@@ -99,6 +99,8 @@ def _train(cfg: Config, on_step=None) -> Path:
 
     wrapper, params, optimizer, scheduler = _prepare(accelerator, model, args, total_steps)
     start_step = _resume(accelerator, wrapper, optimizer, scheduler, out)
+    if accelerator.is_main_process:
+        _check_disk(out, cfg, accelerator.unwrap_model(wrapper).model, start_step, total_steps)
     metrics_path = out / "metrics.jsonl"
     if accelerator.is_main_process:
         _trim_metrics(metrics_path, start_step)  # steps after the checkpoint are redone and logged again
@@ -190,6 +192,34 @@ def _prepare(accelerator, model, args: TrainArgs, total_steps: int):
     # not prepared: Accelerate would step a prepared scheduler once per process
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, total_steps))
     return wrapper, params, optimizer, scheduler
+
+
+def _check_disk(out: Path, cfg: Config, model, start_step: int, total_steps: int) -> None:
+    """Refuse to start a training whose checkpoints and model would not fit on the output folder's disk.
+
+    What it still writes, at most: checkpoints (trainable weights and AdamW's two moments; two are kept
+    and a third is written before the oldest goes), the model, and drift snapshots. A disk that fills
+    later (other writers) still stops the run cleanly: checkpoints appear complete or not at all.
+    """
+    args = cfg.train
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    weights = trainable if args.method == "lora" else sum(p.numel() * p.element_size() for p in model.parameters())
+    ckpt = 3 * trainable
+    planned = sum(1 for s in range(start_step + 1, total_steps) if args.save_every and s % args.save_every == 0)
+    existing = len(list((out / "checkpoints").glob("step-*"))) if (out / "checkpoints").is_dir() else 0
+    n_ckpt = max(0, min(existing + planned, 3) - existing)
+    n_snap = sum(1 for s in snapshot_steps(total_steps, args.drift_snapshots) if s > start_step)
+    need = n_ckpt * ckpt + weights + n_snap * weights
+    free = shutil.disk_usage(out).free
+    if free < need:
+        gib = 2 ** 30
+        parts = [f"{n_ckpt} checkpoint(s) of {ckpt / gib:.2f} GiB (weights and optimizer state)"] if n_ckpt else []
+        parts.append(f"the model, {weights / gib:.2f} GiB")
+        if n_snap:
+            parts.append(f"{n_snap} drift snapshot(s) of {weights / gib:.2f} GiB")
+        raise LorascopeError(f"train.output_dir {out}: {free / gib:.2f} GiB free on its disk, but this training "
+                             f"writes up to {need / gib:.2f} GiB ({', '.join(parts)}); free space, raise "
+                             f"train.save_every (0: no checkpoints) or use another folder")
 
 
 def _save_points(accelerator, wrapper, optimizer, scheduler, tok, cfg: Config, done: int, total: int) -> None:
