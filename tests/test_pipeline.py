@@ -81,7 +81,7 @@ def test_smoke_study_writes_every_stage_and_the_report(smoke_run):
                 assert "best_epochs" not in tj and trained["config"]["train"]["epochs"] == 1.0
     assert "## Learning-rate selection" in md and md.count("lr_curve.png") == 4
     assert "and vs epochs at the selected rate" in md and "mrpc: accuracy of the validation split as evaluated; " \
-        "epochs at the selected learning rate" in md
+        "epochs at each method's selected rate: best validation score, ties: fewer epochs; squad_v2:" in md
     # SQuAD v2: each model's no-answer threshold tuned on 20 held-out questions (smoke.yaml), and reported
     ev = json.loads((run_dir / "eval" / "squad_v2" / "lora_r8_s0.json").read_text())
     cal = ev["metrics"]["calibration"]

@@ -69,8 +69,8 @@ def _lr_section(doc: Doc, run_dir: Path, tasks: list[str]) -> None:
         for f in sorted(tune_dir.glob("*/tune.json")) if tune_dir.is_dir() else []:
             tj = _load(f)
             rules[task] = tj.get("score") or f"{tj['metric']} of the validation split as evaluated"
-            if "epochs_rule" in tj:
-                rules[task] += f"; epochs {tj['epochs_rule']}"
+            if "epochs_rule" in tj:  # the same rule for both methods, each at its own rate
+                rules[task] += "; epochs at each method's selected rate: best validation score, ties: fewer epochs"
             searched = "best_epochs" in tj
             for trial in tj["trials"] + [t for t in tj.get("epoch_trials", []) if "reused_from" not in t]:
                 e = trial.get("epochs", tj.get("epochs"))
