@@ -12,8 +12,9 @@ one timed window of --window optimizer steps each, in a rotating order, with a f
 matmul peak measurement in every round, so that the load that other users put on the
 cores falls on every arm alike. Printed per arm: median and spread of its windows' tokens/s
 (non-padding tokens), achieved GFLOP/s and its share of the peak measured in the same run,
-peak memory (RSS) of its process, final loss and dev accuracy; and the ratios between arms,
-each the median over rounds of the ratio within a round.
+peak memory (RSS) of its process, final loss and dev accuracy; and the ratios between arms:
+the median over rounds of the ratio within a round, and the overall ratio (all tokens over all
+seconds), each with a percentile-bootstrap 95 % interval over rounds.
 
 FLOPs counted are those the arithmetic requires, on real tokens only (no padding, no
 recomputation): per token 2 x the decoder's linear weights forward, 2 x backward through
@@ -238,6 +239,32 @@ def _spread(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": xs[0], "max": xs[-1], "n": len(xs)}
 
 
+def ratio_intervals(num: list[dict], den: list[dict], *, resamples: int = 10_000, seed: int = 0) -> dict:
+    """The throughput ratio of two arms over the same rounds, with percentile-bootstrap 95 % intervals.
+
+    `num` and `den` are the two arms' timed windows, round by round (dicts with "tokens" and
+    "seconds"). Two statistics: the median over rounds of the within-round ratio, and the
+    overall ratio (all tokens over all seconds, one arm over the other). The rounds are resampled
+    with replacement, each round keeping both arms' windows, so that the interval covers which
+    batches and which moments of the machine's load were drawn.
+    """
+    import numpy as np
+
+    tn = np.array([w["tokens"] for w in num], float)
+    sn = np.array([w["seconds"] for w in num], float)
+    td = np.array([w["tokens"] for w in den], float)
+    sd = np.array([w["seconds"] for w in den], float)
+    per_round = (tn / sn) / (td / sd)
+    idx = np.random.default_rng(seed).integers(0, len(per_round), size=(resamples, len(per_round)))
+    medians = np.median(per_round[idx], axis=1)
+    overall = (tn[idx].sum(1) / sn[idx].sum(1)) / (td[idx].sum(1) / sd[idx].sum(1))
+    return {**_spread(per_round.tolist()),
+            "median_ci95": [float(x) for x in np.percentile(medians, [2.5, 97.5])],
+            "overall": float((tn.sum() / sn.sum()) / (td.sum() / sd.sum())),
+            "overall_ci95": [float(x) for x in np.percentile(overall, [2.5, 97.5])],
+            "resamples": resamples}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -314,9 +341,7 @@ def main() -> None:
     for name, (num, den) in {"lora/full (lorascope)": (("lora", "lorascope"), ("full", "lorascope")),
                              "lora: lorascope/trainer+peft": (("lora", "lorascope"), ("lora", "trainer+peft")),
                              "full: lorascope/trainer": (("full", "lorascope"), ("full", "trainer"))}.items():
-        per_round = [(a["tokens"] / a["seconds"]) / (b["tokens"] / b["seconds"])
-                     for a, b in zip(windows[num], windows[den])]
-        ratios[name] = _spread(per_round)
+        ratios[name] = ratio_intervals(windows[num], windows[den])
 
     print(f"\nfloat32 matmul peak (2048^3, best of 3, once per round): median {peak['median']:.1f} GFLOP/s "
           f"[{peak['min']:.1f}, {peak['max']:.1f}]")
@@ -327,9 +352,13 @@ def main() -> None:
         print(f"{m + '/' + a:20s} {t['median']:10.1f} [{t['min']:7.1f}, {t['max']:7.1f}] {r['gflops']['median']:8.1f} "
               f"{100 * r['peak_share']['median']:9.1f}% {r['peak_rss_mib']:12.0f} {r['final_loss']:10.4f} "
               f"{r['dev_accuracy']!s:>8s}")
-    print(f"\n{'ratio (per round, same round)':32s} {'median':>7s} {'min':>6s} {'max':>6s}")
+    print(f"\nratios over {rounds} rounds; 95 % intervals: percentile bootstrap over rounds")
+    print(f"{'ratio':32s} {'median of within-round ratios [95 % CI] (min, max)':>52s} {'overall [95 % CI]':>22s}")
     for name, s in ratios.items():
-        print(f"{name:32s} {s['median']:7.2f} {s['min']:6.2f} {s['max']:6.2f}")
+        lo, hi = s["median_ci95"]
+        olo, ohi = s["overall_ci95"]
+        print(f"{name:32s} {s['median']:13.2f} [{lo:.2f}, {hi:.2f}] ({s['min']:.2f}, {s['max']:.2f}) "
+              f"{s['overall']:13.2f} [{olo:.2f}, {ohi:.2f}]")
     pad = rows[("lora", "trainer+peft")]["padding_share"]
     print(f"\nTrainer batches: {100 * pad:.1f}% padding. Peak RSS: the arm's process at its last training step "
           f"(runtime, model, gradients, optimizer state, activations); after set-up it held "
