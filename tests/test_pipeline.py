@@ -80,6 +80,13 @@ def test_smoke_study_writes_every_stage_and_the_report(smoke_run):
             else:
                 assert "best_epochs" not in tj and trained["config"]["train"]["epochs"] == 1.0
     assert "## Learning-rate selection" in md and md.count("lr_curve.png") == 4
+    # each trial with an interval over its validation examples (SQuAD v2: paragraphs), each selection with its
+    # paired margin over the runner-up: the rate for every method and task, the epochs where they were searched
+    assert "| 95 % CI |" in md and "Each selection against its runner-up" in md
+    for label in ("mrpc / full, rate: ", "mrpc / lora, epochs: ", "squad_v2 / lora, rate: "):
+        assert label in md
+    squad_line = md.split("squad_v2 / full, rate: ")[1].split(";")[0]
+    assert " paragraphs" in squad_line and "points over" in squad_line
     assert "and vs epochs at the selected rate" in md and "mrpc: accuracy of the validation split as evaluated; " \
         "epochs at each method's selected rate: best validation score, ties: fewer epochs; squad_v2:" in md
     # SQuAD v2: each model's no-answer threshold tuned on 20 held-out questions (smoke.yaml), and reported

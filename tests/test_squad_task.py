@@ -162,6 +162,10 @@ def test_search_score_fits_the_no_answer_rule_on_the_other_half_of_the_paragraph
     assert [h["f1"] for h in got["halves"]] == pytest.approx([100.0, 50.0])
     assert 2.0 < got["halves"][0]["threshold"] < 2.5 and 0.5 < got["halves"][1]["threshold"] < 3.0
     assert [h["paragraphs"] for h in got["halves"]] == [2, 2]
+    # per question, under its half's rule: half 0 answers a (F1 100) and abstains on u (100); half 1 abstains
+    # on both (a: 0, u: 100). Their mean is the score.
+    assert got["scores"] == {f"{q}{i}": (0.0 if q == "a" and half[i] == 1 else 100.0) for i in range(4) for q in "au"}
+    assert sum(got["scores"].values()) / len(got["scores"]) == pytest.approx(got["value"])
     # a study that abstains by the first-token margin only is scored by it only: here it cannot tell the
     # questions apart, so both halves answer everything (F1 50)
     from types import SimpleNamespace

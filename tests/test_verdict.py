@@ -286,3 +286,68 @@ def test_a_task_left_out_of_serving_says_why_2b_is_missing(tmp_path):
     assert "serving is off" in t["serving_absent"] and "no drift result" in t["drift_absent"]
     # models that learned nothing: that is the reason given, before anything about (2a) or (2b)
     assert t["verdict"] == "INCONCLUSIVE" and t["reason"].startswith("(1) the models have not learned")
+
+
+def test_mean_interval_matches_a_plain_loop_bootstrap():
+    from lorascope.report.verdict import mean_interval
+
+    rng = random.Random(4)
+    a = {str(i): 100.0 * (rng.random() < 0.8) for i in range(565)}
+    r = mean_interval(a)
+    assert r["value"] == pytest.approx(sum(a.values()) / len(a), abs=1e-9) and r["n"] == 565
+    # a plain-loop percentile bootstrap over examples (another generator): the same interval to Monte Carlo error
+    vals = list(a.values())
+    boot = sorted(sum(vals[rng.randrange(len(vals))] for _ in vals) / len(vals) for _ in range(2000))
+    assert r["ci_low"] == pytest.approx(boot[50], abs=0.8) and r["ci_high"] == pytest.approx(boot[1949], abs=0.8)
+    # clusters: questions of one paragraph are resampled together, which widens the interval
+    groups = {k: str(int(k) // 8) for k in a}
+    same_per_cluster = {k: 100.0 * (int(k) // 8 % 4 != 0) for k in a}
+    assert (lambda c, n: (c["ci_high"] - c["ci_low"]) > 2 * (n["ci_high"] - n["ci_low"]))(
+        mean_interval(same_per_cluster, groups=groups), mean_interval(same_per_cluster))
+    const = mean_interval({k: 50.0 for k in a})
+    assert const["value"] == const["ci_low"] == const["ci_high"] == 50.0
+
+
+def test_the_report_gives_search_trials_intervals_and_each_selection_its_margin(tmp_path):
+    """A synthetic MRPC search (no training): the table's interval per trial and the paired runner-up line equal
+    the same bootstrap computed directly on the trials' per-pair predictions."""
+    from lorascope.report.render import Doc, _lr_section
+    from lorascope.report.verdict import hierarchical_bootstrap, mean_interval
+
+    rng = random.Random(1)
+    labels = {f"p{i}": int(rng.random() < 0.67) for i in range(300)}
+    tdir = tmp_path / "tune" / "mrpc" / "full"
+    hit_rates = {"lr_1.00e-04": 0.70, "lr_3.00e-04": 0.80, "lr_3.00e-04_epochs_2": 0.83}
+    per_pair, trials = {}, []
+    for name, p in hit_rates.items():
+        pred = {k: {"label": y, "pred": y if rng.random() < p else 1 - y} for k, y in labels.items()}
+        (tdir / name).mkdir(parents=True)
+        (tdir / name / "eval.predictions.json").write_text(json.dumps(pred))
+        (tdir / name / "eval.json").write_text("{}")
+        per_pair[name] = {k: 100.0 * (v["pred"] == v["label"]) for k, v in pred.items()}
+        lr, e = (3e-4 if "3.00" in name else 1e-4), (2.0 if "epochs" in name else 1.0)
+        trials.append({"lr": lr, "epochs": e, "value": sum(per_pair[name].values()) / 300, "metric": "accuracy",
+                       "state": "complete", "train_dir": f"/elsewhere/{name}/train"})  # another machine's path
+    best_e = 2.0 if trials[2]["value"] > trials[1]["value"] else 1.0
+    (tdir / "tune.json").write_text(json.dumps({
+        "task": "mrpc", "method": "full", "metric": "accuracy", "epochs": 1.0, "trials": trials[:2],
+        "best_lr": 3e-4, "best_value": trials[1]["value"], "best_epochs": best_e, "epochs_rule": "x",
+        "epoch_trials": [dict(trials[1], reused_from="lr_3.00e-04"), trials[2]]}))
+    doc = Doc()
+    _lr_section(doc, tmp_path, ["mrpc"])
+    table = next(b for b in doc.blocks if b[0] == "table")
+    assert "95 % CI" in table[1] and len(table[2]) == 3  # the reused 1-epoch trial is not shown twice
+    for row, name in zip(table[2], hit_rates):
+        ci = mean_interval(per_pair[name])
+        assert row[5] == f"[{ci['ci_low']:.1f}, {ci['ci_high']:.1f}]"
+    text = " ".join(b[1] for b in doc.blocks if b[0] == "p")
+    rate = hierarchical_bootstrap([per_pair["lr_3.00e-04"]], [per_pair["lr_1.00e-04"]])
+    diff = sum(per_pair["lr_3.00e-04"].values()) / 300 - sum(per_pair["lr_1.00e-04"].values()) / 300
+    assert rate["value"] == pytest.approx(diff)
+    assert (f"mrpc / full, rate: 3.0e-04, 1 epoch(s) ({trials[1]['value']:.1f}) vs 1.0e-04, 1 epoch(s) "
+            f"({trials[0]['value']:.1f}): {rate['value']:+.1f} [{rate['ci_low']:+.1f}, {rate['ci_high']:+.1f}] "
+            f"points over 300 examples") in text
+    sel, other = ("lr_3.00e-04_epochs_2", "lr_3.00e-04") if best_e == 2.0 else ("lr_3.00e-04", "lr_3.00e-04_epochs_2")
+    ep = hierarchical_bootstrap([per_pair[sel]], [per_pair[other]])
+    assert f"mrpc / full, epochs: 3.0e-04, {best_e:g} epoch(s)" in text
+    assert f"{ep['value']:+.1f} [{ep['ci_low']:+.1f}, {ep['ci_high']:+.1f}] points over 300 examples" in text

@@ -61,9 +61,32 @@ def _ci(c: dict | None) -> str:
     return f"{c['value']:+.1f} [{c['ci_low']:+.1f}, {c['ci_high']:+.1f}]"
 
 
+def trial_scores(task: str, trial_dir: Path, trial: dict) -> tuple[dict[str, float] | None, dict | None, str]:
+    """Per-example validation scores of one search trial (their mean is its validation score), the clusters
+    the bootstrap resamples and their name. A task with a selection rule (SQuAD v2) scores each question
+    under the rule fitted on the other half (`scores` of the trial's selection record); otherwise the
+    evaluation's per-example scores. (None, ...) for a trial that recorded neither."""
+    from lorascope.report.verdict import clusters, per_example_scores
+
+    eval_file = trial_dir / "eval.json"
+    if not (trial_dir / "eval.predictions.json").is_file():
+        return None, None, "example"
+    sel = trial.get("selection") or {}
+    scores = sel.get("scores") if "rule" in sel else per_example_scores(task, eval_file)
+    groups, unit = clusters(task, eval_file)
+    return scores or None, groups, unit
+
+
+def _ci_span(c: dict | None) -> str:
+    return "-" if not c or c.get("ci_low") is None else f"[{c['ci_low']:.1f}, {c['ci_high']:.1f}]"
+
+
 def _lr_section(doc: Doc, run_dir: Path, tasks: list[str]) -> None:
-    """Learning-rate selection: every trial, the rate chosen per method, the curve per method and task."""
-    rows, rules = [], {}
+    """Learning-rate selection: every trial with an interval over its validation examples, the setting chosen
+    per method with its margin over the runner-up, the curve per method and task."""
+    from lorascope.report.verdict import mean_interval
+
+    rows, rules, margins = [], {}, []
     for task in tasks:
         tune_dir = RunLayout(run_dir).tune_dir(task)
         for f in sorted(tune_dir.glob("*/tune.json")) if tune_dir.is_dir() else []:
@@ -72,23 +95,68 @@ def _lr_section(doc: Doc, run_dir: Path, tasks: list[str]) -> None:
             if "epochs_rule" in tj:  # the same rule for both methods, each at its own rate
                 rules[task] += "; epochs at each method's selected rate: best validation score, ties: fewer epochs"
             searched = "best_epochs" in tj
-            for trial in tj["trials"] + [t for t in tj.get("epoch_trials", []) if "reused_from" not in t]:
+            shown = []  # (trial, epochs, per-example scores, clusters, unit, rate trial or not)
+            n_rates = len(tj["trials"])
+            for i, trial in enumerate(tj["trials"] + [t for t in tj.get("epoch_trials", []) if "reused_from" not in t]):
                 e = trial.get("epochs", tj.get("epochs"))
                 chosen = trial["lr"] == tj["best_lr"] and (not searched or e == tj["best_epochs"])
+                # the trial's folder beside tune.json (the recorded path may be another machine's)
+                scores, groups, unit = (trial_scores(task, f.parent / Path(trial["train_dir"]).parent.name, trial)
+                                        if trial.get("train_dir") and trial.get("value") is not None
+                                        else (None, None, "example"))
+                ci = mean_interval(scores, groups=groups) if scores else None
+                shown.append((trial, e, scores, groups, unit, i < n_rates))
                 rows.append([task, tj["method"], f"{trial['lr']:.1e}", "-" if e is None else f"{e:g}",
-                             _f(trial.get("value")), trial.get("state", "complete"), "selected" if chosen else ""])
+                             _f(trial.get("value")), _ci_span(ci), trial.get("state", "complete"),
+                             "selected" if chosen else ""])
+            rates = [x for x in shown if x[5]]
+            margins.append(_runner_up(f"{task} / {tj['method']}, rate",
+                                      [(x, x[0]["lr"] == tj["best_lr"]) for x in rates]))
+            if searched:  # the selected rate's own trial stands for its epoch count (it is reused, not retrained)
+                counts = [x for x in rates if x[0]["lr"] == tj["best_lr"]] + [x for x in shown if not x[5]]
+                margins.append(_runner_up(f"{task} / {tj['method']}, epochs",
+                                          [(x, x[1] == tj["best_epochs"]) for x in counts]))
             doc.fig(f.parent / "lr_curve.png", f"{task} / {tj['method']}: validation {tj['metric']} vs learning rate"
                     + (" and vs epochs at the selected rate" if searched else ""))
     if rows:
         blocks = [b for b in doc.blocks if b[0] == "fig" and "lr_curve" in str(b[1])]
         doc.blocks = [b for b in doc.blocks if b not in blocks]
         doc.h(2, "Learning-rate selection")
-        doc.table(["task", "method", "learning rate", "epochs", "validation score", "trial", ""], rows)
+        doc.table(["task", "method", "learning rate", "epochs", "validation score", "95 % CI", "trial", ""], rows)
         doc.p("Each method gets the same budget of trials on a validation split carved from the training side "
               "(never the evaluation, calibration or drift examples); the final models train at the selected rate "
               "(and, where epochs were searched, for the selected epochs). "
-              "Validation score: " + "; ".join(f"{t}: {r}" for t, r in rules.items()) + ".")
+              "Validation score: " + "; ".join(f"{t}: {r}" for t, r in rules.items()) + ". "
+              "Each trial is one training run at the search's seed: its interval (95 %, bootstrap over the "
+              "validation examples, or their paragraphs where they share one) covers which examples were drawn, "
+              "not the seed.")
+        lines = [m for m in margins if m]
+        if lines:
+            doc.p("Each selection against its runner-up (the rate among the rate trials; the epochs at the "
+                  "selected rate), on the same validation examples (paired, same bootstrap): " + "; ".join(lines)
+                  + ". An interval that includes 0 means validation could not tell the two apart; the selection "
+                  "then rests on the point values.")
         doc.blocks += blocks
+
+
+def _runner_up(label: str, entries: list) -> str | None:
+    """'LABEL: selected vs runner-up: difference [95 % CI] points over N UNITs', or None without both.
+    entries: ((trial, epochs, scores, clusters, unit, _), selected) for the trials of one decision."""
+    from lorascope.report.verdict import hierarchical_bootstrap
+
+    def name(t, e):
+        return f"{t['lr']:.1e}" + ("" if e is None else f", {e:g} epoch(s)")
+
+    sel = next((x for x, chosen in entries if chosen and x[2]), None)
+    others = sorted((x for x, chosen in entries if not chosen and x[2]), key=lambda x: -x[0]["value"])
+    if sel is None or not others:
+        return None
+    run = others[0]
+    # paired: the same validation examples, resampled by cluster as the trials' intervals are
+    d = hierarchical_bootstrap([sel[2]], [run[2]], groups=sel[3])
+    n, unit = (d["clusters"], sel[4].split(" ")[0]) if sel[3] else (d["n"], "example")
+    return (f"{label}: {name(sel[0], sel[1])} ({sel[0]['value']:.1f}) vs {name(run[0], run[1])} "
+            f"({run[0]['value']:.1f}): {_ci(d)} points over {n} {unit}s")
 
 
 class Doc:

@@ -118,6 +118,13 @@ def hierarchical_bootstrap(a: list[dict[str, float]], b: list[dict[str, float]],
             "seeds": [len(a), len(b)], "resamples": n}
 
 
+def mean_interval(a: dict[str, float], *, groups: dict[str, str] | None = None, n: int = RESAMPLES,
+                  seed: int = 0) -> dict[str, Any]:
+    """Mean of one set of per-example scores, with a 95 % percentile bootstrap interval over the clusters of
+    `groups` (default: each example its own): one model, one seed, so it covers the examples only."""
+    return hierarchical_bootstrap([a], [dict.fromkeys(a, 0.0)], groups=groups, n=n, seed=seed)
+
+
 def paired_bootstrap(a: dict[str, float], b: dict[str, float], *, n: int = RESAMPLES, seed: int = 0) -> dict[str, Any]:
     """Mean of a - b over shared examples, with a 95 % percentile bootstrap interval over examples."""
     return hierarchical_bootstrap([a], [b], n=n, seed=seed)

@@ -199,7 +199,8 @@ class SquadV2(Task):
         scored the same way, by 2-fold cross-fitting over paragraphs: the validation paragraphs,
         ordered by their key, alternate between two halves; each half is scored with the signal
         (eval_cfg.no_answer_signal; with 'best', the default, the first-token margin or the answer NLL,
-        ties: first_token) and threshold that give the best F1 on the other half. None with fewer than
+        ties: first_token) and threshold that give the best F1 on the other half. `scores`: each
+        question's F1 (0-100) under its half's rule, whose mean is `value`. None with fewer than
         2 paragraphs.
         """
         kept = [x for x in examples if x.id in pred["answers"]]
@@ -211,7 +212,7 @@ class SquadV2(Task):
         halves = [[x for x in kept if half[para[x.id]] == h] for h in (0, 1)]
         wanted = getattr(eval_cfg, "no_answer_signal", "best")
         names = list(NO_ANSWER_SIGNALS) if wanted == "best" else [wanted]
-        total, folds = 0.0, []
+        total, folds, scores = 0.0, [], {}
         for h in (0, 1):
             fit, scored = halves[1 - h], halves[h]
             answers = {x.id: pred["answers"][x.id] for x in fit}
@@ -223,10 +224,13 @@ class SquadV2(Task):
                                    {x.id: pred["answers"][x.id] for x in scored}, threshold)
             _, f1 = squad_metric.raw_scores(examples_to_articles(scored), preds)
             total += sum(f1.values())
+            scores.update({k: 100.0 * v for k, v in f1.items()})
             folds.append({"questions": len(scored), "paragraphs": sum(1 for k in keys if half[k] == h),
                           "signal": signal, "threshold": threshold, "fit_f1": per_signal[signal]["f1"],
                           "f1": 100.0 * sum(f1.values()) / len(scored)})
-        return {"value": 100.0 * total / len(kept), "n": len(kept), "rule": self.selection_rule, "halves": folds}
+        # per question: its F1 under the rule fitted on the other half (what the report's intervals resample)
+        return {"value": 100.0 * total / len(kept), "n": len(kept), "rule": self.selection_rule, "halves": folds,
+                "scores": scores}
 
     def calibrate_no_answer(self, model, tok, cfg, examples, kwargs) -> dict:
         """Tune the no-answer threshold on held-out questions disjoint from `examples`' paragraphs.
