@@ -154,6 +154,13 @@ def test_changed_config_reruns_what_depends_on_it(smoke_run, tmp_path):
     assert (run_dir / "eval" / "squad_v2" / "full_s0.json").stat().st_mtime > before
     ev = json.loads((run_dir / "eval" / "squad_v2" / "full_s0.json").read_text())
     assert ev["config"]["eval"]["calibration_examples"] == 24
+    # the ETA foresaw that every eval:squad_v2 stage would rerun (their config changed), and timed the rest
+    # by the same stages' records from the first run
+    stages = json.loads((run_dir / "study.json").read_text())["stages"]
+    later = [n for n in stages if n.startswith("eval:squad_v2:")][1:]
+    assert len(later) >= 2
+    assert "eval:squad_v2:base: running" in r.stderr
+    assert f"; {len(later)} stage(s) to run after it, {len(later)} timed by finished stages like them: ~" in r.stderr
     # the report depends on every stage: with the old config it is now out of date, and says so
     r = run_cli("run", "configs/smoke.yaml", "--run-dir", str(run_dir), "--only", "report", env=env)
     assert r.returncode == 2
@@ -200,8 +207,12 @@ def test_killed_training_resumes_inside_the_pipeline(tmp_path, pipeline_data):
     r = run_cli("run", str(f), "--run-dir", str(run_dir), env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming an interrupted run" in r.stderr and "resuming from" in r.stderr.lower()
+    # its seconds cover the second invocation only: it is marked, and times no other stage; nothing after it
+    # has finished anything like it, so the ETA says so instead of guessing
+    assert ("train:mrpc:lora_r8_s0: running (elapsed 0m00s; 3 stage(s) to run after it, 3 not yet timed "
+            "(eval:mrpc:base, eval:mrpc:lora_r8, report))") in r.stderr
     rec = json.loads((run_dir / "stages" / "train__mrpc__lora_r8_s0.json").read_text())
-    assert rec["finished"]
+    assert rec["finished"] and rec["resumed"] is True
     assert (run_dir / "report" / "index.html").is_file()
 
 
@@ -258,3 +269,41 @@ def test_report_page_renders_in_headless_chromium(smoke_run, tmp_path):
     red = (np.abs(px - np.array([0xfb, 0xe0, 0xe0])) < 4).all(axis=2)
     yellow = (np.abs(px - np.array([0xff, 0xf3, 0xc4])) < 4).all(axis=2)
     assert green.sum() + red.sum() + yellow.sum() > 1000
+
+
+def test_the_eta_counts_only_what_will_run_and_times_it_by_finished_stages_like_it(tmp_path):
+    from lorascope.pipeline import Stage, _Digests, _StageTimes, _will_run
+
+    def stage(name, deps=()):
+        return Stage(name, name.split(":")[0], lambda: None, {"x": 1}, list(deps), [tmp_path / name])
+
+    stages = [stage("train:t:full_s0"), stage("train:t:full_s1"), stage("train:t:full_s2"),
+              stage("eval:t:full_s0", ["train:t:full_s0"]), stage("eval:t:full_s1", ["train:t:full_s1"]),
+              stage("report", ["eval:t:full_s0", "eval:t:full_s1"])]
+    digests = _Digests(tmp_path / "digests.json")
+    # train s0 is up to date (its hash as the loop computes it, its output present), s1 was killed, s2 never began
+    from lorascope.pipeline import _stage_hash
+    (tmp_path / "train:t:full_s0").mkdir()
+    h0 = _stage_hash(stages[0], {}, {}, {s.name: s for s in stages}, digests)
+    prior = {"train:t:full_s0": {"stage": "train:t:full_s0", "hash": h0, "finished": "x", "seconds": 100.0,
+                                 "outputs": [str(tmp_path / "train:t:full_s0")]},
+             "train:t:full_s1": {"stage": "train:t:full_s1", "hash": "old", "started": "x"},
+             "eval:t:full_s0": {"stage": "eval:t:full_s0", "hash": "h", "finished": "x", "seconds": 7.0,
+                                "resumed": True}}
+    assert _will_run(stages, prior, [], [], digests) == {"train:t:full_s1", "train:t:full_s2", "eval:t:full_s0",
+                                                         "eval:t:full_s1", "report"}
+    # --only: an unselected stage never runs, even downstream of one that does
+    assert _will_run(stages, prior, ["train"], [], digests) == {"train:t:full_s1", "train:t:full_s2"}
+    # --force reruns an up-to-date stage and everything downstream of it
+    assert "train:t:full_s0" in _will_run(stages, prior, [], ["train:t:full_s0"], digests)
+    assert _will_run(stages, prior, ["eval", "report"], [], digests) == {"eval:t:full_s0", "eval:t:full_s1",
+                                                                        "report"}
+    # train s1 and s2 are timed by s0 (the seed aside); the evals are not (the only finished one was resumed)
+    eta = _StageTimes(prior).eta(["train:t:full_s1", "train:t:full_s2", "eval:t:full_s1", "report"])
+    assert eta == "; 4 stage(s) to run after it, 2 timed by finished stages like them: ~3m20s, 2 not yet timed " \
+                  "(eval:t:full, report)"
+    # two finished seeds: their mean
+    prior["train:t:full_s1"] = {"stage": "train:t:full_s1", "finished": "x", "seconds": 140.0}
+    assert _StageTimes(prior).eta(["train:t:full_s2"]) == "; 1 stage(s) to run after it, 1 timed by finished " \
+                                                          "stages like them: ~2m00s"
+    assert _StageTimes(prior).eta([]) == ""

@@ -626,20 +626,16 @@ def _run(study: Study, config_path: str, run_dir: Path, only, force) -> dict:
     hashes: dict[str, str] = {}
     digests = _Digests(RunLayout(run_dir).digests_file)
     t_run = time.time()
-    done_times: list[float] = []
+    # what each stage took, from the records of earlier invocations too: the ETA's only source
+    timing = _StageTimes({n: _read_record(RunLayout(run_dir).stage_record(n)) for n in names})
+    will_run = _will_run(stages, timing.records, only, force, digests)
     for i, s in enumerate(stages, 1):
-        # upstream hashes and completion times: a forced rerun upstream invalidates what reads it
-        # and the contents of their outputs: files changed outside lorascope (new weights in a train
-        # folder) invalidate what was computed from them
-        h = _hash({"stage": s.name, "config": s.config,
-                   "deps": [(hashes.get(d), records.get(d, {}).get("finished"),
-                             digests.of(by_name[d].outputs) if d in records else None) for d in s.deps]})
-        hashes[s.name] = h
+        # a forced rerun upstream, or new weights in an upstream folder, invalidates what reads it
+        h = hashes[s.name] = _stage_hash(s, hashes, records, by_name, digests)
         rec_file = RunLayout(run_dir).stage_record(s.name)
         prev = _read_record(rec_file)
         selected = not only or _matches(s.name, only)
-        fresh = (prev is not None and prev.get("hash") == h and prev.get("finished")
-                 and all(Path(o).exists() for o in prev.get("outputs", [])))
+        fresh = _fresh(prev, h)
         if fresh and not _matches(s.name, force):
             records[s.name] = prev
             log.info("[%d/%d] %s: up to date", i, len(stages), s.name)
@@ -668,18 +664,18 @@ def _run(study: Study, config_path: str, run_dir: Path, only, force) -> dict:
             log.info("[%d/%d] %s: resuming an interrupted run", i, len(stages), s.name)
         # a record without "finished": the stage started with this hash (a kill leaves it so, and a
         # rerun resumes, e.g. training from its last checkpoint)
+        # resumed: its seconds will cover this invocation only, so it times no other stage
         write_json(rec_file, {"stage": s.name, "hash": h, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                              "outputs": [str(o) for o in s.outputs]})
-        remaining = len(stages) - i
-        eta = (f", ETA for the rest ~{_fmt(sum(done_times) / len(done_times) * remaining)} at this pace"
-               if sum(done_times) >= 10 else "")
-        log.info("[%d/%d] %s: running (elapsed %s%s)", i, len(stages), s.name, _fmt(time.time() - t_run), eta)
+                              "resumed": resuming, "outputs": [str(o) for o in s.outputs]})
+        later = [n for n in names[i:] if n in will_run]
+        log.info("[%d/%d] %s: running (elapsed %s%s)", i, len(stages), s.name, _fmt(time.time() - t_run),
+                 timing.eta(later))
         t0 = time.time()
         s.fn()
         seconds = time.time() - t0
-        done_times.append(seconds)
-        rec = {"stage": s.name, "hash": h, "seconds": seconds, "outputs": [str(o) for o in s.outputs],
-               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        rec = {"stage": s.name, "hash": h, "seconds": seconds, "resumed": resuming,
+               "outputs": [str(o) for o in s.outputs], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        timing.records[s.name] = rec
         write_json(rec_file, rec)  # last: its presence with this hash marks the stage complete
         records[s.name] = rec
         log.info("[%d/%d] %s: done in %s", i, len(stages), s.name, _fmt(seconds))
@@ -751,6 +747,73 @@ def _read_record(path: Path) -> dict | None:
         log.warning("%s: not a stage record (no 'hash'); the stage reruns from scratch", path)
         return None
     return rec
+
+
+def _stage_hash(s: Stage, hashes: dict[str, str], records: dict[str, dict], by_name: dict[str, Stage],
+                digests: _Digests) -> str:
+    """What a stage's result depends on: its config, and its upstream stages' hashes, completion times and
+    the contents of their outputs (files changed outside lorascope invalidate what was computed from them)."""
+    return _hash({"stage": s.name, "config": s.config,
+                  "deps": [(hashes.get(d), records.get(d, {}).get("finished"),
+                            digests.of(by_name[d].outputs) if d in records else None) for d in s.deps]})
+
+
+def _fresh(rec: dict | None, h: str) -> bool:
+    return bool(rec is not None and rec.get("hash") == h and rec.get("finished")
+                and all(Path(o).exists() for o in rec.get("outputs", [])))
+
+
+def _will_run(stages: list[Stage], prior: dict[str, dict | None], only, force, digests: _Digests) -> set[str]:
+    """The stages this invocation will run, decided as the loop in :func:`_run` decides them: a stage runs
+    when it is selected (--only) and forced, or not up to date (no finished record with its current hash,
+    which is known in advance unless an upstream stage runs first, and then it changes)."""
+    by_name = {s.name: s for s in stages}
+    out: set[str] = set()
+    hashes: dict[str, str] = {}
+    records: dict[str, dict] = {}
+    for s in stages:
+        selected = not only or _matches(s.name, only)
+        if any(d in out for d in s.deps):
+            if selected:
+                out.add(s.name)
+            continue
+        h = hashes[s.name] = _stage_hash(s, hashes, records, by_name, digests)
+        rec = prior.get(s.name)
+        if _fresh(rec, h) and not _matches(s.name, force):
+            records[s.name] = rec
+        elif selected:
+            out.add(s.name)
+    return out
+
+
+class _StageTimes:
+    """An ETA from what stages like the remaining ones took: the same name but for the seed (train:mrpc:full_s1
+    is timed by train:mrpc:full_s0), finished in one go (a resumed stage's seconds cover only its last
+    invocation). Stages with nothing like them finished are counted as not timed, never guessed."""
+
+    def __init__(self, records: dict[str, dict | None]):
+        self.records = records
+
+    @staticmethod
+    def like(name: str) -> str:
+        return re.sub(r"_s\d+$", "", name)
+
+    def eta(self, later: list[str]) -> str:
+        if not later:
+            return ""
+        seconds: dict[str, list[float]] = {}
+        for rec in self.records.values():
+            if rec and rec.get("finished") and not rec.get("resumed") and isinstance(rec.get("seconds"), (int, float)):
+                seconds.setdefault(self.like(rec["stage"]), []).append(float(rec["seconds"]))
+        timed = [sum(seconds[k]) / len(seconds[k]) for k in map(self.like, later) if k in seconds]
+        untimed = sorted({self.like(n) for n in later if self.like(n) not in seconds})
+        text = f"; {len(later)} stage(s) to run after it"
+        if timed:
+            text += f", {len(timed)} timed by finished stages like them: ~{_fmt(sum(timed))}"
+        if untimed:
+            n = len(later) - len(timed)
+            text += (f", {n} not yet timed ({', '.join(untimed[:3])}{', ...' if len(untimed) > 3 else ''})")
+        return text
 
 
 def _fmt(seconds: float) -> str:
