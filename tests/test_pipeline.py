@@ -43,7 +43,9 @@ def test_smoke_study_writes_every_stage_and_the_report(smoke_run):
             assert (run_dir / "eval" / task / f"{m}.json").is_file()
         other = "squad_v2" if task == "mrpc" else "mrpc"
         assert (run_dir / "eval" / task / f"{other}.full_s0.json").is_file()  # forgetting
-        assert (run_dir / "drift" / task / "drift.json").is_file()
+        # one length policy: drift reads the first data.max_seq_len tokens of each prompt, as training did
+        drift_cfg = json.loads((run_dir / "drift" / task / "drift.json").read_text())["config"]
+        assert drift_cfg["max_tokens"] == drift_cfg["data"]["max_seq_len"] == 1200
         assert (run_dir / "weights" / task / "weights.json").is_file()
     for r_ in (4, 8):
         assert (run_dir / "serve" / f"r{r_}" / "serve.json").is_file()

@@ -524,9 +524,15 @@ def _plan_drift(study: Study, layout: RunLayout) -> list[Stage]:
         deps = [f"train:{task}:{n}" for n in tuned]
         out = layout.drift(task)
         data = study.task_config(task).data  # the data settings training used: held-out means held out
+        # one length policy: unless study.drift.max_tokens says otherwise, drift reads the first data.max_seq_len
+        # tokens of each prompt, the length the models trained at (causal attention: the states
+        # of those positions are the same as in the whole prompt)
+        ts = settings if settings.max_tokens is not None else dataclasses.replace(settings,
+                                                                                  max_tokens=data.max_seq_len)
         stages.append(Stage(f"drift:{task}", "drift",
-                            (lambda t=task, tu=tuned, o=out, d=data: run_drift(t, model_name, tu, o, settings, data=d)),
-                            {**dep_settings, "model": model_name, "data": dataclasses.asdict(data)}, deps, [out]))
+                            (lambda t=task, tu=tuned, o=out, d=data, s=ts: run_drift(t, model_name, tu, o, s, data=d)),
+                            {**dep_settings, "max_tokens": ts.max_tokens, "model": model_name,
+                             "data": dataclasses.asdict(data)}, deps, [out]))
         wout = layout.weights(task)
         stages.append(Stage(f"weights:{task}", "weights",
                             (lambda tu=tuned, o=wout: run_weights(model_name, tu, o)),
