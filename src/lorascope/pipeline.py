@@ -802,7 +802,7 @@ class _StageTimes:
 
     @staticmethod
     def like(name: str) -> str:
-        return re.sub(r"_s\d+$", "", name)
+        return re.sub(r"_s\d+$", "_s*", name)
 
     def eta(self, later: list[str]) -> str:
         if not later:
