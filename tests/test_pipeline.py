@@ -288,7 +288,7 @@ def test_the_eta_counts_only_what_will_run_and_times_it_by_finished_stages_like_
     (tmp_path / "train:t:full_s0").mkdir()
     h0 = _stage_hash(stages[0], {}, {}, {s.name: s for s in stages}, digests)
     prior = {"train:t:full_s0": {"stage": "train:t:full_s0", "hash": h0, "finished": "x", "seconds": 100.0,
-                                 "outputs": [str(tmp_path / "train:t:full_s0")]},
+                                 "resumed": False, "outputs": [str(tmp_path / "train:t:full_s0")]},
              "train:t:full_s1": {"stage": "train:t:full_s1", "hash": "old", "started": "x"},
              "eval:t:full_s0": {"stage": "eval:t:full_s0", "hash": "h", "finished": "x", "seconds": 7.0,
                                 "resumed": True}}
@@ -305,7 +305,10 @@ def test_the_eta_counts_only_what_will_run_and_times_it_by_finished_stages_like_
     assert eta == "; 4 stage(s) to run after it, 2 timed by finished stages like them: ~3m20s, 2 not yet timed " \
                   "(eval:t:full_s*, report)"
     # two finished seeds: their mean
-    prior["train:t:full_s1"] = {"stage": "train:t:full_s1", "finished": "x", "seconds": 140.0}
+    prior["train:t:full_s1"] = {"stage": "train:t:full_s1", "finished": "x", "seconds": 140.0, "resumed": False}
     assert _StageTimes(prior).eta(["train:t:full_s2"]) == "; 1 stage(s) to run after it, 1 timed by finished " \
                                                           "stages like them: ~2m00s"
+    # a record from before the flag may have been resumed: it times nothing
+    del prior["train:t:full_s1"]["resumed"]
+    assert _StageTimes(prior).eta(["train:t:full_s2"]).endswith("~1m40s")
     assert _StageTimes(prior).eta([]) == ""

@@ -795,7 +795,8 @@ def _will_run(stages: list[Stage], prior: dict[str, dict | None], only, force, d
 class _StageTimes:
     """An ETA from what stages like the remaining ones took: the same name but for the seed (train:mrpc:full_s1
     is timed by train:mrpc:full_s0), finished in one go (a resumed stage's seconds cover only its last
-    invocation). Stages with nothing like them finished are counted as not timed, never guessed."""
+    invocation; records from before the `resumed` flag count as resumed). Stages with nothing like them
+    finished are counted as not timed, never guessed."""
 
     def __init__(self, records: dict[str, dict | None]):
         self.records = records
@@ -809,7 +810,9 @@ class _StageTimes:
             return ""
         seconds: dict[str, list[float]] = {}
         for rec in self.records.values():
-            if rec and rec.get("finished") and not rec.get("resumed") and isinstance(rec.get("seconds"), (int, float)):
+            # `resumed` is False only in records that know it: older ones may have been resumed, so they time nothing
+            one_go = rec and rec.get("finished") and rec.get("resumed") is False
+            if one_go and isinstance(rec.get("seconds"), (int, float)):
                 seconds.setdefault(self.like(rec["stage"]), []).append(float(rec["seconds"]))
         timed = [sum(seconds[k]) / len(seconds[k]) for k in map(self.like, later) if k in seconds]
         untimed = sorted({self.like(n) for n in later if self.like(n) not in seconds})
