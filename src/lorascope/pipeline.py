@@ -809,11 +809,11 @@ class _StageTimes:
         if not later:
             return ""
         seconds: dict[str, list[float]] = {}
-        for rec in self.records.values():
+        for name, rec in self.records.items():
             # `resumed` is False only in records that know it: older ones may have been resumed, so they time nothing
             one_go = rec and rec.get("finished") and rec.get("resumed") is False
             if one_go and isinstance(rec.get("seconds"), (int, float)):
-                seconds.setdefault(self.like(rec["stage"]), []).append(float(rec["seconds"]))
+                seconds.setdefault(self.like(name), []).append(float(rec["seconds"]))
         timed = [sum(seconds[k]) / len(seconds[k]) for k in map(self.like, later) if k in seconds]
         untimed = sorted({self.like(n) for n in later if self.like(n) not in seconds})
         text = f"; {len(later)} stage(s) to run after it"
