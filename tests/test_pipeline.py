@@ -312,3 +312,63 @@ def test_the_eta_counts_only_what_will_run_and_times_it_by_finished_stages_like_
     del prior["train:t:full_s1"]["resumed"]
     assert _StageTimes(prior).eta(["train:t:full_s2"]).endswith("~1m40s")
     assert _StageTimes(prior).eta([]) == ""
+
+
+def test_a_study_in_parts_measures_models_one_by_one_and_resumes_from_its_archive(tmp_path, pipeline_data):
+    """study.drift.per_model and `lorascope archive`: each model's drift and weights are measured on their
+    own and pooled; the archive keeps no weights; a run in a copy of it (at another path) reruns nothing,
+    and a stage that would need an archived model's weights stops with one line naming the stage to rerun."""
+    cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    cfg["lora"]["rank"] = 4
+    cfg["train"]["seed"] = [0, 1]
+    cfg["study"].update(tasks=["mrpc"], serve=False, forgetting=False, tune_lr=False, min_seeds=2)
+    cfg["study"]["drift"]["per_model"] = True
+    cfg["study"].pop("per_task", None)
+    f = tmp_path / "parts.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    run_dir = tmp_path / "run"
+    env = {"LORASCOPE_CACHE": str(tmp_path / "cache"), "LORASCOPE_DATA_DIR": str(pipeline_data),
+           "OMP_NUM_THREADS": "1"}
+    r = run_cli("run", str(f), "--run-dir", str(run_dir), env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stages = json.loads((run_dir / "study.json").read_text())["stages"]
+    models = ["full_s0", "lora_r4_s0", "full_s1", "lora_r4_s1"]
+    for kind in ("drift", "weights"):
+        assert [s for s in stages if s.startswith(f"{kind}:")] == (
+            [f"{kind}:mrpc:{m}" for m in models] + (["drift:mrpc:noise_full", "drift:mrpc:noise_lora_r4"]
+                                                     if kind == "drift" else []) + [f"{kind}:mrpc"])
+    drift = json.loads((run_dir / "drift" / "mrpc" / "drift.json").read_text())
+    assert set(drift["config"]["pooled_from"]) == set(models)
+    assert {m: v["pairs"] for m, v in drift["summary"]["noise_floor"].items()} == {"full": 1, "lora_r4": 1}
+    assert drift["summary"]["method_ratios"][0]["token_cka"]["seeds_lora"] == 2
+    weights = json.loads((run_dir / "weights" / "mrpc" / "weights.json").read_text())
+    assert set(weights["summary"]) == set(models)
+    report = (run_dir / "report" / "report.md").read_text()
+
+    # the archive: no weights, no checkpoints; the trained models' stages are marked
+    r = run_cli("archive", str(run_dir), str(tmp_path / "kept"), env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    kept = tmp_path / "kept"
+    assert not [p for p in kept.rglob("*") if p.suffix in (".safetensors", ".bin") or p.name == "checkpoints"]
+    assert json.loads(r.stdout)["archived_stages"] == [f"train:mrpc:{m}" for m in sorted(models)]
+    rec = json.loads((kept / "stages" / "train__mrpc__full_s0.json").read_text())
+    assert rec["archived"]["left_out"] and all("model" in p for p in rec["archived"]["left_out"])
+    assert (kept / "eval" / "mrpc" / "full_s0.json").is_file() and (kept / "drift" / "mrpc" / "drift.json").is_file()
+    r = run_cli("archive", str(run_dir), str(kept), env=env)
+    assert r.returncode == 2 and "already exists" in r.stderr
+
+    # resumed elsewhere: nothing reruns, not even what reads the trained models
+    resumed = tmp_path / "elsewhere" / "run"
+    shutil.copytree(kept, resumed)
+    r = run_cli("run", str(f), "--run-dir", str(resumed), env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ": running" not in r.stderr and f"[{len(stages)}/{len(stages)}] report: up to date" in r.stderr
+    r = run_cli("run", str(f), "--run-dir", str(resumed), "--force", "report", env=env)
+    assert r.returncode == 0 and "report: running" in r.stderr
+    assert (resumed / "report" / "report.md").read_text().splitlines()[:5] == report.splitlines()[:5]
+    # a stage that reads an archived model: one line, the stage to retrain, exit 2, nothing removed
+    r = run_cli("run", str(f), "--run-dir", str(resumed), "--force", "drift:mrpc:full_s0", env=env)
+    assert r.returncode == 2
+    assert ("stage drift:mrpc:full_s0: needs the files of train:mrpc:full_s0, which this run folder keeps without "
+            "its weights") in r.stderr and "--force train:mrpc:full_s0" in r.stderr
+    assert (resumed / "drift-models" / "mrpc" / "full_s0" / "drift.json").is_file()

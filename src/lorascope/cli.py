@@ -314,6 +314,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _args_archive(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("archive", help="copy a run folder without its weights, to keep and resume from later",
+                       description="Copy RUN_DIR to DEST without model weights and training checkpoints, marking "
+                                   "the stages whose weights were left out. `lorascope run` in a copy of DEST treats "
+                                   "them as done (nothing that read them reruns) and stops with one line if a stage "
+                                   "that still has to run needs their weights. For studies run in parts on machines "
+                                   "whose run folders do not last (see study.drift.per_model).")
+    p.add_argument("run_dir", help="a directory written by `lorascope run`")
+    p.add_argument("dest", help="the archive folder to create (must not exist)")
+    return p
+
+
+def _cmd_archive(args: argparse.Namespace) -> int:
+    from lorascope.archive import archive_run
+
+    print(json.dumps(archive_run(args.run_dir, args.dest), indent=2))
+    return 0
+
+
 def _args_report(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="re-render the report of a run directory",
                        description="Write RUN_DIR/report/index.html (self-contained) and report.md from the run "
@@ -360,6 +379,7 @@ COMMANDS = {
     "serve-bench": (_args_serve_bench, _cmd_serve_bench),
     "run": (_args_run, _cmd_run),
     "report": (_args_report, _cmd_report),
+    "archive": (_args_archive, _cmd_archive),
     "tasks": (_args_tasks, _cmd_tasks),
 }
 

@@ -8,7 +8,10 @@
       eval/TASK/base.json                          the zero-shot base model
       eval/TASK/TRAIN_TASK.MODEL.json              forgetting: a model trained on TRAIN_TASK, scored on TASK
       drift/TASK/drift.json                        drift of every model of TASK (+ csv, figures)
+      drift-models/TASK/MODEL/                     study.drift.per_model: one model's drift, pooled into drift/TASK
+      drift-models/TASK/noise_METHOD/              ... and two seeds of a method (the seed noise floor)
       weights/TASK/weights.json                    weight-update spectra
+      weights-models/TASK/MODEL/                   study.drift.per_model: one model's, pooled into weights/TASK
       serve/rRANK/serve.json                       serving benchmark of the rank-RANK adapters
       report/                                      report.md, index.html, verdict.json, figures/
 
@@ -69,8 +72,15 @@ class RunLayout:
     def drift(self, task: str) -> Path:
         return self.root / "drift" / task
 
+    def drift_part(self, task: str, name: str) -> Path:
+        """Drift of one model (or of two seeds: noise_METHOD) when study.drift.per_model measures them one by one."""
+        return self.root / "drift-models" / task / name
+
     def weights(self, task: str) -> Path:
         return self.root / "weights" / task
+
+    def weights_part(self, task: str, name: str) -> Path:
+        return self.root / "weights-models" / task / name
 
     def serve(self, rank: int) -> Path:
         return self.root / "serve" / f"r{rank}"

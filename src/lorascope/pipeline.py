@@ -58,6 +58,12 @@ class StudyDrift(DriftSettings):
     tasks: list[str] | None = field(default=None, metadata={
         "help": "tasks whose drift and weight space are measured (default: every study task); criterion 2a is not "
                 "measured for the others, and the report says so"})
+    per_model: bool = field(default=False, metadata={
+        "help": "measure each model against the base model as soon as it is trained (stages drift:TASK:MODEL, "
+                "weights:TASK:MODEL, and drift:TASK:noise_METHOD on a method's first two seeds for the noise "
+                "floor), then pool them (drift:TASK, weights:TASK): a study run in parts then needs no model's "
+                "weights after its own stages (see `lorascope archive`). Costs one more pass of the base model "
+                "per model"})
 
     def settings(self) -> DriftSettings:
         """The drift stage's settings."""
@@ -383,6 +389,7 @@ class Stage:
     config: dict[str, Any]  # what the stage depends on besides its upstream stages
     deps: list[str]
     outputs: list[Path]  # removed before the stage reruns with a different hash
+    reads_deps: bool = True  # reads its upstream stages' files (weights...); False: only their result files
 
 
 def _hash(obj: Any) -> str:
@@ -411,7 +418,7 @@ def plan(study: Study, run_dir: Path) -> list[Stage]:
                         {"study": dataclasses.asdict(study.study), "ranks": study.ranks, "seeds": study.seeds,
                          "primary_rank": study.primary_rank,
                          **({"task_seeds": study.task_seeds} if study.task_seeds else {})},
-                        [s.name for s in stages], [layout.report]))
+                        [s.name for s in stages], [layout.report], reads_deps=False))
     return stages
 
 
@@ -529,15 +536,57 @@ def _plan_drift(study: Study, layout: RunLayout) -> list[Stage]:
         # of those positions are the same as in the whole prompt)
         ts = settings if settings.max_tokens is not None else dataclasses.replace(settings,
                                                                                   max_tokens=data.max_seq_len)
-        stages.append(Stage(f"drift:{task}", "drift",
-                            (lambda t=task, tu=tuned, o=out, d=data, s=ts: run_drift(t, model_name, tu, o, s, data=d)),
-                            {**dep_settings, "max_tokens": ts.max_tokens, "model": model_name,
-                             "data": dataclasses.asdict(data)}, deps, [out]))
+        dep = {**dep_settings, "max_tokens": ts.max_tokens, "model": model_name, "data": dataclasses.asdict(data)}
         wout = layout.weights(task)
-        stages.append(Stage(f"weights:{task}", "weights",
-                            (lambda tu=tuned, o=wout: run_weights(model_name, tu, o)),
-                            {"model": model_name}, deps, [wout]))
+        if not st.drift.per_model:
+            stages.append(Stage(f"drift:{task}", "drift",
+                                (lambda t=task, tu=tuned, o=out, d=data, s=ts:
+                                 run_drift(t, model_name, tu, o, s, data=d)), dep, deps, [out]))
+            stages.append(Stage(f"weights:{task}", "weights",
+                                (lambda tu=tuned, o=wout: run_weights(model_name, tu, o)),
+                                {"model": model_name}, deps, [wout]))
+            continue
+        # one model at a time, pooled afterwards: no model's weights are needed after its own stages
+        from lorascope.drift.measure import combine_drift
+        from lorascope.drift.weights import combine_weights
+
+        parts, wparts, noise = {}, {}, {}
+        for name, path in tuned.items():
+            parts[name], wparts[name] = layout.drift_part(task, name), layout.weights_part(task, name)
+            stages.append(Stage(f"drift:{task}:{name}", "drift",
+                                (lambda t=task, tu={name: path}, o=parts[name], d=data, s=ts:
+                                 run_drift(t, model_name, tu, o, s, data=d, values=True)),
+                                {**dep, "tuned": name}, [f"train:{task}:{name}"], [parts[name]]))
+        for method, members in _methods_with_seeds(study, task).items():  # the noise floor: the first two seeds
+            if len(members) < 2:
+                continue
+            a, b = members[:2]
+            label = f"noise_{method}"
+            noise[label] = layout.drift_part(task, label)
+            stages.append(Stage(f"drift:{task}:{label}", "drift",
+                                (lambda t=task, tu={a: tuned[a], b: tuned[b]}, o=noise[label], d=data, s=ts:
+                                 run_drift(t, model_name, tu, o, s, data=d, values=True)),
+                                {**dep, "tuned": [a, b]}, [f"train:{task}:{a}", f"train:{task}:{b}"], [noise[label]]))
+        stages.append(Stage(f"drift:{task}", "drift",
+                            (lambda p=parts, o=out, n=noise: combine_drift(p, o, noise=n)),
+                            {**dep, "pooled": list(parts), "noise": list(noise)},
+                            [f"drift:{task}:{n}" for n in [*parts, *noise]], [out], reads_deps=False))
+        for name, path in tuned.items():
+            stages.append(Stage(f"weights:{task}:{name}", "weights",
+                                (lambda tu={name: path}, o=wparts[name]: run_weights(model_name, tu, o)),
+                                {"model": model_name, "tuned": name}, [f"train:{task}:{name}"], [wparts[name]]))
+        stages.append(Stage(f"weights:{task}", "weights", (lambda p=wparts, o=wout: combine_weights(p, o)),
+                            {"model": model_name, "pooled": list(wparts)},
+                            [f"weights:{task}:{n}" for n in wparts], [wout], reads_deps=False))
     return stages
+
+
+def _methods_with_seeds(study: Study, task: str) -> dict[str, list[str]]:
+    """{method (full, lora_r8): its models on `task`, in seed order}."""
+    out: dict[str, list[str]] = {}
+    for name, method, rank, _ in study.models(task):
+        out.setdefault("full" if method == "full" else f"lora_r{rank}", []).append(name)
+    return out
 
 
 def _plan_serve(study: Study, layout: RunLayout) -> list[Stage]:
@@ -641,7 +690,7 @@ def _run(study: Study, config_path: str, run_dir: Path, only, force) -> dict:
         rec_file = RunLayout(run_dir).stage_record(s.name)
         prev = _read_record(rec_file)
         selected = not only or _matches(s.name, only)
-        fresh = _fresh(prev, h)
+        fresh = _fresh(prev, h, s.outputs)
         if fresh and not _matches(s.name, force):
             records[s.name] = prev
             log.info("[%d/%d] %s: up to date", i, len(stages), s.name)
@@ -654,6 +703,10 @@ def _run(study: Study, config_path: str, run_dir: Path, only, force) -> dict:
             if dep not in records:
                 raise LorascopeError(f"stage {s.name}: needs {dep}, which has not run for this config; run without "
                                      f"--only (or with --only {dep.split(':')[0]}) first")
+            if s.reads_deps and records[dep].get("archived"):
+                raise LorascopeError(f"stage {s.name}: needs the files of {dep}, which this run folder keeps without "
+                                     f"its weights (`lorascope archive`); retrain them first: --force {dep} (the "
+                                     f"stages that read it rerun if its weights come out different)")
         resuming = (
             prev is not None and prev.get("hash") == h and not prev.get("finished") and not _matches(s.name, force)
         )
@@ -760,13 +813,25 @@ def _stage_hash(s: Stage, hashes: dict[str, str], records: dict[str, dict], by_n
     """What a stage's result depends on: its config, and its upstream stages' hashes, completion times and
     the contents of their outputs (files changed outside lorascope invalidate what was computed from them)."""
     return _hash({"stage": s.name, "config": s.config,
-                  "deps": [(hashes.get(d), records.get(d, {}).get("finished"),
-                            digests.of(by_name[d].outputs) if d in records else None) for d in s.deps]})
+                  "deps": [(hashes.get(d), records.get(d, {}).get("finished"), _digest_of(d, records, by_name, digests))
+                           for d in s.deps]})
 
 
-def _fresh(rec: dict | None, h: str) -> bool:
+def _digest_of(d: str, records: dict[str, dict], by_name: dict[str, Stage], digests: _Digests) -> str | None:
+    """The digest of a finished stage's outputs: of its files, or, for a stage archived without its weights
+    (`lorascope archive`), the digest its files had when the stages that read them ran."""
+    if d not in records:
+        return None
+    archived = records[d].get("archived")
+    if isinstance(archived, dict) and isinstance(archived.get("digest"), str):
+        return archived["digest"]
+    return digests.of(by_name[d].outputs)
+
+
+def _fresh(rec: dict | None, h: str, outputs: list[Path]) -> bool:
+    """Finished with hash `h`, and its outputs are there (or were archived without their weights on purpose)."""
     return bool(rec is not None and rec.get("hash") == h and rec.get("finished")
-                and all(Path(o).exists() for o in rec.get("outputs", [])))
+                and (rec.get("archived") or all(Path(o).exists() for o in outputs)))
 
 
 def _will_run(stages: list[Stage], prior: dict[str, dict | None], only, force, digests: _Digests) -> set[str]:
@@ -785,7 +850,7 @@ def _will_run(stages: list[Stage], prior: dict[str, dict | None], only, force, d
             continue
         h = hashes[s.name] = _stage_hash(s, hashes, records, by_name, digests)
         rec = prior.get(s.name)
-        if _fresh(rec, h) and not _matches(s.name, force):
+        if _fresh(rec, h, s.outputs) and not _matches(s.name, force):
             records[s.name] = rec
         elif selected:
             out.add(s.name)

@@ -62,6 +62,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import json
 import logging
 import math
 import os
@@ -185,7 +186,7 @@ def write_outputs(result: dict[str, Any], out: Path, plots: bool) -> None:
 
 
 def run_drift(task: str, base: str, tuned, output_dir: str | os.PathLike, settings: DriftSettings | None = None, *,
-              data_dir: str | None = None, data=None, plots: bool = True, seed: int = 0,
+              data_dir: str | None = None, data=None, plots: bool = True, seed: int = 0, values: bool = False,
               **options: Any) -> dict[str, Any] | None:
     """Compare the hidden states of `base` and each tuned checkpoint, layer by layer.
 
@@ -225,6 +226,8 @@ def run_drift(task: str, base: str, tuned, output_dir: str | os.PathLike, settin
         given, overrides its folder.
     plots : write the PNG figures.
     seed : seed of the random split of the prompts into jackknife groups.
+    values : also write drift.values.json, the per-layer values and leave-one-group-out values
+        behind every interval, so that :func:`combine_drift` can pool runs of one model each.
 
     Returns
     -------
@@ -334,6 +337,136 @@ def run_drift(task: str, base: str, tuned, output_dir: str | os.PathLike, settin
                    "finalise_s": t_done - t_diag, "measure_and_finalise_s": (t_loop - t_loaded) + (t_done - t_diag)},
         "provenance": provenance(),
     }
+    write_outputs(result, out, plots)
+    if values:
+        write_values(out / VALUES_FILE, names, pairs, loo)
+    result["output_dir"] = str(out)
+    return result
+
+
+VALUES_FILE = "drift.values.json"
+
+
+def write_values(path: Path, names: list[str], pairs, values: dict[str, Any]) -> None:
+    """Per pair, measure and layer: the value and its leave-one-group-out values (NaN as null)."""
+    write_json(path, _nan_to_none({
+        "names": names, "pairs": [list(p) for p in pairs],
+        "value": {k: v.tolist() for k, v in values["value"].items()},
+        "loo": {k: v.tolist() for k, v in values["loo"].items()}}))
+
+
+def _read_values(path: Path) -> dict[str, Any]:
+    d = json.loads(path.read_text(encoding="utf-8"))
+    return {"names": d["names"], "pairs": [tuple(p) for p in d["pairs"]],
+            "value": {k: np.array(v, dtype=float) for k, v in d["value"].items()},
+            "loo": {k: np.array(v, dtype=float) for k, v in d["loo"].items()}}
+
+
+#: config fields that must agree between the runs :func:`combine_drift` pools
+SAME_CONFIG = ("task", "base", "max_examples", "tokens", "drop_first_position", "max_tokens", "jackknife_groups",
+               "example_jackknife_groups", "float32_products", "reduction", "seed", "data")
+
+
+def combine_drift(parts: dict[str, str | os.PathLike], output_dir: str | os.PathLike, *,
+                  noise: dict[str, str | os.PathLike] | None = None, plots: bool = True) -> dict[str, Any]:
+    """drift.json of several tuned models from runs of :func:`run_drift` with one model each.
+
+    A study run in parts measures each model against the base model as soon as it is trained (its
+    weights need not survive until the last model of the task is trained); this pools those runs
+    into the drift.json that one run over every model would write, with the same tables, ratios,
+    intervals and criterion. Each run must have been written with ``values=True`` on the same
+    prompts and settings (checked: the prompts' ids, token selection and grouping).
+
+    Parameters
+    ----------
+    parts : {model name: folder of a run_drift run whose only tuned model is that one}.
+    output_dir : where drift.json, drift.csv and the figures go.
+    noise : {label: folder of a run_drift run of two seeds of one method}; only the pair of the two
+        seeds is read from it: the seed-to-seed drift (noise floor) of that method. Without it the
+        criterion has no noise floor, and drift.json says so (``summary.noise_floor`` empty).
+    plots : write the PNG figures.
+
+    Returns
+    -------
+    The content of drift.json, with ``output_dir``.
+    """
+    from lorascope.drift import criterion
+
+    noise = noise or {}
+    if not parts:
+        raise LorascopeError("combine_drift: no drift runs to pool")
+    runs, vals = {}, {}
+    for label, d in [*parts.items(), *(("noise " + k, v) for k, v in noise.items())]:
+        f, vf = Path(d) / "drift.json", Path(d) / VALUES_FILE
+        for need in (f, vf):
+            if not need.is_file():
+                raise LorascopeError(f"{need}: missing; each pooled run needs drift.json and {VALUES_FILE} "
+                                     f"(run_drift(..., values=True))")
+        runs[label], vals[label] = json.loads(f.read_text(encoding="utf-8")), _read_values(vf)
+    first_label = next(iter(runs))
+    first = runs[first_label]
+    for label, r in runs.items():
+        for key in SAME_CONFIG:
+            if r["config"].get(key) != first["config"].get(key):
+                raise LorascopeError(f"{Path(parts.get(label) or noise[label[6:]]) / 'drift.json'}: config.{key} "
+                                     f"{r['config'].get(key)!r} differs from {first_label}'s "
+                                     f"{first['config'].get(key)!r}; pooled runs must measure alike")
+        for key in ("example_ids_sha256", "layers", "n_tokens_per_group"):
+            if r.get(key) != first.get(key):
+                raise LorascopeError(f"{label}: {key} differs from {first_label}'s: the runs did not measure the same "
+                                     f"prompts and tokens, so their intervals cannot be pooled")
+    for name, r in ((n, runs[n]) for n in parts):
+        if list(r["models"]) != ["base", name]:
+            raise LorascopeError(f"{parts[name]}: measures {', '.join(list(r['models'])[1:])}, expected only {name}")
+    names = ["base", *parts]
+    infos = [first["models"]["base"]] + [runs[n]["models"][n] for n in parts]
+    pairs, tables = [], []
+    value = {k: [] for k in MEASURES}
+    loo = {k: [] for k in MEASURES}
+
+    def take(label: str, a: str, b: str) -> None:
+        v, r = vals[label], runs[label]
+        p = v["pairs"].index((v["names"].index(a), v["names"].index(b)))
+        pairs.append((names.index(a), names.index(b)))
+        tables.append(r["pairs"][f"{a}-{b}"]["layers"])
+        for k in MEASURES:
+            value[k].append(v["value"][k][p])
+            loo[k].append(v["loo"][k][p])
+
+    for name in parts:
+        take(name, "base", name)
+    for label, d in noise.items():
+        tuned = [n for n in runs["noise " + label]["models"] if n != "base"]
+        if len(tuned) != 2 or any(n not in parts for n in tuned) or names.index(tuned[0]) > names.index(tuned[1]):
+            raise LorascopeError(f"{d}: a noise-floor run measures two seeds of one method that are among the pooled "
+                                 f"models ({', '.join(parts)}), in that order; it measures {', '.join(tuned)}")
+        take("noise " + label, *tuned)
+    arrays = {"value": {k: np.array(v) for k, v in value.items()}, "loo": {k: np.array(v) for k, v in loo.items()}}
+    layers = first["layers"]
+    summary = summarise(tables, arrays, names, infos, pairs, layers)
+    cfg = first["config"]
+    summary["criterion_2a"] = [criterion.judge_drift(m, threshold=1.0 - cfg["reduction"], primary=PRIMARY,
+                                                     tokens=cfg["tokens"]) for m in summary["method_ratios"]]
+    timing = {k: sum(r["timing"][k] for r in runs.values()) for k in first["timing"]}
+    result = {
+        **{k: first[k] for k in ("n_examples", "example_splits", "n_tokens", "n_tokens_per_group", "selection",
+                                 "example_ids_sha256", "layers", "final_norm_included", "diagnostics", "methods")},
+        "config": {**cfg, "tuned": {n: runs[n]["config"]["tuned"][n] for n in parts},
+                   "pooled_from": {n: str(d) for n, d in parts.items()},
+                   "noise_floor_from": {k: str(d) for k, d in noise.items()}},
+        "models": dict(zip(names, infos)),
+        "pairs": {f"{names[a]}-{names[b]}": {"reference": names[a], "other": names[b], "layers": tables[p]}
+                  for p, (a, b) in enumerate(pairs)},
+        "summary": summary,
+        "warnings": sorted({w for r in runs.values() for w in r.get("warnings", [])}),
+        "timing": timing,
+        "provenance": provenance(),
+    }
+    result["methods"] = {**result["methods"], "pooled": (
+        "each model was measured against the base model in a run of its own, on the same prompts, tokens and "
+        "jackknife groups, and the runs were pooled; the seed-to-seed noise floor of a method is measured on its "
+        "first two seeds only" + ("" if noise else " (not measured here)"))}
+    out = Path(output_dir)
     write_outputs(result, out, plots)
     result["output_dir"] = str(out)
     return result
@@ -813,8 +946,13 @@ def summarise(tables, values, names, infos, pairs, layers) -> dict[str, Any]:
     for method, members in groups.items():
         if len(members) < 2:
             continue
-        within = [index[(names.index(a), names.index(b))] for i, a in enumerate(members) for b in members[i + 1:]]
-        noise[method] = {"seeds": members, "pairs": len(within)}
+        measured = [(a, b) for i, a in enumerate(members) for b in members[i + 1:]
+                    if (names.index(a), names.index(b)) in index]  # pooled runs: the first two seeds only
+        if not measured:
+            continue
+        within = [index[(names.index(a), names.index(b))] for a, b in measured]
+        noise[method] = {"seeds": sorted({x for pair in measured for x in pair}, key=members.index),
+                         "pairs": len(within)}
         for key in MEASURES:
             d = np.mean([layer_drift(key, value[key][p]).mean() for p in within])
             d_loo = np.mean([layer_drift(key, loo[key][p]).mean(axis=0) for p in within], axis=0)

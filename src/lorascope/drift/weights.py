@@ -110,15 +110,63 @@ def run_weights(base: str, tuned, output_dir: str | os.PathLike, *, top_k: int =
         "summary": summarise_weights(records),
         "provenance": provenance(),
     }
-    out = Path(output_dir)
+    return _write(result, spectra, Path(output_dir), plots)
+
+
+SPECTRA_FILE = "weights.spectra.json"
+
+
+def _write(result: dict[str, Any], spectra: dict, out: Path, plots: bool) -> dict[str, Any]:
     write_json(out / "weights.json", result)
-    _write_csv(out / "weights.csv", records)
+    write_json(out / SPECTRA_FILE, spectra)  # what the figure shows; combine_weights redraws it from these
+    _write_csv(out / "weights.csv", result["matrices"])
     if plots:
         from lorascope.drift.plots import plot_spectra
 
         plot_spectra(spectra, out / "weight_spectra.png")
     result["output_dir"] = str(out)
     return result
+
+
+def combine_weights(parts: dict[str, str | os.PathLike], output_dir: str | os.PathLike, *,
+                    plots: bool = True) -> dict[str, Any]:
+    """weights.json of several tuned models from runs of :func:`run_weights` with one model each (a study run
+    in parts analyses each model as soon as it is trained): the same records, summary and figure as one run
+    over every model. The runs must share the base model and settings (checked)."""
+    if not parts:
+        raise LorascopeError("combine_weights: no weight analyses to pool")
+    runs, spectra = {}, {}
+    for name, d in parts.items():
+        f, sf = Path(d) / "weights.json", Path(d) / SPECTRA_FILE
+        for need in (f, sf):
+            if not need.is_file():
+                raise LorascopeError(f"{need}: missing; each pooled analysis needs weights.json and {SPECTRA_FILE}")
+        runs[name] = json.loads(f.read_text(encoding="utf-8"))
+        if list(runs[name]["config"]["tuned"]) != [name]:
+            raise LorascopeError(f"{f}: analyses {', '.join(runs[name]['config']['tuned'])}, expected only {name}")
+        # JSON keys are strings: the layers back to numbers, so the figure orders them as run_weights does
+        spectra[name] = {mt: {int(k): v for k, v in per.items()}
+                         for mt, per in json.loads(sf.read_text(encoding="utf-8"))[name].items()}
+    first_name = next(iter(runs))
+    first = runs[first_name]
+    for name, r in runs.items():
+        for key in ("base", "top_k", "intruder_threshold", "top_energy"):
+            if r["config"].get(key) != first["config"].get(key):
+                raise LorascopeError(f"{Path(parts[name]) / 'weights.json'}: config.{key} {r['config'].get(key)!r} "
+                                     f"differs from {first_name}'s {first['config'].get(key)!r}")
+        if r["models"]["base"] != first["models"]["base"]:
+            raise LorascopeError(f"{Path(parts[name]) / 'weights.json'}: another base model than {first_name}'s")
+    records = [m for r in runs.values() for m in r["matrices"]]
+    result = {
+        "config": {**first["config"], "tuned": {n: r["config"]["tuned"][n] for n, r in runs.items()},
+                   "pooled_from": {n: str(d) for n, d in parts.items()}},
+        "models": {"base": first["models"]["base"], **{n: r["models"][n] for n, r in runs.items()}},
+        "methods": first["methods"],
+        "matrices": records,
+        "summary": summarise_weights(records),
+        "provenance": provenance(),
+    }
+    return _write(result, spectra, Path(output_dir), plots)
 
 
 def _analyse(keys: list[str], base_w, sources: dict, n_layers: int, top_k: int,
