@@ -79,33 +79,39 @@ def test_pooled_runs_give_the_numbers_of_one_run_over_every_model(four, small_da
     base, tuned = four
     kw = {"max_examples": 20, "batch_size": 6, "data_dir": str(small_data), "plots": False}
     whole = run_drift("mrpc", base, tuned, tmp_path / "whole", **kw)
-    parts = {n: tmp_path / "parts" / n for n in tuned}
-    for n, p in tuned.items():
-        run_drift("mrpc", base, {n: p}, parts[n], values=True, **kw)
-    noise = {}
-    for method, (a, b) in (("full", ("full_s0", "full_s1")), ("lora_r4", ("lora_r4_s0", "lora_r4_s1"))):
-        noise[f"noise_{method}"] = tmp_path / "parts" / f"noise_{method}"
-        run_drift("mrpc", base, {a: tuned[a], b: tuned[b]}, noise[f"noise_{method}"], values=True, **kw)
-    pooled = combine_drift(parts, tmp_path / "pooled", noise=noise)
+    w = json.loads(json.dumps(whole["summary"], default=float))
 
-    # with two seeds per method the pooled noise floor rests on the same pair as the whole run's
-    w, p = whole["summary"], json.loads((tmp_path / "pooled" / "drift.json").read_text())["summary"]
+    def run(*names):
+        out = tmp_path / "parts" / "+".join(names)
+        if not out.exists():
+            run_drift("mrpc", base, {n: tuned[n] for n in names}, out, values=True, **kw)
+        return out
+
+    # the two seeds of each method measured together: everything equals the one run, noise floors included
+    pooled = combine_drift({"f": run("full_s0", "full_s1"), "l": run("lora_r4_s0", "lora_r4_s1")},
+                           tmp_path / "pooled")
+    p = json.loads((tmp_path / "pooled" / "drift.json").read_text())["summary"]
     assert w["noise_floor"]["full"]["pairs"] == p["noise_floor"]["full"]["pairs"] == 1
-    _close(json.loads(json.dumps(w, default=float)), p)
+    _close(w, p)
     assert [c["status"] for c in p["criterion_2a"]] == [c["status"] for c in w["criterion_2a"]]
     for pair in ("base-full_s0", "base-lora_r4_s1", "full_s0-full_s1", "lora_r4_s0-lora_r4_s1"):
         _close(json.loads(json.dumps(whole["pairs"][pair], default=float)), pooled["pairs"][pair], pair)
     assert "full_s0-lora_r4_s0" in whole["pairs"] and "full_s0-lora_r4_s0" not in pooled["pairs"]
-    # the method ratio really pools two seeds (the seed term is in its interval) and moved the models
+    # the method ratio really pools two seeds (the seed term is in its interval), and the models moved
     ratio = p["method_ratios"][0]["token_cka"]
     assert ratio["seeds_lora"] == ratio["seeds_full"] == 2 and ratio["seed_variance_included"]
     assert all(p["per_model"][n]["token_cka_drift"]["value"] > 1e-4 for n in tuned)
 
-    # without the noise runs: no noise floor, and the methods section says so
-    bare = combine_drift(parts, tmp_path / "bare", noise={})
-    assert bare["summary"]["noise_floor"] == {} and "not measured here" in bare["methods"]["pooled"]
-    _close(json.loads(json.dumps(w["method_ratios"][0]["token_cka"], default=float)),
-           bare["summary"]["method_ratios"][0]["token_cka"])
+    # LoRA's seeds measured one by one: the same drifts and ratios, and no LoRA noise floor (the pair was never
+    # measured), which drift.json says
+    alone = combine_drift({"f": run("full_s0", "full_s1"), "l0": run("lora_r4_s0"), "l1": run("lora_r4_s1")},
+                          tmp_path / "alone")
+    a = alone["summary"]
+    assert set(a["noise_floor"]) == {"full"} and "full_s0-full_s1" in alone["methods"]["pooled"]
+    _close(w["per_model"], a["per_model"])
+    _close(w["method_ratios"][0]["token_cka"], a["method_ratios"][0]["token_cka"])
+    assert "none (no seed noise floor)" in combine_drift({"l0": run("lora_r4_s0"), "f0": run("full_s0")},
+                                                         tmp_path / "bare")["methods"]["pooled"]
 
 
 def test_pooled_runs_must_have_measured_alike(four, small_data, tmp_path):
@@ -113,14 +119,16 @@ def test_pooled_runs_must_have_measured_alike(four, small_data, tmp_path):
     kw = {"batch_size": 6, "data_dir": str(small_data), "plots": False, "values": True}
     run_drift("mrpc", base, {"full_s0": tuned["full_s0"]}, tmp_path / "a", max_examples=20, **kw)
     run_drift("mrpc", base, {"lora_r4_s0": tuned["lora_r4_s0"]}, tmp_path / "b", max_examples=16, **kw)
-    with pytest.raises(LorascopeError, match=r"b/drift.json: config.max_examples 16 differs from full_s0's 20"):
-        combine_drift({"full_s0": tmp_path / "a", "lora_r4_s0": tmp_path / "b"}, tmp_path / "o")
-    with pytest.raises(LorascopeError, match=r"expected only lora_r4_s1"):
-        combine_drift({"lora_r4_s1": tmp_path / "b"}, tmp_path / "o")
-    run_drift("mrpc", base, {"full_s0": tuned["full_s0"]}, tmp_path / "c", max_examples=20,
+    with pytest.raises(LorascopeError, match=r"b/drift.json: config.max_examples 16 differs from a's 20"):
+        combine_drift({"a": tmp_path / "a", "b": tmp_path / "b"}, tmp_path / "o")
+    run_drift("mrpc", base, {"lora_r4_s0": tuned["lora_r4_s0"], "full_s0": tuned["full_s0"]}, tmp_path / "c",
+              max_examples=20, **kw)
+    with pytest.raises(LorascopeError, match=r"measures lora_r4_s0 against full_s0, but full_s0 comes first"):
+        combine_drift({"a": tmp_path / "a", "c": tmp_path / "c"}, tmp_path / "o")
+    run_drift("mrpc", base, {"full_s0": tuned["full_s0"]}, tmp_path / "d", max_examples=20,
               **{**kw, "values": False})
-    with pytest.raises(LorascopeError, match=r"c/drift.values.json: missing"):
-        combine_drift({"full_s0": tmp_path / "c"}, tmp_path / "o")
+    with pytest.raises(LorascopeError, match=r"d/drift.values.json: missing"):
+        combine_drift({"d": tmp_path / "d"}, tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
 

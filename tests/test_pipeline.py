@@ -320,8 +320,8 @@ def test_a_study_in_parts_measures_models_one_by_one_and_resumes_from_its_archiv
     and a stage that would need an archived model's weights stops with one line naming the stage to rerun."""
     cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
     cfg["lora"]["rank"] = 4
-    cfg["train"]["seed"] = [0, 1]
-    cfg["study"].update(tasks=["mrpc"], serve=False, forgetting=False, tune_lr=False, min_seeds=2)
+    cfg["train"]["seed"] = [0, 1, 2]
+    cfg["study"].update(tasks=["mrpc"], serve=False, forgetting=False, tune_lr=False, min_seeds=3)
     cfg["study"]["drift"]["per_model"] = True
     cfg["study"].pop("per_task", None)
     f = tmp_path / "parts.yaml"
@@ -332,15 +332,17 @@ def test_a_study_in_parts_measures_models_one_by_one_and_resumes_from_its_archiv
     r = run_cli("run", str(f), "--run-dir", str(run_dir), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     stages = json.loads((run_dir / "study.json").read_text())["stages"]
-    models = ["full_s0", "lora_r4_s0", "full_s1", "lora_r4_s1"]
-    for kind in ("drift", "weights"):
-        assert [s for s in stages if s.startswith(f"{kind}:")] == (
-            [f"{kind}:mrpc:{m}" for m in models] + (["drift:mrpc:noise_full", "drift:mrpc:noise_lora_r4"]
-                                                     if kind == "drift" else []) + [f"{kind}:mrpc"])
+    models = ["full_s0", "lora_r4_s0", "full_s1", "lora_r4_s1", "full_s2", "lora_r4_s2"]
+    # each model alone, but a method's last two seeds together (their seed-to-seed drift: the noise floor)
+    assert [s for s in stages if s.startswith("drift:")] == [
+        "drift:mrpc:full_s0", "drift:mrpc:lora_r4_s0", "drift:mrpc:full_s1+full_s2",
+        "drift:mrpc:lora_r4_s1+lora_r4_s2", "drift:mrpc"]
+    assert [s for s in stages if s.startswith("weights:")] == [f"weights:mrpc:{m}" for m in models] + ["weights:mrpc"]
     drift = json.loads((run_dir / "drift" / "mrpc" / "drift.json").read_text())
-    assert set(drift["config"]["pooled_from"]) == set(models)
-    assert {m: v["pairs"] for m, v in drift["summary"]["noise_floor"].items()} == {"full": 1, "lora_r4": 1}
-    assert drift["summary"]["method_ratios"][0]["token_cka"]["seeds_lora"] == 2
+    assert set(drift["models"]) == {"base", *models}
+    assert {m: v["seeds"] for m, v in drift["summary"]["noise_floor"].items()} == {
+        "full": ["full_s1", "full_s2"], "lora_r4": ["lora_r4_s1", "lora_r4_s2"]}
+    assert drift["summary"]["method_ratios"][0]["token_cka"]["seeds_lora"] == 3
     weights = json.loads((run_dir / "weights" / "mrpc" / "weights.json").read_text())
     assert set(weights["summary"]) == set(models)
     report = (run_dir / "report" / "report.md").read_text()
@@ -367,8 +369,8 @@ def test_a_study_in_parts_measures_models_one_by_one_and_resumes_from_its_archiv
     assert r.returncode == 0 and "report: running" in r.stderr
     assert (resumed / "report" / "report.md").read_text().splitlines()[:5] == report.splitlines()[:5]
     # a stage that reads an archived model: one line, the stage to retrain, exit 2, nothing removed
-    r = run_cli("run", str(f), "--run-dir", str(resumed), "--force", "drift:mrpc:full_s0", env=env)
+    r = run_cli("run", str(f), "--run-dir", str(resumed), "--force", "drift:mrpc:full_s1+full_s2", env=env)
     assert r.returncode == 2
-    assert ("stage drift:mrpc:full_s0: needs the files of train:mrpc:full_s0, which this run folder keeps without "
-            "its weights") in r.stderr and "--force train:mrpc:full_s0" in r.stderr
-    assert (resumed / "drift-models" / "mrpc" / "full_s0" / "drift.json").is_file()
+    assert ("stage drift:mrpc:full_s1+full_s2: needs the files of train:mrpc:full_s1, which this run folder keeps "
+            "without its weights") in r.stderr and "--force train:mrpc:full_s1" in r.stderr
+    assert (resumed / "drift-models" / "mrpc" / "full_s1+full_s2" / "drift.json").is_file()

@@ -546,32 +546,29 @@ def _plan_drift(study: Study, layout: RunLayout) -> list[Stage]:
                                 (lambda tu=tuned, o=wout: run_weights(model_name, tu, o)),
                                 {"model": model_name}, deps, [wout]))
             continue
-        # one model at a time, pooled afterwards: no model's weights are needed after its own stages
+        # one model at a time (the last two seeds of a method together: their seed-to-seed drift is the noise
+        # floor), pooled afterwards: no model's weights are needed after its own stages
         from lorascope.drift.measure import combine_drift
         from lorascope.drift.weights import combine_weights
 
-        parts, wparts, noise = {}, {}, {}
-        for name, path in tuned.items():
-            parts[name], wparts[name] = layout.drift_part(task, name), layout.weights_part(task, name)
-            stages.append(Stage(f"drift:{task}:{name}", "drift",
-                                (lambda t=task, tu={name: path}, o=parts[name], d=data, s=ts:
-                                 run_drift(t, model_name, tu, o, s, data=d, values=True)),
-                                {**dep, "tuned": name}, [f"train:{task}:{name}"], [parts[name]]))
-        for method, members in _methods_with_seeds(study, task).items():  # the noise floor: the first two seeds
-            if len(members) < 2:
+        groups = [members[-2:] for members in _methods_with_seeds(study, task).values() if len(members) >= 2]
+        together = {n for g in groups for n in g}
+        runs, wparts = {}, {}
+        for name, *_ in study.models(task):
+            group = next((g for g in groups if name in g), [name])
+            if name in together and name != group[0]:
                 continue
-            a, b = members[:2]
-            label = f"noise_{method}"
-            noise[label] = layout.drift_part(task, label)
+            label = "+".join(group)
+            runs[label] = layout.drift_part(task, label)
             stages.append(Stage(f"drift:{task}:{label}", "drift",
-                                (lambda t=task, tu={a: tuned[a], b: tuned[b]}, o=noise[label], d=data, s=ts:
+                                (lambda t=task, tu={n: tuned[n] for n in group}, o=runs[label], d=data, s=ts:
                                  run_drift(t, model_name, tu, o, s, data=d, values=True)),
-                                {**dep, "tuned": [a, b]}, [f"train:{task}:{a}", f"train:{task}:{b}"], [noise[label]]))
-        stages.append(Stage(f"drift:{task}", "drift",
-                            (lambda p=parts, o=out, n=noise: combine_drift(p, o, noise=n)),
-                            {**dep, "pooled": list(parts), "noise": list(noise)},
-                            [f"drift:{task}:{n}" for n in [*parts, *noise]], [out], reads_deps=False))
+                                {**dep, "tuned": group}, [f"train:{task}:{n}" for n in group], [runs[label]]))
+        stages.append(Stage(f"drift:{task}", "drift", (lambda r=runs, o=out: combine_drift(r, o)),
+                            {**dep, "pooled": list(runs)}, [f"drift:{task}:{label}" for label in runs], [out],
+                            reads_deps=False))
         for name, path in tuned.items():
+            wparts[name] = layout.weights_part(task, name)
             stages.append(Stage(f"weights:{task}:{name}", "weights",
                                 (lambda tu={name: path}, o=wparts[name]: run_weights(model_name, tu, o)),
                                 {"model": model_name, "tuned": name}, [f"train:{task}:{name}"], [wparts[name]]))

@@ -367,23 +367,24 @@ SAME_CONFIG = ("task", "base", "max_examples", "tokens", "drop_first_position", 
                "example_jackknife_groups", "float32_products", "reduction", "seed", "data")
 
 
-def combine_drift(parts: dict[str, str | os.PathLike], output_dir: str | os.PathLike, *,
-                  noise: dict[str, str | os.PathLike] | None = None, plots: bool = True) -> dict[str, Any]:
-    """drift.json of several tuned models from runs of :func:`run_drift` with one model each.
+def combine_drift(runs: dict[str, str | os.PathLike], output_dir: str | os.PathLike, *,
+                  plots: bool = True) -> dict[str, Any]:
+    """drift.json of several tuned models pooled from runs of :func:`run_drift` over one or two models each.
 
     A study run in parts measures each model against the base model as soon as it is trained (its
-    weights need not survive until the last model of the task is trained); this pools those runs
-    into the drift.json that one run over every model would write, with the same tables, ratios,
-    intervals and criterion. Each run must have been written with ``values=True`` on the same
-    prompts and settings (checked: the prompts' ids, token selection and grouping).
+    weights need not survive until the last model of the task is trained), and two seeds of a method
+    together when both are trained in the same part (their seed-to-seed drift is the method's noise
+    floor). This pools those runs into the drift.json that one run over every model would write: the
+    same tables, ratios, intervals and criterion, with the noise floor of each method measured on the
+    seed pairs that some run measured together (none: no noise floor, and drift.json says so). Each run
+    must have been written with ``values=True`` on the same prompts and settings (checked: settings,
+    the prompts' ids, token counts per jackknife group).
 
     Parameters
     ----------
-    parts : {model name: folder of a run_drift run whose only tuned model is that one}.
+    runs : {label: folder of a run_drift run}; the tuned models are the union of theirs, in this order;
+        each model's comparison with the base model is read from the first run that has it.
     output_dir : where drift.json, drift.csv and the figures go.
-    noise : {label: folder of a run_drift run of two seeds of one method}; only the pair of the two
-        seeds is read from it: the seed-to-seed drift (noise floor) of that method. Without it the
-        criterion has no noise floor, and drift.json says so (``summary.noise_floor`` empty).
     plots : write the PNG figures.
 
     Returns
@@ -392,80 +393,80 @@ def combine_drift(parts: dict[str, str | os.PathLike], output_dir: str | os.Path
     """
     from lorascope.drift import criterion
 
-    noise = noise or {}
-    if not parts:
+    if not runs:
         raise LorascopeError("combine_drift: no drift runs to pool")
-    runs, vals = {}, {}
-    for label, d in [*parts.items(), *(("noise " + k, v) for k, v in noise.items())]:
+    loaded, vals = {}, {}
+    for label, d in runs.items():
         f, vf = Path(d) / "drift.json", Path(d) / VALUES_FILE
         for need in (f, vf):
             if not need.is_file():
                 raise LorascopeError(f"{need}: missing; each pooled run needs drift.json and {VALUES_FILE} "
                                      f"(run_drift(..., values=True))")
-        runs[label], vals[label] = json.loads(f.read_text(encoding="utf-8")), _read_values(vf)
-    first_label = next(iter(runs))
-    first = runs[first_label]
-    for label, r in runs.items():
+        loaded[label], vals[label] = json.loads(f.read_text(encoding="utf-8")), _read_values(vf)
+    first_label = next(iter(loaded))
+    first = loaded[first_label]
+    for label, r in loaded.items():
         for key in SAME_CONFIG:
             if r["config"].get(key) != first["config"].get(key):
-                raise LorascopeError(f"{Path(parts.get(label) or noise[label[6:]]) / 'drift.json'}: config.{key} "
-                                     f"{r['config'].get(key)!r} differs from {first_label}'s "
-                                     f"{first['config'].get(key)!r}; pooled runs must measure alike")
+                raise LorascopeError(f"{Path(runs[label]) / 'drift.json'}: config.{key} {r['config'].get(key)!r} "
+                                     f"differs from {first_label}'s {first['config'].get(key)!r}; pooled runs must "
+                                     f"measure alike")
         for key in ("example_ids_sha256", "layers", "n_tokens_per_group"):
             if r.get(key) != first.get(key):
-                raise LorascopeError(f"{label}: {key} differs from {first_label}'s: the runs did not measure the same "
-                                     f"prompts and tokens, so their intervals cannot be pooled")
-    for name, r in ((n, runs[n]) for n in parts):
-        if list(r["models"]) != ["base", name]:
-            raise LorascopeError(f"{parts[name]}: measures {', '.join(list(r['models'])[1:])}, expected only {name}")
-    names = ["base", *parts]
-    infos = [first["models"]["base"]] + [runs[n]["models"][n] for n in parts]
-    pairs, tables = [], []
+                raise LorascopeError(f"{Path(runs[label]) / 'drift.json'}: {key} differs from {first_label}'s: the "
+                                     f"runs did not measure the same prompts and tokens, so their intervals cannot "
+                                     f"be pooled")
+    names = ["base"]
+    for r in loaded.values():
+        names += [n for n in r["models"] if n not in names]
+    infos = [first["models"]["base"]] + [next(r["models"][n] for r in loaded.values() if n in r["models"])
+                                         for n in names[1:]]
+    pairs, tables, taken = [], [], {}
     value = {k: [] for k in MEASURES}
     loo = {k: [] for k in MEASURES}
-
-    def take(label: str, a: str, b: str) -> None:
-        v, r = vals[label], runs[label]
-        p = v["pairs"].index((v["names"].index(a), v["names"].index(b)))
-        pairs.append((names.index(a), names.index(b)))
-        tables.append(r["pairs"][f"{a}-{b}"]["layers"])
-        for k in MEASURES:
-            value[k].append(v["value"][k][p])
-            loo[k].append(v["loo"][k][p])
-
-    for name in parts:
-        take(name, "base", name)
-    for label, d in noise.items():
-        tuned = [n for n in runs["noise " + label]["models"] if n != "base"]
-        if len(tuned) != 2 or any(n not in parts for n in tuned) or names.index(tuned[0]) > names.index(tuned[1]):
-            raise LorascopeError(f"{d}: a noise-floor run measures two seeds of one method that are among the pooled "
-                                 f"models ({', '.join(parts)}), in that order; it measures {', '.join(tuned)}")
-        take("noise " + label, *tuned)
+    for label, r in loaded.items():
+        v = vals[label]
+        for p, (ia, ib) in enumerate(v["pairs"]):
+            a, b = v["names"][ia], v["names"][ib]
+            pair = (names.index(a), names.index(b))
+            if pair in taken:
+                continue
+            if pair[0] > pair[1]:
+                raise LorascopeError(f"{Path(runs[label]) / 'drift.json'}: measures {a} against {b}, but {b} comes "
+                                     f"first among the pooled models ({', '.join(names[1:])}); list the runs so that "
+                                     f"their models come in one order")
+            taken[pair] = label
+            pairs.append(pair)
+            tables.append(r["pairs"][f"{a}-{b}"]["layers"])
+            for k in MEASURES:
+                value[k].append(v["value"][k][p])
+                loo[k].append(v["loo"][k][p])
     arrays = {"value": {k: np.array(v) for k, v in value.items()}, "loo": {k: np.array(v) for k, v in loo.items()}}
     layers = first["layers"]
     summary = summarise(tables, arrays, names, infos, pairs, layers)
     cfg = first["config"]
     summary["criterion_2a"] = [criterion.judge_drift(m, threshold=1.0 - cfg["reduction"], primary=PRIMARY,
                                                      tokens=cfg["tokens"]) for m in summary["method_ratios"]]
-    timing = {k: sum(r["timing"][k] for r in runs.values()) for k in first["timing"]}
+    timing = {k: sum(r["timing"][k] for r in loaded.values()) for k in first["timing"]}
+    seed_pairs = [f"{names[a]}-{names[b]}" for a, b in pairs if a > 0]
     result = {
         **{k: first[k] for k in ("n_examples", "example_splits", "n_tokens", "n_tokens_per_group", "selection",
-                                 "example_ids_sha256", "layers", "final_norm_included", "diagnostics", "methods")},
-        "config": {**cfg, "tuned": {n: runs[n]["config"]["tuned"][n] for n in parts},
-                   "pooled_from": {n: str(d) for n, d in parts.items()},
-                   "noise_floor_from": {k: str(d) for k, d in noise.items()}},
+                                 "example_ids_sha256", "layers", "final_norm_included", "diagnostics")},
+        "config": {**cfg, "tuned": {n: next(r["config"]["tuned"][n] for r in loaded.values() if n in r["models"])
+                                    for n in names[1:]},
+                   "pooled_from": {label: str(d) for label, d in runs.items()}},
         "models": dict(zip(names, infos)),
         "pairs": {f"{names[a]}-{names[b]}": {"reference": names[a], "other": names[b], "layers": tables[p]}
                   for p, (a, b) in enumerate(pairs)},
         "summary": summary,
-        "warnings": sorted({w for r in runs.values() for w in r.get("warnings", [])}),
+        "methods": {**first["methods"], "pooled": (
+            "the models were measured in runs of one or two models each, on the same prompts, tokens and jackknife "
+            "groups, and pooled; pairs of tuned models measured together: "
+            + (", ".join(seed_pairs) if seed_pairs else "none (no seed noise floor)"))},
+        "warnings": sorted({w for r in loaded.values() for w in r.get("warnings", [])}),
         "timing": timing,
         "provenance": provenance(),
     }
-    result["methods"] = {**result["methods"], "pooled": (
-        "each model was measured against the base model in a run of its own, on the same prompts, tokens and "
-        "jackknife groups, and the runs were pooled; the seed-to-seed noise floor of a method is measured on its "
-        "first two seeds only" + ("" if noise else " (not measured here)"))}
     out = Path(output_dir)
     write_outputs(result, out, plots)
     result["output_dir"] = str(out)
