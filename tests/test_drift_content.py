@@ -298,7 +298,13 @@ def test_a_difference_within_the_seed_noise_is_not_a_finding():
     c = judge_drift(_entry(ok, noise=noise, drifts=(0.1, 1.0)))
     assert c["status"] == "INCONCLUSIVE" and "not a finding" in c["reason"] and "full" in c["reason"]
     noise["full"]["token_cka"]["value"] = 0.5
-    assert judge_drift(_entry(ok, noise=noise, drifts=(0.1, 1.0)))["status"] == "PASS"
+    c = judge_drift(_entry(ok, noise=noise, drifts=(0.1, 1.0)))
+    assert c["status"] == "PASS" and "noise floor" not in c["reason"]
+    # seeds whose drift was never measured against each other (a study run in parts): no floor, and it says so
+    e = {**_entry(ok, noise={"full": noise["full"]}), "lora_seeds": ["lora_r8_s0", "lora_r8_s1"],
+         "full_seeds": ["full_s0", "full_s1"]}
+    c = judge_drift(e)
+    assert c["status"] == "PASS" and "no seed noise floor for lora_r8: no two of its seeds" in c["reason"]
 
 
 # ---------------------------------------------------------------------------

@@ -206,6 +206,13 @@ def test_killed_training_resumes_inside_the_pipeline(tmp_path, pipeline_data):
     rec = json.loads((run_dir / "stages" / "train__mrpc__lora_r8_s0.json").read_text())
     assert "finished" not in rec  # started, not complete
     assert list((run_dir / "train" / "mrpc" / "lora_r8_s0" / "checkpoints").glob("step-*"))
+    # an archive of the killed run leaves the unfinished stage out, record and folder: the next run starts it afresh
+    r = run_cli("archive", str(run_dir), str(tmp_path / "kept"), env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["unfinished_stages_left_out"] == 1
+    assert not (tmp_path / "kept" / "stages" / "train__mrpc__lora_r8_s0.json").exists()
+    assert not (tmp_path / "kept" / "train" / "mrpc" / "lora_r8_s0").exists()
+    assert (tmp_path / "kept" / "stages" / "prepare.json").is_file()
     r = run_cli("run", str(f), "--run-dir", str(run_dir), env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming an interrupted run" in r.stderr and "resuming from" in r.stderr.lower()

@@ -7,7 +7,9 @@ one starts on a fresh disk). What every later stage needs of a finished one is i
 those weights (evaluation, drift, weight space) have finished. The archive is a copy of RUN that
 leaves out
 
-- model weights (*.safetensors, *.bin, *.pt, *.pth, *.gguf) and training checkpoints (`checkpoints/`),
+- trained models (`model/` folders: weights, and the config and tokenizer files that are no use
+  without them), training checkpoints (`checkpoints/`), and any other weight file (*.safetensors,
+  *.bin, *.pt, *.pth, *.gguf),
 - locks, temporaries and the file-digest cache,
 
 and marks each stage record whose outputs lost files with ``"archived": {"digest": D, "left_out": [...]}``,
@@ -17,8 +19,10 @@ a stage that still has to run and reads an archived stage's files stops with one
 which stage to rerun (``--force STAGE``). Trials of a learning-rate search are reused from their
 records (validation.json), so their weights are left out too.
 
-The copy is written to DEST.tmp-* and renamed when complete: an interrupted archive never looks
-complete. DEST must not exist.
+A stage that started but did not finish (killed) is left out with its outputs, so the next run
+starts it afresh. The run folder is locked meanwhile (no `lorascope run` may write it), and the copy
+is written to .DEST.tmp-* and renamed when complete: an interrupted archive never looks complete.
+DEST must not exist.
 """
 
 from __future__ import annotations
@@ -48,50 +52,61 @@ def _hidden(rel: Path) -> bool:
 
 def left_out(rel: Path) -> bool:
     """Whether the archive leaves out the file at `rel` (relative to the run folder)."""
-    return rel.suffix in WEIGHT_SUFFIXES or "checkpoints" in rel.parts or _hidden(rel)
+    dirs = rel.parts[:-1]
+    return rel.suffix in WEIGHT_SUFFIXES or "checkpoints" in dirs or "model" in dirs or _hidden(rel)
 
 
 def archive_run(run_dir: str | os.PathLike, dest: str | os.PathLike) -> dict[str, Any]:
     """Copy `run_dir` to `dest` without weights; return what was kept and left out."""
     from lorascope.pipeline import _Digests, _read_record
 
-    run, dest = Path(run_dir), Path(dest)
+    run, dest = Path(run_dir).resolve(), Path(dest)
     layout = RunLayout(run)
     if not (layout.root / "stages").is_dir():
         raise LorascopeError(f"{run}: not a run folder of `lorascope run` (no stages/ folder)")
     if dest.exists():
         raise LorascopeError(f"{dest}: already exists; name a new folder (the archive never overwrites)")
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    kept, dropped, dropped_bytes = 0, [], 0
-    for f in sorted(p for p in run.rglob("*") if p.is_file()):
-        rel = f.relative_to(run)
-        if left_out(rel):
-            if not _hidden(rel):
-                dropped.append(str(rel))
-                dropped_bytes += f.stat().st_size
-            continue
-        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(f, tmp / rel)
-        kept += 1
-    digests = _Digests(layout.digests_file)
-    archived = []
-    for rec_file in sorted((run / "stages").glob("*.json")):
-        rec = _read_record(rec_file)
-        if rec is None:
-            continue
-        outputs = [_local(o, run) for o in rec.get("outputs", [])]
-        gone = [str(rel) for o in outputs for rel in (f.relative_to(run) for f in _files(o))
-                if left_out(rel) and not _hidden(rel)]
-        if gone and rec.get("finished"):
-            # the digest the stages that read it were hashed with (weights included)
-            rec["archived"] = rec.get("archived") or {"digest": digests.of(outputs), "left_out": gone}
-            archived.append(rec["stage"])
-        out = tmp / "stages" / rec_file.name
-        out.write_text(json.dumps(rec, indent=2) + "\n", encoding="utf-8")
-    tmp.rename(dest)
-    summary = {"archive": str(dest), "files": kept, "left_out_files": len(dropped),
+    from lorascope.locking import folder_lock
+
+    with folder_lock(run, "RUN_DIR"):  # no `lorascope run` writes it meanwhile
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        records = {f: _read_record(f) for f in sorted((run / "stages").glob("*.json"))}
+        # a stage that did not finish (killed) is left out with its outputs: the next run starts it afresh
+        unfinished = [o.relative_to(run) for rec in records.values() if rec and not rec.get("finished")
+                      for o in (_local(x, run) for x in rec.get("outputs", [])) if o.is_relative_to(run)]
+        kept, dropped, dropped_bytes = 0, [], 0
+        for f in sorted(p for p in run.rglob("*") if p.is_file()):
+            rel = f.relative_to(run)
+            if any(rel == u or rel.is_relative_to(u) for u in unfinished) or (
+                    f in records and not (records[f] or {}).get("finished")):
+                continue
+            if left_out(rel):
+                if not _hidden(rel):
+                    dropped.append(str(rel))
+                    dropped_bytes += f.stat().st_size
+                continue
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, tmp / rel)
+            kept += 1
+        digests = _Digests(layout.digests_file)
+        archived = []
+        for rec_file, rec in records.items():
+            if rec is None or not rec.get("finished"):
+                continue
+            outputs = [_local(o, run) for o in rec.get("outputs", [])]
+            gone = [str(rel) for o in outputs for rel in (f.relative_to(run) for f in _files(o))
+                    if left_out(rel) and not _hidden(rel)]
+            if gone:
+                # the digest the stages that read it were hashed with (weights included)
+                rec["archived"] = rec.get("archived") or {"digest": digests.of(outputs), "left_out": gone}
+                archived.append(rec["stage"])
+            out = tmp / "stages" / rec_file.name
+            out.write_text(json.dumps(rec, indent=2) + "\n", encoding="utf-8")
+        tmp.rename(dest)
+    summary = {"archive": str(dest), "files": kept, "unfinished_stages_left_out": len(
+                   [r for r in records.values() if r and not r.get("finished")]), "left_out_files": len(dropped),
                "left_out_mib": round(dropped_bytes / 2**20, 1), "archived_stages": archived}
     log.info("archived %s to %s: %d files kept, %d weight/checkpoint files (%.0f MiB) left out; stages without "
              "their weights: %s", run, dest, kept, len(dropped), dropped_bytes / 2**20, ", ".join(archived) or "none")

@@ -65,6 +65,13 @@ def judge_drift(entry: dict[str, Any], *, threshold: float = 0.8, primary: str =
     seeds_note = ""
     if not (entry.get(primary) or {}).get("seed_variance_included", False):
         seeds_note = " (one seed per method: the intervals cover prompt sampling only, not training seeds)"
+    else:  # seeds, but a method whose seeds were never measured against each other has no noise floor
+        seeds = {entry.get("lora"): entry.get("lora_seeds") or [], entry.get("full"): entry.get("full_seeds") or []}
+        floors = entry.get("noise_floor") or {}
+        unmeasured = [m for m, members in seeds.items() if len(members) > 1 and m not in floors]
+        if unmeasured:
+            seeds_note = (f" (no seed noise floor for {' and '.join(unmeasured)}: no two of its seeds were measured "
+                          f"against each other)")
 
     def done(status: str, reason: str) -> dict[str, Any]:
         out.update(status=status, reason=reason + seeds_note)
