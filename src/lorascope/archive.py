@@ -72,7 +72,7 @@ def archive_run(run_dir: str | os.PathLike, dest: str | os.PathLike) -> dict[str
         tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
         if tmp.exists():
             shutil.rmtree(tmp)
-        records = {f: _read_record(f) for f in sorted((run / "stages").glob("*.json"))}
+        records = {f: _read_record(f) for f in sorted((run / "stages").glob("*.json")) if not f.name.startswith(".")}
         # a stage that did not finish (killed) is left out with its outputs: the next run starts it afresh
         unfinished = [o.relative_to(run) for rec in records.values() if rec and not rec.get("finished")
                       for o in (_local(x, run) for x in rec.get("outputs", [])) if o.is_relative_to(run)]

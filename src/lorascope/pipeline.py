@@ -9,13 +9,18 @@ Stages, in order (each one function call of an existing command):
                                other tasks (forgetting) (lorascope eval)
   drift:TASK                   hidden-state drift of every tuned model of a task (lorascope drift)
   weights:TASK                 weight-space analysis of their updates (lorascope weights)
+                               with study.drift.per_model, both per model (drift:TASK:MODEL,
+                               drift:TASK:MODEL+MODEL for a method's last two seeds, weights:TASK:MODEL)
+                               and pooled (drift:TASK, weights:TASK; lorascope.drift.combine_drift)
   serve:rRANK                  the tasks' LoRA adapters served merged vs unmerged (lorascope serve-bench)
   report                       report/index.html and report/report.md (lorascope report)
 
 Each stage records a hash of what it depends on (its config and the hashes of the stages
 it reads) in RUN/stages/STAGE.json, written last. A rerun skips a stage whose record
 matches, redoes one whose inputs changed (its old outputs are removed first, so nothing
-stale is reused), and resumes an interrupted training from its last checkpoint.
+stale is reused), and resumes an interrupted training from its last checkpoint. A stage that
+`lorascope archive` kept without its weights counts as done and hashes what reads it with the
+digest its files had (lorascope.archive).
 
 The config is an ordinary lorascope YAML (sections model, data, lora, train, eval) with
 `lora.rank` and `train.seed` allowed to be lists (a sweep), plus a `study` section; see
@@ -59,11 +64,11 @@ class StudyDrift(DriftSettings):
         "help": "tasks whose drift and weight space are measured (default: every study task); criterion 2a is not "
                 "measured for the others, and the report says so"})
     per_model: bool = field(default=False, metadata={
-        "help": "measure each model against the base model as soon as it is trained (stages drift:TASK:MODEL, "
-                "weights:TASK:MODEL, and drift:TASK:noise_METHOD on a method's first two seeds for the noise "
-                "floor), then pool them (drift:TASK, weights:TASK): a study run in parts then needs no model's "
-                "weights after its own stages (see `lorascope archive`). Costs one more pass of the base model "
-                "per model"})
+        "help": "measure each model against the base model as soon as it is trained (stages drift:TASK:MODEL "
+                "and weights:TASK:MODEL; a method's last two seeds together, drift:TASK:MODEL+MODEL, for the seed "
+                "noise floor, so train them in the same part), then pool them (drift:TASK, weights:TASK): a study "
+                "run in parts then needs no model's weights after its own stages (see `lorascope archive`). Costs "
+                "a pass of the base model per drift stage"})
 
     def settings(self) -> DriftSettings:
         """The drift stage's settings."""

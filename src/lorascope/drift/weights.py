@@ -131,8 +131,10 @@ def _write(result: dict[str, Any], spectra: dict, out: Path, plots: bool) -> dic
 def combine_weights(parts: dict[str, str | os.PathLike], output_dir: str | os.PathLike, *,
                     plots: bool = True) -> dict[str, Any]:
     """weights.json of several tuned models from runs of :func:`run_weights` with one model each (a study run
-    in parts analyses each model as soon as it is trained): the same records, summary and figure as one run
-    over every model. The runs must share the base model and settings (checked)."""
+    in parts analyses each model as soon as it is trained): the records, summary and figure of one run over
+    every model, except that a full model analysed alone covers every projection (one run beside a LoRA
+    adapter restricts it to the adapter's module types; the same set with lora.target_modules' default).
+    The runs must share the base model and settings (checked)."""
     if not parts:
         raise LorascopeError("combine_weights: no weight analyses to pool")
     runs, spectra = {}, {}
