@@ -353,6 +353,9 @@ def test_a_study_in_parts_measures_models_one_by_one_and_resumes_from_its_archiv
     weights = json.loads((run_dir / "weights" / "mrpc" / "weights.json").read_text())
     assert set(weights["summary"]) == set(models)
     report = (run_dir / "report" / "report.md").read_text()
+    assert "Measured in parts: the models were measured in runs of one or two models each" in report
+    assert "pairs of tuned models measured together: full_s1-full_s2, lora_r4_s1-lora_r4_s2" in report
+    assert "Noise floor of full: drift between its seeds full_s1, full_s2" in report
 
     # the archive: no weights, no checkpoints; the trained models' stages are marked
     r = run_cli("archive", str(run_dir), str(tmp_path / "kept"), env=env)

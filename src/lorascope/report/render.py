@@ -626,6 +626,9 @@ def drift_sensitivity(doc: Doc, d: dict[str, Any], folder: Path) -> None:
             v = floor.get(c["primary"], {})
             doc.p(f"Noise floor of {method}: drift between its seeds {', '.join(floor['seeds'])} "
                   f"({LABELS[c['primary']]}) {_f(v.get('value'), '.3g')}.")
+    pooled = (d.get("methods") or {}).get("pooled")
+    if pooled:  # study.drift.per_model: say how the models were measured, and which seed pairs give the floor
+        doc.p(f"Measured in parts: {pooled}.")
     if (folder / "ratio_vs_layer.png").is_file():
         doc.fig(folder / "ratio_vs_layer.png", "drift ratio LoRA / full per layer, for every measure")
     if (folder / "diagnostics.png").is_file():
