@@ -375,8 +375,10 @@ def combine_drift(runs: dict[str, str | os.PathLike], output_dir: str | os.PathL
     weights need not survive until the last model of the task is trained), and two seeds of a method
     together when both are trained in the same part (their seed-to-seed drift is the method's noise
     floor). This pools those runs into the drift.json that one run over every model would write: the
-    same tables, ratios, intervals and criterion, with the noise floor of each method measured on the
-    seed pairs that some run measured together (none: no noise floor, and drift.json says so). Each run
+    same summary (drifts, ratios, intervals, criterion) and per-layer tables, except that pairs of tuned
+    models no run measured together (full vs LoRA, or seeds measured apart) have no table, and a method's
+    noise floor rests on the seed pairs some run measured together (none: no noise floor, and drift.json
+    and the criterion say so). Each run
     must have been written with ``values=True`` on the same prompts and settings (checked: settings,
     the prompts' ids, token counts per jackknife group).
 
