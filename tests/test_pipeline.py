@@ -357,6 +357,42 @@ def test_a_study_in_parts_measures_models_one_by_one_and_resumes_from_its_archiv
     assert "pairs of tuned models measured together: full_s1-full_s2, lora_r4_s1-lora_r4_s2" in report
     assert "Noise floor of full: drift between its seeds full_s1, full_s2" in report
 
+    # before the pooled stages have run, `lorascope report` pools the parts finished so far (into the report,
+    # never into drift/ or weights/), shows them and decides nothing on them
+    part = tmp_path / "partial"
+    shutil.copytree(run_dir, part)
+    for st in ("drift:mrpc", "weights:mrpc", "drift:mrpc:full_s1+full_s2", "drift:mrpc:lora_r4_s1+lora_r4_s2",
+               "eval:mrpc:full_s2"):
+        (part / "stages" / f"{st.replace(':', '__')}.json").unlink()
+    shutil.rmtree(part / "drift")
+    shutil.rmtree(part / "weights")
+    (part / "eval" / "mrpc" / "full_s2.json").unlink()
+    r = run_cli("report", str(part), env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not (part / "drift").exists() and not (part / "weights").exists()
+    interim = json.loads((part / "report" / "interim" / "drift" / "mrpc" / "drift.json").read_text())
+    assert list(interim["models"]) == ["base", "full_s0", "lora_r4_s0"]
+    per = {m: interim["summary"]["per_model"][m]["token_cka_drift"]["value"] for m in ("full_s0", "lora_r4_s0")}
+    for m, v in per.items():  # each model's drift is its own part's, as in the study's pooled drift.json
+        assert v == pytest.approx(drift["summary"]["per_model"][m]["token_cka_drift"]["value"], rel=1e-12)
+    ratio = interim["summary"]["method_ratios"][0]["token_cka"]
+    assert ratio["seeds_lora"] == ratio["seeds_full"] == 1
+    assert ratio["value"] == pytest.approx(per["lora_r4_s0"] / per["full_s0"], rel=1e-9)
+    iw = json.loads((part / "report" / "interim" / "weights" / "mrpc" / "weights.json").read_text())
+    assert iw["summary"] == weights["summary"]  # every weight part had finished
+    v = json.loads((part / "report" / "verdict.json").read_text())["tasks"]["mrpc"]
+    assert v["drift"]["status"] == "INCONCLUSIVE" and v["drift"]["reason"].startswith(
+        "interim, not decided: drift still to run for full_s1+full_s2, lora_r4_s1+lora_r4_s2; evaluations still "
+        "to run (criterion 1); on what was measured so far (full_s0, lora_r4_s0) the rule gives ")
+    assert v["accuracy"]["status"] == "INCONCLUSIVE" and v["accuracy"]["interim"]["missing"] == ["full_s2"]
+    partial_md = (part / "report" / "report.md").read_text()
+    assert ("Interim: the study's drift:mrpc stage has not run yet; pooled here from the 2 part(s) finished so far "
+            "(full_s0, lora_r4_s0); still to run: full_s1+full_s2, lora_r4_s1+lora_r4_s2.") in partial_md
+    assert "Interim: the study's weights:mrpc stage has not run yet" in partial_md
+    assert partial_md.splitlines()[0].endswith("To decide, run: rerun `lorascope run` with the same config to "
+                                               "finish the missing stages.")
+    assert "Interim:" not in report  # the finished study's report pools nothing itself
+
     # the archive: no weights, no checkpoints; the trained models' stages are marked
     r = run_cli("archive", str(run_dir), str(tmp_path / "kept"), env=env)
     assert r.returncode == 0, r.stderr[-2000:]

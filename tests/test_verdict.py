@@ -245,7 +245,7 @@ def test_a_task_s_own_seeds_are_the_ones_judged(tmp_path):
     study = json.loads((run / "study.json").read_text())
     study["seeds"] = [0, 1, 2]  # the study's list; mrpc trained with two of them
     (run / "study.json").write_text(json.dumps(study))
-    assert "evaluations missing: full_s2, lora_r8_s2" in judge(run)["tasks"]["mrpc"]["reason"]
+    assert "evaluations still to run for full_s2, lora_r8_s2" in judge(run)["tasks"]["mrpc"]["reason"]
     study["task_seeds"] = {"mrpc": [0, 1]}
     (run / "study.json").write_text(json.dumps(study))
     t = judge(run)["tasks"]["mrpc"]
@@ -351,3 +351,39 @@ def test_the_report_gives_search_trials_intervals_and_each_selection_its_margin(
     ep = hierarchical_bootstrap([per_pair[sel]], [per_pair[other]])
     assert f"mrpc / full, epochs: 3.0e-04, {best_e:g} epoch(s)" in text
     assert f"{ep['value']:+.1f} [{ep['ci_low']:+.1f}, {ep['ci_high']:+.1f}] points over 300 examples" in text
+
+
+def test_a_study_still_running_shows_the_criteria_on_what_it_has_and_decides_nothing(tmp_path):
+    """Evaluations missing (a study run in parts): criterion (1) and the learned check on the seeds evaluated so
+    far, shown but INCONCLUSIVE, and (2a) not decided either; a method with no evaluation at all: nothing shown."""
+    from lorascope.report import judge
+    from lorascope.report.verdict import FINISH, PASS
+
+    run = fake_run(tmp_path, full=[0.95, 0.95], lora=[0.95, 0.95], ratio=0.5, overhead=2.0)
+    assert judge(run)["tasks"]["mrpc"]["verdict"] == PASS  # complete, it passes
+    d = run / "eval" / "mrpc"
+    (d / "full_s1.json").unlink()
+    t = judge(run)["tasks"]["mrpc"]
+    acc = t["accuracy"]
+    assert acc["status"] == "INCONCLUSIVE" and acc["interim"]["missing"] == ["full_s1"]
+    assert acc["seeds"] == {"full": 1, "lora": 2}
+    assert acc["reason"].startswith("interim, not decided: evaluations still to run for full_s1; on the seeds "
+                                    "evaluated so far (1 full, 2 LoRA) the rule gives PASS: LoRA - full = ")
+
+    def mean_correct(name):  # a second, plain computation of a model's accuracy from its predictions
+        p = json.loads((d / f"{name}.predictions.json").read_text())
+        return 100.0 * sum(r["label"] == r["pred"] for r in p.values()) / len(p)
+
+    lora = (mean_correct("lora_r8_s0") + mean_correct("lora_r8_s1")) / 2
+    assert acc["diff"] == pytest.approx(lora - mean_correct("full_s0"), abs=1e-9)
+    assert acc["bootstrap"]["seeds"] == [2, 1]  # LoRA - full
+    assert acc["learned"]["full"]["learned"] and acc["learned"]["lora"]["learned"]
+    assert t["drift"]["status"] == "INCONCLUSIVE" and t["drift"]["pass"] is False
+    assert "evaluations still to run (criterion 1)" in t["drift"]["reason"] and "the rule gives PASS" in t[
+        "drift"]["reason"]
+    assert t["verdict"] == "INCONCLUSIVE" and t["next"] == FINISH
+    v = judge(run)
+    assert v["overall"].endswith(f"To decide, run: {FINISH}") and "moves the hidden states" not in v["recommendation"]
+    (d / "full_s0.json").unlink()  # no full fine-tuning evaluated yet: nothing to compare
+    acc = judge(run)["tasks"]["mrpc"]["accuracy"]
+    assert acc["reason"] == "evaluations missing: full_s0, full_s1" and "interim" not in acc and "diff" not in acc

@@ -13,7 +13,8 @@
       weights/TASK/weights.json                    weight-update spectra
       weights-models/TASK/MODEL/                   study.drift.per_model: one model's, pooled into weights/TASK
       serve/rRANK/serve.json                       serving benchmark of the rank-RANK adapters
-      report/                                      report.md, index.html, verdict.json, figures/
+      report/                                      report.md, index.html, verdict.json, figures/ (+ interim/:
+                                                   a study in parts, its drift and weights pooled so far)
 
 The result JSON formats are documented where they are written: eval (lorascope.evaluate),
 drift (lorascope.drift.measure), serve (lorascope.serve.bench), verdict (lorascope.report.verdict).

@@ -11,10 +11,12 @@ import base64
 import html
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from lorascope.layout import RunLayout, trained_name
+from lorascope.report.interim import interim_note, pool_parts
 from lorascope.report.verdict import RESAMPLES, judge, primary, seeds_of
 from lorascope.runinfo import atomic_path
 
@@ -263,8 +265,14 @@ def render_report(run_dir: str | Path) -> Path:
     study = _load(RunLayout(run_dir).study_file)
     if study is None:
         raise FileNotFoundError(f"{run_dir}: no study.json; not a `lorascope run` directory")
-    verdict = judge(run_dir)
-    layout = RunLayout(run_dir)
+    with tempfile.TemporaryDirectory(prefix="lorascope-interim-") as interim_dir:
+        # a study run in parts whose pooled drift or weight stages have not run: pool the parts finished so far
+        layout = pool_parts(run_dir, interim_dir) or RunLayout(run_dir)
+        return _render(run_dir, study, layout, Path(interim_dir))
+
+
+def _render(run_dir: Path, study: dict[str, Any], layout: RunLayout, interim_dir: Path) -> Path:
+    verdict = judge(run_dir, layout=layout)
     cfg = study["config"]
     tasks = cfg["tasks"]
     rank = study["primary_rank"]
@@ -301,6 +309,8 @@ def render_report(run_dir: str | Path) -> Path:
         (tmp / "report.md").write_text(doc.markdown(figs, "figures"))
         (tmp / "index.html").write_text(doc.html("lorascope report"))
         (tmp / "verdict.json").write_text(json.dumps(verdict, indent=2))
+        if any(interim_dir.iterdir()):  # the interim pooled drift.json / weights.json the report shows
+            shutil.copytree(interim_dir, tmp / "interim")
     return out / "index.html"
 
 
@@ -409,6 +419,9 @@ def _accuracy_section(doc: Doc, layout: RunLayout, tasks: list[str]) -> None:
             for name, m in base_ev.get("baselines", {}).items():
                 rows.append([f"baseline: {name.replace('_', ' ')}"] + [_f(m.get(k)) for k, _ in cols] + [""])
         doc.h(3, task)
+        if not rows:
+            doc.p("No model evaluated yet.")
+            continue
         doc.table(["model"] + [c for _, c in cols] + ["examples"], rows)
         if base_ev and "config" in base_ev:
             dc = base_ev["config"]["data"]
@@ -436,6 +449,9 @@ def _drift_section(doc: Doc, layout: RunLayout, tasks: list[str]) -> None:
         if not d:
             continue
         doc.h(3, task)
+        note = interim_note(layout, task, "drift")
+        if note:
+            doc.p(note)
         rows = []
         for name, m in d["summary"]["per_model"].items():
             tc, ec = m["token_cka_drift"], m.get("example_cka_drift", {})
@@ -457,6 +473,9 @@ def _weights_section(doc: Doc, layout: RunLayout, tasks: list[str]) -> None:
         if not w:
             continue
         doc.h(3, task)
+        note = interim_note(layout, task, "weights")
+        if note:
+            doc.p(note)
         rows = []
         for model, per in w["summary"].items():
             for mt, s in per.items():

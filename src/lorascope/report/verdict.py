@@ -46,6 +46,9 @@ RESAMPLES = 2000
 REFERENCE_PRESET = "configs/reference.yaml"
 
 
+FINISH = "rerun `lorascope run` with the same config to finish the missing stages"
+
+
 def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -153,9 +156,25 @@ def accuracy_criterion(task: str, run_dir: Path, seeds: list[int], rank: int, ma
         acc[m] = statistics.fmean(vals) if vals else None
         acc[f"{m}_per_seed"] = vals
     if missing:
-        acc.update(status=INCONCLUSIVE, reason=f"evaluations missing: {', '.join(missing)}",
-                   next="rerun `lorascope run` with the same config to finish the missing stages")
+        have = {m: [f for f, e in zip(files[m], evs[m]) if e] for m in files}
+        if not all(have.values()):
+            acc.update(status=INCONCLUSIVE, reason=f"evaluations missing: {', '.join(missing)}", next=FINISH)
+            return acc
+        # a study still running (in parts): the rule on the seeds evaluated so far, shown but not decided on
+        acc = _accuracy_on(task, layout, have, acc, rank, margin)
+        acc.update(interim={"missing": missing, "seeds": acc["seeds"]}, next=FINISH,
+                   reason=f"interim, not decided: evaluations still to run for {', '.join(missing)}; on the seeds "
+                          f"evaluated so far ({acc['seeds']['full']} full, {acc['seeds']['lora']} LoRA) the rule "
+                          f"gives {acc['status']}: {acc['reason']}")
+        acc["status"] = INCONCLUSIVE
         return acc
+    return _accuracy_on(task, layout, files, acc, rank, margin)
+
+
+def _accuracy_on(task: str, layout: RunLayout, files: dict[str, list[Path]], acc: dict[str, Any], rank: int,
+                 margin: float) -> dict[str, Any]:
+    """Criterion (1) and the 'learned' check on the evaluations `files` ({method: one file per seed})."""
+    metric, _ = primary(task)
     acc["diff"] = acc["lora"] - acc["full"]
     scores = {m: [per_example_scores(task, f) for f in files[m]] for m in files}
     if not all(s for ss in scores.values() for s in ss):
@@ -197,7 +216,7 @@ def accuracy_criterion(task: str, run_dir: Path, seeds: list[int], rank: int, ma
         worst = min(learned[m]["vs"].items(), key=lambda kv: kv[1]["ci_low"])
         who = "full fine-tuning" if m == "full" else f"LoRA r={rank}"
         not_learned.append(f"{who} - {worst[0].removeprefix('baseline: ')} = {_interval(worst[1])}")
-    n_seeds = len(seeds)
+    n_seeds = min(len(fs) for fs in files.values())
     if not_learned:
         acc.update(status=INCONCLUSIVE, reason="the models have not learned the task: " + "; ".join(not_learned)
                    + " (the interval must exclude 0)",
@@ -347,9 +366,15 @@ def or3(*xs: str) -> str:
     return PASS if PASS in xs else (FAIL if xs and all(x == FAIL for x in xs) else INCONCLUSIVE)
 
 
-def judge(run_dir: str | Path) -> dict[str, Any]:
+def judge(run_dir: str | Path, layout: RunLayout | None = None) -> dict[str, Any]:
+    """The verdict of a run folder. `layout`: where to read it (default: the run folder's own layout; the report
+    of a study run in parts passes :class:`lorascope.report.interim.InterimLayout`, whose drift of a task pooled
+    from the parts finished so far is shown but not decided on)."""
+    from lorascope.report.interim import interim_of
+
     run_dir = Path(run_dir)
-    study = _load(RunLayout(run_dir).study_file)
+    layout = layout or RunLayout(run_dir)
+    study = _load(layout.study_file)
     if study is None:
         raise FileNotFoundError(f"{run_dir}: no study.json; not a `lorascope run` directory")
     tasks_run, cfg = study["config"]["tasks"], study_settings(study["config"])
@@ -362,12 +387,22 @@ def judge(run_dir: str | Path) -> dict[str, Any]:
         if acc is not None:
             t["accuracy"] = acc
         both_learned = bool(acc and acc.get("learned") and all(v["learned"] for v in acc["learned"].values()))
-        drift = _load(RunLayout(run_dir).drift(task) / "drift.json")
+        drift = _load(layout.drift(task) / "drift.json")
         if drift:
             t["drift"] = drift_criterion(drift, rank, cfg["drift_reduction"], both_learned)
+            parts = interim_of(layout, task, "drift")
+            todo = ([f"drift still to run for {', '.join(parts['missing'])}"] if parts else []) + (
+                ["evaluations still to run (criterion 1)"] if acc and acc.get("interim") else [])
+            if todo:  # measured so far, not decided: the study's models are not all in it
+                c = t["drift"]
+                c["interim"] = parts or {"done": [], "missing": []}
+                c["reason"] = (f"interim, not decided: {'; '.join(todo)}; on what was measured so far"
+                               + (f" ({', '.join(parts['done'])})" if parts else "")
+                               + f" the rule gives {c['status']}: {c['reason']}")
+                c["status"], c["pass"], c["confident"] = INCONCLUSIVE, False, False
         else:  # say why (2a) is missing rather than leave its row out
             t["drift_absent"] = _drift_absent(cfg, task)
-        serve = _load(RunLayout(run_dir).serve(rank) / "serve.json")
+        serve = _load(layout.serve(rank) / "serve.json")
         if serve:
             sv = serving_2b(serve, task, cfg["max_serving_overhead"])
             if sv:
@@ -388,14 +423,14 @@ def judge(run_dir: str | Path) -> dict[str, Any]:
 def _task_reason(t: dict[str, Any]) -> tuple[str, str | None]:
     acc = t.get("accuracy")
     if acc is None:
-        return "no evaluation of the tuned models", "rerun `lorascope run` with the same config"
+        return "no evaluation of the tuned models", FINISH
     if acc["status"] == INCONCLUSIVE:  # the first thing to fix, whatever else was measured
         return f"(1) {acc['reason']}", acc.get("next")
     if "drift" not in t and "serving" not in t:
         return "neither drift (2a) nor serving (2b) was measured", "rerun with study.drift or study.serve on"
     if t["verdict"] == INCONCLUSIVE:
         return ("(2a) " + t.get("drift", {}).get("reason", "not measured"),
-                "more drift prompts (study.drift.max_examples)")
+                FINISH if t.get("drift", {}).get("interim") else "more drift prompts (study.drift.max_examples)")
     parts = [f"(1) {acc['status']}"] + [f"({k}) {t[n]['status']}" for k, n in (("2a", "drift"), ("2b", "serving"))
                                          if n in t]
     return ", ".join(parts), None
