@@ -246,6 +246,44 @@ def test_study_config_errors(tmp_path):
         load_study(f)
 
 
+def test_noise_floor_tasks_choose_where_two_seeds_are_measured_together(tmp_path):
+    """study.drift.noise_floor_tasks: on the tasks it names, a method's last two seeds share a drift stage (the
+    noise floor); on the others each model has its own, so no two models must exist at once. The named tasks'
+    stages keep their configs (a running study's finished parts stay valid)."""
+    from lorascope.pipeline import load_study, plan
+
+    f = tmp_path / "s.yaml"
+    study = {"tasks": ["mrpc", "squad_v2"], "serve": False, "drift": {"per_model": True},
+             "per_task": {"squad_v2": {"train": {"seed": [0, 1]}}}}
+    cfg = {"train": {"seed": [0, 1, 2]}, "study": study}
+
+    def drift_stages():
+        f.write_text(yaml.safe_dump(cfg))
+        return {s.name: s for s in plan(load_study(f), tmp_path / "run") if s.kind == "drift"}
+
+    both = drift_stages()
+    assert [n for n in both if n.startswith("drift:squad_v2:")] == [
+        "drift:squad_v2:full_s0+full_s1", "drift:squad_v2:lora_r8_s0+lora_r8_s1"]
+    study["drift"]["noise_floor_tasks"] = ["mrpc"]
+    only_mrpc = drift_stages()
+    assert [n for n in only_mrpc if n.startswith("drift:squad_v2:")] == [
+        "drift:squad_v2:full_s0", "drift:squad_v2:lora_r8_s0", "drift:squad_v2:full_s1", "drift:squad_v2:lora_r8_s1"]
+    assert only_mrpc["drift:squad_v2"].deps == [f"drift:squad_v2:{m}" for m in
+                                                ("full_s0", "lora_r8_s0", "full_s1", "lora_r8_s1")]
+    mrpc = [n for n in both if n.startswith("drift:mrpc")]
+    assert mrpc == [n for n in only_mrpc if n.startswith("drift:mrpc")] and "drift:mrpc:full_s1+full_s2" in mrpc
+    assert all(both[n].config == only_mrpc[n].config and both[n].deps == only_mrpc[n].deps for n in mrpc)
+    study["drift"]["noise_floor_tasks"] = []
+    assert "drift:mrpc:full_s2" in drift_stages()
+    for bad, msg in (({"noise_floor_tasks": ["mrpc"]}, "only with study.drift.per_model: true"),
+                     ({"per_model": True, "noise_floor_tasks": ["squad"]},
+                      "'squad' is not a task whose drift is measured \\(mrpc, squad_v2\\)")):
+        study["drift"] = bad
+        f.write_text(yaml.safe_dump(cfg))
+        with pytest.raises(LorascopeError, match=f"study.drift.noise_floor_tasks: {msg}"):
+            load_study(f)
+
+
 def test_unknown_stage_name(tmp_path):
     r = run_cli("run", "configs/smoke.yaml", "--run-dir", str(tmp_path / "r"), "--only", "trian")
     assert r.returncode == 2 and "stage 'trian': no such stage" in r.stderr

@@ -69,6 +69,11 @@ class StudyDrift(DriftSettings):
                 "noise floor, so train them in the same part), then pool them (drift:TASK, weights:TASK): a study "
                 "run in parts then needs no model's weights after its own stages (see `lorascope archive`). Costs "
                 "a pass of the base model per drift stage"})
+    noise_floor_tasks: list[str] | None = field(default=None, metadata={
+        "help": "with per_model: the tasks whose method's last two seeds are measured together (their seed noise "
+                "floor; default every task); on the others each model is measured alone, so that no two models "
+                "need to exist at the same time (a part shorter than two trainings), and criterion 2a's reason "
+                "says there is no noise floor"})
 
     def settings(self) -> DriftSettings:
         """The drift stage's settings."""
@@ -168,6 +173,14 @@ class StudyArgs:
             for t in chosen or []:
                 if t not in self.tasks:
                     out.append(f"study.{section}.tasks: {t!r} is not one of study.tasks ({', '.join(self.tasks)})")
+        nf = self.drift.noise_floor_tasks
+        if nf is not None and not self.drift.per_model:
+            out.append("study.drift.noise_floor_tasks: only with study.drift.per_model: true (one drift stage over "
+                       "every model measures every seed pair); set per_model or remove it")
+        for t in nf or []:
+            if t not in (self.drift.tasks or self.tasks):
+                out.append(f"study.drift.noise_floor_tasks: {t!r} is not a task whose drift is measured "
+                           f"({', '.join(self.drift.tasks or self.tasks)}); [] measures every model alone")
             if chosen is not None and not chosen:
                 out.append(f"study.{section}.tasks: name at least one task, or leave it out (every task) and set "
                            f"study.{section}: false to skip the stage")
@@ -556,7 +569,8 @@ def _plan_drift(study: Study, layout: RunLayout) -> list[Stage]:
         from lorascope.drift.measure import combine_drift
         from lorascope.drift.weights import combine_weights
 
-        groups = [members[-2:] for members in _methods_with_seeds(study, task).values() if len(members) >= 2]
+        pairs = st.drift.noise_floor_tasks is None or task in st.drift.noise_floor_tasks
+        groups = [members[-2:] for members in _methods_with_seeds(study, task).values() if len(members) >= 2 and pairs]
         together = {n for g in groups for n in g}
         runs, wparts = {}, {}
         for name, *_ in study.models(task):
