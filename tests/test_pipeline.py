@@ -452,6 +452,23 @@ def test_a_study_in_parts_measures_models_one_by_one_and_resumes_from_its_archiv
     r = run_cli("run", str(f), "--run-dir", str(resumed), "--force", "report", env=env)
     assert r.returncode == 0 and "report: running" in r.stderr
     assert (resumed / "report" / "report.md").read_text().splitlines()[:5] == report.splitlines()[:5]
+    # --dry-run says the same beforehand, and writes nothing
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in resumed.rglob("*"))
+    r = run_cli("run", str(f), "--run-dir", str(resumed), "--dry-run", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert len(lines) == len(stages) + 1 and lines[-1] == "0 stage(s) would run"
+    assert lines[0] == f"[1/{len(stages)}] prepare: up to date"
+    assert "train:mrpc:full_s1: up to date (archived without its weights)" in r.stdout
+    r = run_cli("run", str(f), "--run-dir", str(resumed), "--dry-run", "--force", "drift:mrpc:full_s1+full_s2",
+                env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    stop = next(x for x in r.stdout.splitlines() if "drift:mrpc:full_s1+full_s2:" in x)
+    assert stop.endswith("drift:mrpc:full_s1+full_s2: would stop: needs the files of train:mrpc:full_s1, which this "
+                         "run folder keeps without its weights; retrain them first: --force train:mrpc:full_s1")
+    assert "drift:mrpc: would run, if the run got this far" in r.stdout
+    assert r.stdout.splitlines()[-1].endswith("the run would stop at drift:mrpc:full_s1+full_s2 (above)")
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in resumed.rglob("*")) == before
     # a stage that reads an archived model: one line, the stage to retrain, exit 2, nothing removed
     r = run_cli("run", str(f), "--run-dir", str(resumed), "--force", "drift:mrpc:full_s1+full_s2", env=env)
     assert r.returncode == 2

@@ -294,15 +294,21 @@ def _args_run(sub) -> argparse.ArgumentParser:
                         "name such as eval:mrpc); repeatable")
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="rerun these stages even if they are up to date (same names as --only); repeatable")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what this run would do, stage by stage (up to date, would run, not selected, where "
+                        "it would stop), and an ETA from finished stages like them; runs and writes nothing")
     return p
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from lorascope.pipeline import run_study
+    from lorascope.pipeline import dry_run, run_study
 
     run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
+    if args.dry_run:
+        print("\n".join(dry_run(args.config, run_dir, only=args.only, force=args.force)))
+        return 0
     run_study(args.config, run_dir, only=args.only, force=args.force)
     from lorascope.report import judge
 

@@ -657,6 +657,67 @@ def run_study(config_path: str, run_dir: str | Path, *, only: list[str] = (), fo
         return _run_locked(study, config_path, run_dir, only, force)
 
 
+def dry_run(config_path: str, run_dir: str | Path, *, only: list[str] = (), force: list[str] = ()) -> list[str]:
+    """What `lorascope run` with these arguments would do, one line per stage, without running or writing
+    anything (no lock taken): up to date, would run (or resume), not selected, or where it would stop (a
+    dependency that has not run, or whose weights `lorascope archive` left out). The last line: how many would
+    run, with the ETA of :class:`_StageTimes`."""
+    study = load_study(config_path)
+    run_dir = Path(run_dir)
+    stages = plan(study, run_dir)
+    names = [s.name for s in stages]
+    _check_patterns(stages, only, force)
+    _check_data(study)
+    by_name = {s.name: s for s in stages}
+    digests = _Digests(RunLayout(run_dir).digests_file)
+    prior = {n: _read_record(RunLayout(run_dir).stage_record(n)) for n in names}
+    will = _will_run(stages, prior, only, force, digests)
+    lines, hashes, records, stop = [], {}, {}, None
+    for i, s in enumerate(stages, 1):
+        prev = prior[s.name]
+        if s.name not in will:
+            h = hashes[s.name] = _stage_hash(s, hashes, records, by_name, digests)
+            if _fresh(prev, h, s.outputs) and not _matches(s.name, force):
+                records[s.name] = prev
+                what = "up to date" + (" (archived without its weights)" if prev.get("archived") else "")
+            else:
+                what = f"{'missing' if prev is None else 'out of date'}, not selected by --only"
+        elif stop:
+            what = "would run, if the run got this far"
+        else:
+            blocked = [d for d in s.deps if d not in records and d not in will]
+            archived = [d for d in s.deps if s.reads_deps and (records.get(d) or {}).get("archived")]
+            if blocked:
+                stop = s.name
+                what = (f"would stop: needs {blocked[0]}, which has not run for this config (add it to --only, "
+                               f"or run without --only)")
+            elif archived:
+                stop = s.name
+                what = (f"would stop: needs the files of {archived[0]}, which this run folder keeps without "
+                               f"its weights; retrain them first: --force {archived[0]}")
+            else:
+                upstream = any(d in will for d in s.deps)
+                h = None if upstream else _stage_hash(s, hashes, records, by_name, digests)
+                resumes = (h is not None and prev is not None and prev.get("hash") == h and not prev.get("finished")
+                           and not _matches(s.name, force))
+                what = "would resume (interrupted)" if resumes else "would run"
+        lines.append(f"[{i}/{len(stages)}] {s.name}: {what}")
+    n = len(will)
+    summary = f"{n} stage(s) would run" + (_StageTimes(prior).eta(sorted(will)).replace(
+        f"; {n} stage(s) to run after it", "") if n else "")
+    lines.append(summary + (f"; the run would stop at {stop} (above)" if stop else ""))
+    return lines
+
+
+def _check_patterns(stages: list[Stage], only, force) -> None:
+    names = [s.name for s in stages]
+    for pat in [*only, *force]:
+        if not any(_matches(n, [pat]) for n in names):
+            kinds = sorted({s.kind for s in stages})
+            raise LorascopeError(f"stage {pat!r}: no such stage; stages are {', '.join(kinds)} "
+                                 f"(or a full name such as {names[min(1, len(names) - 1)]})")
+
+
 def _run_locked(study: Study, config_path: str, run_dir: Path, only, force) -> dict:
     # temporaries of a killed run (atomic writes never finished): safe to remove while we hold the lock
     for tmp in run_dir.rglob(".*.tmp-*"):
@@ -682,11 +743,7 @@ def _run(study: Study, config_path: str, run_dir: Path, only, force) -> dict:
     stages = plan(study, run_dir)
     names = [s.name for s in stages]
     by_name = {s.name: s for s in stages}
-    for pat in [*only, *force]:
-        if not any(_matches(n, [pat]) for n in names):
-            kinds = sorted({s.kind for s in stages})
-            raise LorascopeError(f"stage {pat!r}: no such stage; stages are {', '.join(kinds)} "
-                                 f"(or a full name such as {names[min(1, len(names) - 1)]})")
+    _check_patterns(stages, only, force)
     _check_data(study)
     write_json(RunLayout(run_dir).study_file,
                {"config_file": str(config_path), "config": dataclasses.asdict(study.study),
