@@ -173,6 +173,9 @@ class StudyArgs:
             for t in chosen or []:
                 if t not in self.tasks:
                     out.append(f"study.{section}.tasks: {t!r} is not one of study.tasks ({', '.join(self.tasks)})")
+            if chosen is not None and not chosen:
+                out.append(f"study.{section}.tasks: name at least one task, or leave it out (every task) and set "
+                           f"study.{section}: false to skip the stage")
         nf = self.drift.noise_floor_tasks
         if nf is not None and not self.drift.per_model:
             out.append("study.drift.noise_floor_tasks: only with study.drift.per_model: true (one drift stage over "
@@ -181,9 +184,6 @@ class StudyArgs:
             if t not in (self.drift.tasks or self.tasks):
                 out.append(f"study.drift.noise_floor_tasks: {t!r} is not a task whose drift is measured "
                            f"({', '.join(self.drift.tasks or self.tasks)}); [] measures every model alone")
-            if chosen is not None and not chosen:
-                out.append(f"study.{section}.tasks: name at least one task, or leave it out (every task) and set "
-                           f"study.{section}: false to skip the stage")
         if not 0 <= sv.max_overhead:
             out.append(f"study.serve.max_overhead: must be 0 or more (0.3 is 30 %), got {sv.max_overhead}")
         for t in self.per_task:
