@@ -369,6 +369,9 @@ def test_a_study_still_running_shows_the_criteria_on_what_it_has_and_decides_not
     assert acc["seeds"] == {"full": 1, "lora": 2}
     assert acc["reason"].startswith("interim, not decided: evaluations still to run for full_s1; on the seeds "
                                     "evaluated so far (1 full, 2 LoRA) the rule gives PASS: LoRA - full = ")
+    # one method's seed variance is in the interval, the other's is not: the note names which
+    assert acc["reason"].endswith("(full fine-tuning 1 seed(s), LoRA 2: the interval covers evaluation examples "
+                                  "and the seed variance of LoRA only)")
 
     def mean_correct(name):  # a second, plain computation of a model's accuracy from its predictions
         p = json.loads((d / f"{name}.predictions.json").read_text())

@@ -231,8 +231,15 @@ def _accuracy_on(task: str, layout: RunLayout, files: dict[str, list[Path]], acc
     else:
         acc.update(status=INCONCLUSIVE, reason=f"LoRA - full = {_interval(ci)} straddles -{margin:g}",
                    next="more evaluation examples (data.max_eval_examples) and seeds (train.seed)")
-    if n_seeds < 2:
+    counts = {m: len(fs) for m, fs in files.items()}
+    if max(counts.values()) < 2:
         acc["reason"] += " (1 seed: the interval covers evaluation examples only, not seed variance)"
+    elif n_seeds < 2:
+        one = [m for m in ("full", "lora") if counts[m] < 2]
+        name = {"full": "full fine-tuning", "lora": "LoRA"}
+        acc["reason"] += (f" (full fine-tuning {counts['full']} seed(s), LoRA {counts['lora']}: the interval covers "
+                          f"evaluation examples and the seed variance of "
+                          f"{' and '.join(name[m] for m in ('full', 'lora') if m not in one)} only)")
     return acc
 
 
