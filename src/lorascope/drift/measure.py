@@ -292,12 +292,9 @@ def run_drift(task: str, base: str, tuned, output_dir: str | os.PathLike, settin
     t_diag = time.time()
 
     gathered = acc.gather(world, rank, pg)
-    if created:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
-    if gathered is None:
+    if gathered is None:  # not rank 0: done once rank 0 has written the results
         acc.close()
+        _leave_world(created)
         return None
 
     layers = ["embedding"] + [f"layer_{i}" for i in range(acc.n_states - 1)]
@@ -341,6 +338,7 @@ def run_drift(task: str, base: str, tuned, output_dir: str | os.PathLike, settin
     if values:
         write_values(out / VALUES_FILE, names, pairs, loo)
     result["output_dir"] = str(out)
+    _leave_world(created)
     return result
 
 
@@ -619,6 +617,22 @@ def load_models(base: str, tuned: dict[str, str], device):
 def _config_of(model):
     get_base = getattr(model, "get_base_model", None)
     return (get_base() if callable(get_base) else model).config
+
+
+def _leave_world(created: bool) -> None:
+    """Leave the torchrun world this process joined, together with the other processes.
+
+    A rank that has sent its last data must not tear its process group down and exit while rank 0 is
+    still receiving, finalising and writing: one that did was seen to abort with SIGABRT ("terminate
+    called without an active exception", rank 1, once in CI). So every rank waits at a barrier, rank
+    0 after writing its files, and only then destroys the group. If rank 0 fails before the barrier,
+    its exit (or torchrun) ends the others' wait.
+    """
+    if created:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _distributed():
