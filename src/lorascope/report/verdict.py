@@ -234,12 +234,10 @@ def _accuracy_on(task: str, layout: RunLayout, files: dict[str, list[Path]], acc
     counts = {m: len(fs) for m, fs in files.items()}
     if max(counts.values()) < 2:
         acc["reason"] += " (1 seed: the interval covers evaluation examples only, not seed variance)"
-    elif n_seeds < 2:
-        one = [m for m in ("full", "lora") if counts[m] < 2]
-        name = {"full": "full fine-tuning", "lora": "LoRA"}
+    elif n_seeds < 2:  # a study in parts: one method has its seeds evaluated, the other not yet
+        many = "LoRA" if counts["lora"] >= 2 else "full fine-tuning"
         acc["reason"] += (f" (full fine-tuning {counts['full']} seed(s), LoRA {counts['lora']}: the interval covers "
-                          f"evaluation examples and the seed variance of "
-                          f"{' and '.join(name[m] for m in ('full', 'lora') if m not in one)} only)")
+                          f"evaluation examples and the seed variance of {many} only)")
     return acc
 
 
