@@ -390,3 +390,16 @@ def test_a_study_still_running_shows_the_criteria_on_what_it_has_and_decides_not
     (d / "full_s0.json").unlink()  # no full fine-tuning evaluated yet: nothing to compare
     acc = judge(run)["tasks"]["mrpc"]["accuracy"]
     assert acc["reason"] == "evaluations missing: full_s0, full_s1" and "interim" not in acc and "diff" not in acc
+    for f in d.glob("lora_r8_s*.json"):  # no tuned model evaluated at all: (1) has a row that says so
+        f.unlink()
+    v = judge(run)
+    t = v["tasks"]["mrpc"]
+    assert "accuracy" not in t and t["accuracy_absent"].startswith("not measured: no tuned model")
+    assert t["verdict"] == "INCONCLUSIVE" and t["reason"] == "no evaluation of the tuned models"
+    from lorascope.report.render import Doc, _verdict_section
+
+    doc = Doc()
+    _verdict_section(doc, v, 8)
+    table = next(b for b in doc.blocks if b[0] == "table")
+    assert [r[1][:3] for r in table[2]] == ["(1)", "(2a", "(2b", "ove"]
+    assert table[2][0][2:] == ["-", t["accuracy_absent"]]

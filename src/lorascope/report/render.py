@@ -329,6 +329,9 @@ def _verdict_section(doc: Doc, verdict: dict[str, Any], rank: int) -> None:
             rows.append([task, f"(1) {t['label']}: LoRA within {crit['accuracy_margin']:g} points of full",
                          f"LoRA {_f(acc['lora'])} vs full {_f(acc['full'])}{diff}; seeds {_seeds(acc)}",
                          f"{acc['status']}: {acc['reason']}"])
+        elif t.get("accuracy_absent"):
+            rows.append([task, f"(1) {t['label']}: LoRA within {crit['accuracy_margin']:g} points of full", "-",
+                         t["accuracy_absent"]])
         if dr:
             rows.append([task, f"(2a) LoRA drift at least {crit['drift_reduction']:.0%} below full",
                          f"{dr['measured']}; {_drift_seeds(dr)}", f"{dr['status']}: {dr['reason']}"])

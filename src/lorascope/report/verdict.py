@@ -22,7 +22,8 @@ it is all on the bad side, INCONCLUSIVE when it straddles it or cannot be comput
 Overall, per task: (1) and ((2a) or (2b)) in three-valued (Kleene) logic: FAIL wins an
 "and", PASS wins an "or", INCONCLUSIVE otherwise. A criterion the study did not measure for
 a task (study.drift.tasks, study.serve.tasks, or the stage switched off) is left out of that
-"or", and the task's `drift_absent` / `serving_absent` says why.
+"or", and the task's `drift_absent` / `serving_absent` says why (`accuracy_absent` when no tuned
+model of the task has been evaluated yet).
 
 Accuracy intervals come from a hierarchical bootstrap: each resample draws the seeds of
 each method with replacement, then the evaluation clusters with replacement (MRPC: single
@@ -391,6 +392,8 @@ def judge(run_dir: str | Path, layout: RunLayout | None = None) -> dict[str, Any
         acc = accuracy_criterion(task, run_dir, t["seeds"], rank, cfg["accuracy_margin"])
         if acc is not None:
             t["accuracy"] = acc
+        else:  # say why (1) is missing rather than leave its row out
+            t["accuracy_absent"] = "not measured: no tuned model of this task has been evaluated yet"
         both_learned = bool(acc and acc.get("learned") and all(v["learned"] for v in acc["learned"].values()))
         drift = _load(layout.drift(task) / "drift.json")
         if drift:
