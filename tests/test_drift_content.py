@@ -278,6 +278,14 @@ def test_criterion_passes_only_when_the_primary_interval_passes_and_the_measures
     # the primary's interval reaches above 0.8
     c = judge_drift(_entry({**ok, "token_cka": (0.7, 0.5, 0.9)}))
     assert c["status"] == "INCONCLUSIVE" and "straddles 0.8" in c["reason"]
+    # what could decide it: more of whichever the interval's width comes from
+    assert c["next"] == "more drift prompts (study.drift.max_examples)"
+    e = _entry({**ok, "token_cka": (0.7, 0.5, 0.9)})
+    e["token_cka"].update(se_seeds=0.062, se_prompts=0.004)
+    assert judge_drift(e)["next"].startswith("more seeds (train.seed; the ratio's standard error is 0.062 from seeds")
+    e["token_cka"].update(se_seeds=0.001)
+    assert judge_drift(e)["next"] == "more drift prompts (study.drift.max_examples)"
+    assert judge_drift(_entry(ok))["next"] is None  # decided: nothing to run
     # clearly above, and every measure agrees: FAIL
     c = judge_drift(_entry({k: (0.95, 0.85, 1.05) for k in ALL}))
     assert c["status"] == "FAIL"
@@ -297,6 +305,17 @@ def test_a_difference_within_the_seed_noise_is_not_a_finding():
     noise = {"full": {"token_cka": {"value": 0.95}}, "lora_r8": {"token_cka": {"value": 0.05}}}
     c = judge_drift(_entry(ok, noise=noise, drifts=(0.1, 1.0)))
     assert c["status"] == "INCONCLUSIVE" and "not a finding" in c["reason"] and "full" in c["reason"]
+    # a floor measured with an interval: below its whole interval, more prompts cannot make it a finding
+    noise["full"].update(pairs=1, token_cka={"value": 0.95, "ci_low": 0.92, "ci_high": 0.98})
+    c = judge_drift(_entry(ok, noise=noise, drifts=(0.1, 1.0)))  # difference 0.9 < 0.92
+    assert c["reason"].startswith("the difference between the methods' content-token linear CKA drifts (0.9) is "
+                                  "not larger than the drift between two seeds of full (0.95 [0.92, 0.98]; 1 seed "
+                                  "pair(s), interval over prompts): not a finding; more prompts would not change")
+    assert c["next"] is None
+    noise["full"]["token_cka"]["ci_low"] = 0.89  # inside the floor's interval: more prompts could still tell
+    c = judge_drift(_entry(ok, noise=noise, drifts=(0.1, 1.0)))
+    assert "not a finding" in c["reason"] and "would not change" not in c["reason"] and c["next"].startswith("more")
+    noise["full"]["token_cka"] = {"value": 0.95}
     noise["full"]["token_cka"]["value"] = 0.5
     c = judge_drift(_entry(ok, noise=noise, drifts=(0.1, 1.0)))
     assert c["status"] == "PASS" and "noise floor" not in c["reason"]

@@ -403,3 +403,45 @@ def test_a_study_still_running_shows_the_criteria_on_what_it_has_and_decides_not
     table = next(b for b in doc.blocks if b[0] == "table")
     assert [r[1][:3] for r in table[2]] == ["(1)", "(2a", "(2b", "ove"]
     assert table[2][0][2:] == ["-", t["accuracy_absent"]]
+
+
+def test_an_undecided_second_criterion_says_what_more_could_decide_it_and_nothing_where_more_cannot(tmp_path):
+    """(1) passes; the headline's "To decide, run" follows what left (2a) or (2b) open: nothing for a difference
+    below the whole interval of the seed noise floor (more prompts or seeds do not lower it), more rounds for a
+    serving interval that straddles the limit."""
+    from lorascope.drift.criterion import judge_drift
+    from lorascope.report import judge
+
+    run = fake_run(tmp_path, full=[0.95, 0.95], lora=[0.95, 0.95], ratio=0.5, overhead=2.0)  # (2b) FAIL: medians
+    assert judge(run)["tasks"]["mrpc"]["verdict"] == "PASS"  # (2a) passes without a noise floor
+    path = run / "drift" / "mrpc" / "drift.json"
+    drift = json.loads(path.read_text())
+    entry = drift["summary"]["method_ratios"][0]  # LoRA drift 0.005, full 0.01: a difference of 0.005
+    entry["noise_floor"] = {"full": {"pairs": 1, "token_cka": {"value": 0.02, "ci_low": 0.018, "ci_high": 0.022}}}
+    drift["summary"]["criterion_2a"] = [judge_drift(entry)]
+    path.write_text(json.dumps(drift))
+    v = judge(run)
+    t = v["tasks"]["mrpc"]
+    assert t["accuracy"]["status"] == "PASS" and t["serving"]["status"] == "FAIL"
+    assert t["verdict"] == "INCONCLUSIVE" and t["next"] is None and "To decide" not in v["overall"]
+    assert t["reason"].startswith("(2a) the difference between the methods' content-token linear CKA drifts (0.005)")
+    assert "not a finding; more prompts would not change that" in t["reason"] and t["reason"].endswith("; (2b) FAIL")
+    # the floor's interval reaches below the difference: more prompts could still tell
+    entry["noise_floor"]["full"]["token_cka"]["ci_low"] = 0.004
+    path.write_text(json.dumps(drift))
+    t = judge(run)["tasks"]["mrpc"]
+    assert t["next"] == "more drift prompts (study.drift.max_examples)"
+    # (2a) fails clearly and (2b) straddles the limit: the reason and the advice are about serving
+    shutil.rmtree(tmp_path / "run")
+    run = fake_run(tmp_path, full=[0.95, 0.95], lora=[0.95, 0.95], ratio=0.95, ratio_ci=(0.9, 1.0))
+    serve = run / "serve" / "r8" / "serve.json"
+    s = json.loads(serve.read_text())
+    for r in s["summary"]["rows"]:
+        r.update(overhead=0.2, overhead_ci_low=0.1, overhead_ci_high=0.4, overhead_ci_coverage=0.96)
+    serve.write_text(json.dumps(s))
+    v = judge(run)
+    t = v["tasks"]["mrpc"]
+    assert t["drift"]["status"] == "FAIL" and t["serving"]["status"] == "INCONCLUSIVE"
+    assert t["reason"] == "(2a) FAIL; (2b) the interval at batch 1, 4 straddles 30%; worst median +20% at batch 1"
+    assert t["next"] == "more serving rounds (study.serve.batches)" and v["overall"].endswith(
+        "To decide, run: more serving rounds (study.serve.batches)")

@@ -39,7 +39,10 @@ def judge_drift(entry: dict[str, Any], *, threshold: float = 0.8, primary: str =
 
     Returns
     -------
-    dict with ``status``, ``reason``, ``primary``, ``threshold`` and ``rows`` (one per measure:
+    dict with ``status``, ``reason``, ``next`` (what more measurement could decide an INCONCLUSIVE: more
+    seeds or prompts, whichever the primary interval's width comes from; None for PASS, FAIL, measures that
+    disagree, and a difference below the whole interval of the seed noise floor), ``primary``, ``threshold``
+    and ``rows`` (one per measure:
     ``measure``, ``label``, ``ratio``, ``ci_low``, ``ci_high``, ``meets`` (ratio <= threshold),
     ``confident`` (ci_high <= threshold), ``fails`` (ci_low > threshold)).
     """
@@ -73,15 +76,24 @@ def judge_drift(entry: dict[str, Any], *, threshold: float = 0.8, primary: str =
             seeds_note = (f" (no seed noise floor for {' and '.join(unmeasured)}: no two of its seeds were measured "
                           f"against each other)")
 
-    def done(status: str, reason: str) -> dict[str, Any]:
-        out.update(status=status, reason=reason + seeds_note)
+    pe = entry.get(primary) or {}
+    if pe.get("seed_variance_included") and (pe.get("se_seeds") or 0.0) > (pe.get("se_prompts") or 0.0):
+        # the interval is wider from seeds than from prompts: more prompts would hardly narrow it
+        more = (f"more seeds (train.seed; the ratio's standard error is {pe['se_seeds']:.3f} from seeds, "
+                f"{pe.get('se_prompts') or 0.0:.3f} from prompts)")
+    else:
+        more = "more drift prompts (study.drift.max_examples)"
+
+    def done(status: str, reason: str, next_: str | None = None) -> dict[str, Any]:
+        """`next_`: what more measurement could decide an INCONCLUSIVE; None where more of the same cannot."""
+        out.update(status=status, reason=reason + seeds_note, next=next_)
         return out
 
     if p["ratio"] is None:
         return done("INCONCLUSIVE", f"the {p['label']} ratio cannot be computed "
-                                    f"({(entry.get(primary) or {}).get('note', 'no value')})")
+                                    f"({(entry.get(primary) or {}).get('note', 'no value')})", more)
     if p["ci_low"] is None:
-        return done("INCONCLUSIVE", f"the {p['label']} ratio {p['ratio']:.2f} has no interval")
+        return done("INCONCLUSIVE", f"the {p['label']} ratio {p['ratio']:.2f} has no interval", more)
     noise = entry.get("noise_floor") or {}
     floors = {m: (d.get(primary) or {}).get("value") for m, d in noise.items()}
     floors = {m: v for m, v in floors.items() if v is not None}
@@ -91,9 +103,18 @@ def judge_drift(entry: dict[str, Any], *, threshold: float = 0.8, primary: str =
         )
         worst = max(floors, key=floors.get)
         if diff <= floors[worst]:
+            floor = noise[worst].get(primary) or {}
+            lo, hi = floor.get("ci_low"), floor.get("ci_high")
+            ci = f" [{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None else ""
+            pairs = noise[worst].get("pairs")
+            on = f"; {pairs} seed pair(s), interval over prompts" if pairs and ci else ""
+            # below the floor's whole interval: more prompts cannot lift the difference above it
+            clear = lo is not None and diff < lo
             return done("INCONCLUSIVE", f"the difference between the methods' {p['label']} drifts ({diff:.3g}) is not "
-                                        f"larger than the drift between two seeds of {worst} ({floors[worst]:.3g}): "
-                                        f"not a finding")
+                                        f"larger than the drift between two seeds of {worst} ({floors[worst]:.3g}"
+                                        f"{ci}{on}): not a finding"
+                        + ("; more prompts would not change that" if clear else ""),
+                        None if clear else more)
     span = f"{p['ratio']:.2f} [{p['ci_low']:.2f}, {p['ci_high']:.2f}]"
     if p["confident"]:
         against = [r for r in others if r["meets"] is not True]
@@ -109,7 +130,7 @@ def judge_drift(entry: dict[str, Any], *, threshold: float = 0.8, primary: str =
                                 f"<= {threshold:g}")
         return done("INCONCLUSIVE", f"{p['label']} ratio {span} > {threshold:g}, but the measures disagree: "
                     + ", ".join(f"{r['label']} {r['ratio']:.2f}" for r in against) + f" <= {threshold:g}")
-    return done("INCONCLUSIVE", f"{p['label']} ratio {span}: the interval straddles {threshold:g}")
+    return done("INCONCLUSIVE", f"{p['label']} ratio {span}: the interval straddles {threshold:g}", more)
 
 
 def _f(v) -> str:

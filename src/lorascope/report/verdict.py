@@ -436,9 +436,24 @@ def _task_reason(t: dict[str, Any]) -> tuple[str, str | None]:
         return f"(1) {acc['reason']}", acc.get("next")
     if "drift" not in t and "serving" not in t:
         return "neither drift (2a) nor serving (2b) was measured", "rerun with study.drift or study.serve on"
-    if t["verdict"] == INCONCLUSIVE:
-        return ("(2a) " + t.get("drift", {}).get("reason", "not measured"),
-                FINISH if t.get("drift", {}).get("interim") else "more drift prompts (study.drift.max_examples)")
+    if t["verdict"] == INCONCLUSIVE:  # (1) decided: the undecided one(s) of (2a), (2b), and what more could decide
+        parts, nexts = [], []
+        for k, n in (("2a", "drift"), ("2b", "serving")):
+            c = t.get(n)
+            if c is None:
+                continue
+            if c["status"] != INCONCLUSIVE:
+                parts.append(f"({k}) {c['status']}")
+                continue
+            parts.append(f"({k}) {c['reason']}")
+            if c.get("interim"):
+                nexts.append(FINISH)
+            elif n == "drift":
+                nexts.append(c.get("next"))  # judge_drift's: more seeds or prompts; None where more cannot decide
+            else:
+                nexts.append("more serving rounds (study.serve.batches)")
+        nexts = list(dict.fromkeys(x for x in nexts if x))
+        return "; ".join(parts), "; ".join(nexts) or None
     parts = [f"(1) {acc['status']}"] + [f"({k}) {t[n]['status']}" for k, n in (("2a", "drift"), ("2b", "serving"))
                                          if n in t]
     return ", ".join(parts), None
