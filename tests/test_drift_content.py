@@ -315,6 +315,14 @@ def test_a_difference_within_the_seed_noise_is_not_a_finding():
     noise["full"]["token_cka"]["ci_low"] = 0.89  # inside the floor's interval: more prompts could still tell
     c = judge_drift(_entry(ok, noise=noise, drifts=(0.1, 1.0)))
     assert "not a finding" in c["reason"] and "would not change" not in c["reason"] and c["next"].startswith("more")
+    # a floor above full fine-tuning's own drift (1.0): no LoRA drift could clear it, and the reason says so
+    noise["full"]["token_cka"] = {"value": 1.2, "ci_low": 1.1, "ci_high": 1.3}
+    c = judge_drift(_entry(ok, noise=noise, drifts=(0.1, 1.0)))
+    assert c["reason"].endswith("; the floor is above full's own mean drift from the base model (1), so no drift of "
+                                "the other method, not even 0, could make the difference larger than it")
+    assert c["next"] is None
+    for drifts in ((0.0, 1.0), (1.0, 0.0)):  # the checked claim: at either extreme the difference stays below
+        assert judge_drift(_entry(ok, noise=noise, drifts=drifts))["status"] == "INCONCLUSIVE"
     noise["full"]["token_cka"] = {"value": 0.95}
     noise["full"]["token_cka"]["value"] = 0.5
     c = judge_drift(_entry(ok, noise=noise, drifts=(0.1, 1.0)))

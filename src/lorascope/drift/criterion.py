@@ -110,11 +110,19 @@ def judge_drift(entry: dict[str, Any], *, threshold: float = 0.8, primary: str =
             on = f"; {pairs} seed pair(s), interval over prompts" if pairs and ci else ""
             # below the floor's whole interval: more prompts cannot lift the difference above it
             clear = lo is not None and diff < lo
+            # drifts are >= 0, so the difference can never exceed the larger of the two methods' drifts: a floor
+            # above that cannot be cleared by any drift of the other method (its seeds move apart, not along one
+            # direction), and the reader should know the INCONCLUSIVE is structural, not a near miss
+            own = max(("full", "lora"), key=lambda k: pe.get(f"{k}_drift") or 0.0)
+            top = pe.get(f"{own}_drift")
+            beyond = (f"; the floor is above {entry.get(own, own)}'s own mean drift from the base model ({top:.3g}), "
+                      f"so no drift of the other method, not even 0, could make the difference larger than it"
+                      if top is not None and (lo if lo is not None else floors[worst]) > top else "")
             return done("INCONCLUSIVE", f"the difference between the methods' {p['label']} drifts ({diff:.3g}) is not "
                                         f"larger than the drift between two seeds of {worst} ({floors[worst]:.3g}"
                                         f"{ci}{on}): not a finding"
-                        + ("; more prompts would not change that" if clear else ""),
-                        None if clear else more)
+                        + ("; more prompts would not change that" if clear else "") + beyond,
+                        None if clear or beyond else more)
     span = f"{p['ratio']:.2f} [{p['ci_low']:.2f}, {p['ci_high']:.2f}]"
     if p["confident"]:
         against = [r for r in others if r["meets"] is not True]
