@@ -445,3 +445,28 @@ def test_an_undecided_second_criterion_says_what_more_could_decide_it_and_nothin
     assert t["reason"] == "(2a) FAIL; (2b) the interval at batch 1, 4 straddles 30%; worst median +20% at batch 1"
     assert t["next"] == "more serving rounds (study.serve.batches)" and v["overall"].endswith(
         "To decide, run: more serving rounds (study.serve.batches)")
+
+
+def test_a_criterion_still_to_run_counts_as_inconclusive_not_as_left_out(tmp_path):
+    """A study in parts whose serving has not run yet: (2a) failing does not make the task FAIL, since (2b) could
+    still pass; (2a) passing decides it whatever (2b) will say. A task the study does not serve: left out."""
+    from lorascope.report import judge
+    from lorascope.report.verdict import FINISH
+
+    run = fake_run(tmp_path, full=[0.95, 0.95], lora=[0.95, 0.95], ratio=0.95, ratio_ci=(0.9, 1.0), overhead=0.1)
+    t = judge(run)["tasks"]["mrpc"]
+    assert (t["drift"]["status"], t["serving"]["status"], t["verdict"]) == ("FAIL", "PASS", "PASS")
+    shutil.rmtree(run / "serve")
+    t = judge(run)["tasks"]["mrpc"]
+    assert t["pending"] == ["2b"] and t["verdict"] == "INCONCLUSIVE"
+    assert t["reason"] == "(2a) FAIL; (2b) not measured yet" and t["next"] == FINISH
+    study = json.loads((run / "study.json").read_text())
+    study["config"]["serve"]["tasks"] = ["squad_v2"]  # left out by the study, not still to run: (2a) decides
+    (run / "study.json").write_text(json.dumps(study))
+    t = judge(run)["tasks"]["mrpc"]
+    assert "pending" not in t and t["verdict"] == "FAIL"
+    shutil.rmtree(tmp_path / "run")
+    run = fake_run(tmp_path, full=[0.95, 0.95], lora=[0.95, 0.95], ratio=0.5)
+    shutil.rmtree(run / "serve")
+    t = judge(run)["tasks"]["mrpc"]
+    assert t["pending"] == ["2b"] and t["verdict"] == "PASS"  # nothing (2b) says can change an "or" (2a) passes

@@ -23,7 +23,9 @@ Overall, per task: (1) and ((2a) or (2b)) in three-valued (Kleene) logic: FAIL w
 "and", PASS wins an "or", INCONCLUSIVE otherwise. A criterion the study did not measure for
 a task (study.drift.tasks, study.serve.tasks, or the stage switched off) is left out of that
 "or", and the task's `drift_absent` / `serving_absent` says why (`accuracy_absent` when no tuned
-model of the task has been evaluated yet).
+model of the task has been evaluated yet). One the study measures but has not yet (a study run in
+parts: its stage still to run) counts as INCONCLUSIVE in the "or" (the task's `pending`), since it
+could still decide it.
 
 Accuracy intervals come from a hierarchical bootstrap: each resample draws the seeds of
 each method with replacement, then the evaluation clusters with replacement (MRPC: single
@@ -346,13 +348,17 @@ def seeds_of(study: dict[str, Any], task: str) -> list[int]:
     return (study.get("task_seeds") or {}).get(task, study["seeds"])
 
 
+NOT_YET = {"drift": "not measured: no drift result for this task",
+           "serving": "not measured: no serving result for this task's adapter"}
+
+
 def _drift_absent(cfg: dict[str, Any], task: str) -> str:
     if not cfg["drift"]:
         return "not measured: drift is off in this study (study.drift)"
     if cfg["drift_tasks"] is not None and task not in cfg["drift_tasks"]:
         return (f"not measured: {task}'s drift is not measured in this study "
                 f"(study.drift.tasks: {', '.join(cfg['drift_tasks'])})")
-    return "not measured: no drift result for this task"
+    return NOT_YET["drift"]
 
 
 def _serving_absent(cfg: dict[str, Any], task: str) -> str:
@@ -361,7 +367,7 @@ def _serving_absent(cfg: dict[str, Any], task: str) -> str:
     if cfg["serve_tasks"] is not None and task not in cfg["serve_tasks"]:
         return (f"not measured: {task}'s adapter is not served in this study "
                 f"(study.serve.tasks: {', '.join(cfg['serve_tasks'])})")
-    return "not measured: no serving result for this task's adapter"
+    return NOT_YET["serving"]
 
 
 def and3(*xs: str) -> str:
@@ -410,6 +416,8 @@ def judge(run_dir: str | Path, layout: RunLayout | None = None) -> dict[str, Any
                 c["status"], c["pass"], c["confident"] = INCONCLUSIVE, False, False
         else:  # say why (2a) is missing rather than leave its row out
             t["drift_absent"] = _drift_absent(cfg, task)
+            if t["drift_absent"] == NOT_YET["drift"]:
+                t.setdefault("pending", []).append("2a")
         serve = _load(layout.serve(rank) / "serve.json")
         if serve:
             sv = serving_2b(serve, task, cfg["max_serving_overhead"])
@@ -417,8 +425,12 @@ def judge(run_dir: str | Path, layout: RunLayout | None = None) -> dict[str, Any
                 t["serving"] = sv
         if "serving" not in t:  # say why (2b) is missing rather than leave its row out
             t["serving_absent"] = _serving_absent(cfg, task)
+            if t["serving_absent"] == NOT_YET["serving"]:
+                t.setdefault("pending", []).append("2b")
         c1 = t.get("accuracy", {}).get("status", INCONCLUSIVE)
-        alt = [t[k]["status"] for k in ("drift", "serving") if k in t]
+        # a criterion this study measures but has not yet (a study in parts) could still decide the "or": it
+        # counts as INCONCLUSIVE there; one the study leaves out (off, or not this task) is left out
+        alt = [t[k]["status"] for k in ("drift", "serving") if k in t] + [INCONCLUSIVE] * len(t.get("pending", []))
         t["verdict"] = and3(c1, or3(*alt)) if alt else INCONCLUSIVE
         t["reason"], t["next"] = _task_reason(t)
         tasks[task] = t
@@ -434,13 +446,17 @@ def _task_reason(t: dict[str, Any]) -> tuple[str, str | None]:
         return "no evaluation of the tuned models", FINISH
     if acc["status"] == INCONCLUSIVE:  # the first thing to fix, whatever else was measured
         return f"(1) {acc['reason']}", acc.get("next")
-    if "drift" not in t and "serving" not in t:
+    pending = t.get("pending", [])
+    if "drift" not in t and "serving" not in t and not pending:
         return "neither drift (2a) nor serving (2b) was measured", "rerun with study.drift or study.serve on"
     if t["verdict"] == INCONCLUSIVE:  # (1) decided: the undecided one(s) of (2a), (2b), and what more could decide
         parts, nexts = [], []
         for k, n in (("2a", "drift"), ("2b", "serving")):
             c = t.get(n)
             if c is None:
+                if k in pending:  # the study measures it, but has not yet
+                    parts.append(f"({k}) not measured yet")
+                    nexts.append(FINISH)
                 continue
             if c["status"] != INCONCLUSIVE:
                 parts.append(f"({k}) {c['status']}")
