@@ -382,3 +382,36 @@ def test_held_out_squad_sets_share_no_article_with_training(small_data):
         task.check_held_out(data, task.examples("eval", data), "evaluation")
     with pytest.raises(LorascopeError, match=r"drift \(eval split\) examples share an article"):
         drift_examples("squad_v2", data, 4)
+
+
+def test_baselines_are_scored_on_the_questions_the_model_was_scored_on(tiny_model, tmp_path):
+    """Questions too long for the length policy are skipped; the always-no-answer baseline must skip
+    them too, or a table puts the model on 458 questions beside its baseline on 472."""
+    from helpers import squad_articles
+    from lorascope.config import load_config
+    from lorascope.evaluate import evaluate
+
+    arts = squad_articles(30, 6)
+    for a, art in enumerate(arts["data"]):
+        if a % 2:  # every other article's paragraph is far longer than the evaluation allows
+            art["paragraphs"][0]["context"] += " The river is long." * 40
+    d = tmp_path / "data" / "squad_v2"
+    d.mkdir(parents=True)
+    (d / "dev-v2.0.json").write_text(json.dumps(arts))
+    cfg = load_config(None, ["eval.max_new_tokens=2", "data.eval_max_seq_len=400"],
+                      **{"model.name": str(tiny_model), "data.dir": str(tmp_path / "data"), "eval.task": "squad_v2",
+                         "data.max_eval_examples": 60, "eval.output": str(tmp_path / "out.json")})
+    res = evaluate(cfg)
+    m, bl = res["metrics"], res["baselines"]["always_no_answer"]
+    assert m["skipped_too_long"] > 0 and m["total"] > 0 and m["total"] + m["skipped_too_long"] == res["n_examples"]
+    assert bl["total"] == m["total"]
+    assert res["n_scored"] == m["total"]
+    # a second computation: the share of unanswerable questions among those with a prediction, from the data file
+    scored = json.loads((tmp_path / "out.predictions.json").read_text())["predictions"]
+    gold = {qa["id"]: not qa["answers"] for art in arts["data"] for p in art["paragraphs"] for qa in p["qas"]}
+    assert len(scored) == m["total"]
+    assert bl["f1"] == pytest.approx(100.0 * sum(gold[q] for q in scored) / len(scored))
+    from lorascope.report.render import _scored  # the report's "examples" column
+
+    assert _scored(bl, res["n_examples"]) == f"{m['total']} of {res['n_examples']}"
+    assert _scored({"accuracy": 80.0, "n": 408}, 408) == "408"

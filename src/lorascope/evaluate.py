@@ -51,9 +51,11 @@ def evaluate(cfg: Config) -> dict:
     seconds = time.time() - t0
     ids = "\n".join(x.id for x in examples)
     out = default_output(cfg)
+    scored = task.scored(examples, predictions)
     result = {
         "task": e.task, "split": e.split, "checkpoint": info, "metrics": metrics,
-        "baselines": task.baselines(examples), "n_examples": len(examples),
+        # the baselines on the examples the model was scored on (SQuAD v2 skips prompts too long)
+        "baselines": task.baselines(scored), "n_examples": len(examples), "n_scored": len(scored),
         "example_ids_sha256": hashlib.sha256(ids.encode()).hexdigest(),
         "data_source": cfg.data.resolved_dir() or "huggingface-hub", "eval_seconds": seconds,
         "config": cfg.to_dict(), "provenance": provenance(),

@@ -397,6 +397,12 @@ def _task_rule(task: str) -> str:
     return TASKS[task].long_prompt_rule if task in TASKS else "skipped"
 
 
+def _scored(m: dict, n: int) -> str:
+    """How many of `n` examples metrics `m` are on: "458 of 472" where the evaluation skipped some."""
+    scored = m.get("total", m.get("n", n))  # SQuAD v2's official count; MRPC's confusion total
+    return str(n) if scored == n else f"{scored} of {n}"
+
+
 def _accuracy_section(doc: Doc, layout: RunLayout, tasks: list[str]) -> None:
     """Every evaluated model per task, the trivial baselines, the length policy and the calibration."""
     doc.h(2, "Accuracy")
@@ -410,7 +416,8 @@ def _accuracy_section(doc: Doc, layout: RunLayout, tasks: list[str]) -> None:
             ev = _load(f)
             if f.stem == "base":
                 base_ev = ev
-            rows.append([f.stem] + [_f(ev["metrics"].get(k)) for k, _ in cols] + [str(ev["n_examples"])])
+            rows.append([f.stem] + [_f(ev["metrics"].get(k)) for k, _ in cols]
+                        + [_scored(ev["metrics"], ev["n_examples"])])
             cal = ev["metrics"].get("calibration")
             if cal:
                 n_cal = cal["n"]
@@ -420,7 +427,9 @@ def _accuracy_section(doc: Doc, layout: RunLayout, tasks: list[str]) -> None:
         rows.sort(key=lambda r: (r[0] != "base", r[0]))
         if base_ev:
             for name, m in base_ev.get("baselines", {}).items():
-                rows.append([f"baseline: {name.replace('_', ' ')}"] + [_f(m.get(k)) for k, _ in cols] + [""])
+                # on the questions the models were scored on (in an evaluation older than n_scored: on all)
+                rows.append([f"baseline: {name.replace('_', ' ')}"] + [_f(m.get(k)) for k, _ in cols]
+                            + [_scored(m, base_ev["n_examples"])])
         doc.h(3, task)
         if not rows:
             doc.p("No model evaluated yet.")

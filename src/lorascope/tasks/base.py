@@ -181,6 +181,14 @@ class Task:
     def baselines(self, examples: list[Example]) -> dict[str, Any]:
         return {}
 
+    def scored(self, examples: list[Example], predictions: dict[str, Any]) -> list[Example]:
+        """The examples `evaluate` scored (all of them unless the task skips some, e.g. prompts too long).
+
+        The trivial baselines are computed on exactly these, so that a model and its baselines
+        are always compared on the same examples.
+        """
+        return examples
+
     def leak_keys(self, ex: Example) -> set[str]:
         """What must not be shared between training and held-out examples: the id and the inputs."""
         return {f"id:{ex.id}", f"input:{ex.prompt}"}

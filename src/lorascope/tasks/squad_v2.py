@@ -488,6 +488,10 @@ class SquadV2(Task):
         # no article, and so no paragraph, on both sides (questions on one paragraph are near-duplicates)
         return {f"id:{ex.id}", f"article:{ex.meta.get('title', '')}", f"context:{paragraph_key(ex.meta['context'])}"}
 
+    def scored(self, examples, predictions):
+        kept = predictions["has_answer"]  # evaluate() records every scored question here, and only those
+        return [e for e in examples if e.id in kept]
+
     def baselines(self, examples):
         arts = examples_to_articles(examples)
         return {"always_no_answer": dict(squad_metric.score_predictions(arts, {e.id: "" for e in examples}))}
