@@ -470,3 +470,68 @@ def test_a_criterion_still_to_run_counts_as_inconclusive_not_as_left_out(tmp_pat
     shutil.rmtree(run / "serve")
     t = judge(run)["tasks"]["mrpc"]
     assert t["pending"] == ["2b"] and t["verdict"] == "PASS"  # nothing (2b) says can change an "or" (2a) passes
+
+
+def _loop_t_interval(a_seeds, b_seeds, keys, groups):
+    """The t interval's variance and degrees of freedom by plain loops in float64 (textbook formulas)."""
+    parts = []
+    for seeds in (a_seeds, b_seeds):
+        k = len(seeds)
+        if k < 2:
+            continue
+        means = [sum(s[x] for x in keys) / len(keys) for s in seeds]
+        mu = sum(means) / k
+        parts.append((sum((m - mu) ** 2 for m in means) / (k - 1) / k, k - 1))
+    diff = {x: sum(s[x] for s in a_seeds) / len(a_seeds) - sum(s[x] for s in b_seeds) / len(b_seeds) for x in keys}
+    mean = sum(diff.values()) / len(keys)
+    totals: dict[str, float] = {}
+    for x in keys:
+        totals[groups[x]] = totals.get(groups[x], 0.0) + diff[x] - mean
+    g = len(totals)
+    parts.append((g / (g - 1) * sum(t * t for t in totals.values()) / len(keys) ** 2, g - 1))
+    var = sum(v for v, _ in parts)
+    return mean, var, var**2 / sum(v * v / d for v, d in parts)
+
+
+def test_t_interval_matches_a_plain_loop_and_is_wider_than_the_bootstrap_with_two_seeds():
+    from lorascope.drift.stats import t975
+    from lorascope.report.verdict import hierarchical_bootstrap, t_interval
+
+    rng = random.Random(3)
+    keys = [str(i) for i in range(300)]
+    groups = {k: str(int(k) // 6) for k in keys}  # 50 paragraphs of 6 questions
+    a = [{k: 100.0 * (rng.random() < p) for k in keys} for p in (0.72, 0.64)]  # two seeds 8 points apart
+    b = [{k: 100.0 * (rng.random() < 0.6) for k in keys} for _ in range(3)]
+    r = t_interval(a, b, groups=groups)
+    mean, var, df = _loop_t_interval(a, b, keys, groups)
+    assert r["value"] == pytest.approx(mean, abs=1e-9) and r["se"] == pytest.approx(var**0.5, rel=1e-9)
+    assert r["df"] == pytest.approx(df, rel=1e-9) and r["clusters"] == 50 and r["seeds"] == [2, 3]
+    assert r["ci_high"] - r["value"] == pytest.approx(t975(int(df)) * var**0.5, rel=1e-9)
+    assert r["value"] - r["ci_low"] == pytest.approx(r["ci_high"] - r["value"], rel=1e-9)
+    # the bootstrap over 2 seeds has half their sample variance: its interval is narrower here
+    boot = hierarchical_bootstrap(a, b, groups=groups)
+    assert boot["value"] == pytest.approx(r["value"], abs=1e-9)
+    assert (r["ci_high"] - r["ci_low"]) > 1.3 * (boot["ci_high"] - boot["ci_low"])
+    # one seed each, every question its own cluster: the variance of a paired mean, s^2 / n
+    one = t_interval([a[0]], [b[0]])
+    d = [a[0][k] - b[0][k] for k in keys]
+    m = sum(d) / len(d)
+    assert one["se"] ** 2 == pytest.approx(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d), rel=1e-9)
+    assert one["se_seeds"] == 0.0 and one["df"] == pytest.approx(len(keys) - 1)
+
+
+def test_criterion_1_is_inconclusive_where_the_bootstrap_and_the_t_interval_disagree(tmp_path):
+    from lorascope.report import judge
+
+    # two seeds each, whose accuracies differ by a few points. The bootstrap's seed level (half their sample
+    # variance, normal tails) keeps LoRA - full above -3; Student t with about 3 degrees of freedom does not
+    run = fake_run(tmp_path, full=[0.90, 0.90], lora=[0.94, 0.91], ratio=0.5)
+    acc = judge(run)["tasks"]["mrpc"]["accuracy"]
+    ci, ct = acc["bootstrap"], acc["t_interval"]
+    assert ci["ci_low"] >= -3 and ct["ci_low"] < -3 < ct["ci_high"], (ci, ct)
+    assert acc["status"] == "INCONCLUSIVE" and "the two must agree" in acc["reason"]
+    assert "by the bootstrap (PASS)" in acc["reason"] and "gives INCONCLUSIVE" in acc["reason"]
+    # where they agree the decision stands, and the reason shows both
+    run2 = fake_run(tmp_path / "b", full=[0.90], lora=[0.90], ratio=0.5)
+    acc2 = judge(run2)["tasks"]["mrpc"]["accuracy"]
+    assert acc2["status"] == "PASS" and "t interval" in acc2["reason"] and "agrees" in acc2["reason"]

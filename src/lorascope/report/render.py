@@ -380,6 +380,8 @@ def _verdict_section(doc: Doc, verdict: dict[str, Any], rank: int) -> None:
           f"method and then over evaluation clusters (unit: {', '.join(units) or 'example'})"
           + (": with 1 seed they cover the choice of evaluation examples only, not seed variance"
              if n_seeds < 2 else "")
+          + " (checked against a Student t interval with the seeds' unbiased variance and cluster-robust example "
+            "variance, Welch-Satterthwaite degrees of freedom: a decision stands only where both intervals give it)"
           + "; drift ratio, delete-a-group jackknife over prompts, plus the between-seed variance when a method "
           "has two or more seeds. Serving overhead = merged tokens/s / unmerged tokens/s - 1, median of rounds "
           "paired in time per batch size.")
