@@ -535,3 +535,17 @@ def test_criterion_1_is_inconclusive_where_the_bootstrap_and_the_t_interval_disa
     run2 = fake_run(tmp_path / "b", full=[0.90], lora=[0.90], ratio=0.5)
     acc2 = judge(run2)["tasks"]["mrpc"]["accuracy"]
     assert acc2["status"] == "PASS" and "t interval" in acc2["reason"] and "agrees" in acc2["reason"]
+
+
+def test_the_learned_column_names_the_t_interval_that_keeps_a_model_from_learned():
+    from lorascope.report.render import _not_learned
+
+    boot = {"baseline: majority class": {"value": 3.0, "ci_low": 0.5, "ci_high": 5.5},
+            "zero-shot base model": {"value": 9.0, "ci_low": 6.0, "ci_high": 12.0}}
+    t = {"baseline: majority class": {"value": 3.0, "ci_low": -1.2, "ci_high": 7.2},
+         "zero-shot base model": {"value": 9.0, "ci_low": 5.0, "ci_high": 13.0}}
+    assert _not_learned({"vs": boot, "vs_t": t, "learned": False}) == (
+        "no: vs majority class, the t interval +3.0 [-1.2, +7.2] does not exclude 0")
+    # the bootstrap itself includes 0: a plain no
+    boot_bad = dict(boot, **{"zero-shot base model": {"value": 1.0, "ci_low": -1.0, "ci_high": 3.0}})
+    assert _not_learned({"vs": boot_bad, "vs_t": t, "learned": False}) == "no"

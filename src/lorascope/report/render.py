@@ -363,7 +363,7 @@ def _verdict_section(doc: Doc, verdict: dict[str, Any], rank: int) -> None:
                                  (f"{acc['best_baseline']['name']} {acc['best_baseline']['value']:.1f}: "
                                   f"{_ci(bl)}") if bl else "-",
                                  f"{_f(acc.get('base'))}: {_ci(base_ci)}" if base_ci else "-",
-                                 "yes" if lm["learned"] else "no"])
+                                 "yes" if lm["learned"] else _not_learned(lm)])
     if learned_rows:
         doc.h(3, "Did the models learn the tasks?")
         doc.table(["task", "model", "score (mean over seeds)", "seeds", "vs best trivial baseline",
@@ -385,6 +385,17 @@ def _verdict_section(doc: Doc, verdict: dict[str, Any], rank: int) -> None:
           + "; drift ratio, delete-a-group jackknife over prompts, plus the between-seed variance when a method "
           "has two or more seeds. Serving overhead = merged tokens/s / unmerged tokens/s - 1, median of rounds "
           "paired in time per batch size.")
+
+
+def _not_learned(lm: dict) -> str:
+    """'no', and where every bootstrap interval excludes 0, the t interval that does not (verdict.t_interval)."""
+    boot_ok = all(c.get("ci_low") is not None and c["ci_low"] > 0 for c in lm["vs"].values())
+    t_bad = [(ref, c) for ref, c in (lm.get("vs_t") or {}).items() if c.get("ci_low") is None or c["ci_low"] <= 0]
+    if not (boot_ok and t_bad):
+        return "no"
+    ref, c = t_bad[0]
+    return (f"no: vs {ref.removeprefix('baseline: ')}, the t interval {_ci(c)} does not exclude 0"
+            if c.get("ci_low") is not None else "no")
 
 
 def _columns(task: str) -> list[tuple[str, str]]:
