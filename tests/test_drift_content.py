@@ -305,6 +305,22 @@ def test_a_difference_within_the_seed_noise_is_not_a_finding():
     noise = {"full": {"token_cka": {"value": 0.95}}, "lora_r8": {"token_cka": {"value": 0.05}}}
     c = judge_drift(_entry(ok, noise=noise, drifts=(0.1, 1.0)))
     assert c["status"] == "INCONCLUSIVE" and "not a finding" in c["reason"] and "full" in c["reason"]
+    # what the interval and the measures say without the floor: here they alone would pass
+    assert c["without_floor"]["status"] == "PASS"
+    assert c["without_floor"]["reason"] == judge_drift(_entry(ok, drifts=(0.1, 1.0)))["reason"]
+    # the study's MRPC case: a primary interval that reaches just above 0.8, and measures that disagree
+    mrpc = {**ok, "token_cka": (0.605, 0.408, 0.803), "token_cka_std": (0.86, 0.49, 1.22),
+            "cosine": (0.84, 0.66, 1.01), "relative_change": (0.89, 0.80, 0.99)}
+    alone = judge_drift(_entry(mrpc, drifts=(0.0848, 0.14)))
+    assert alone["reason"] == (
+        "content-token linear CKA ratio 0.605 [0.408, 0.803]: the interval straddles 0.8; the measures disagree "
+        "too: CKA of standardised features 0.86, 1 - cosine 0.84, relative change 0.89 not <= 0.8")
+    assert alone["status"] == "INCONCLUSIVE" and alone["next"] is None  # a narrower interval leaves them apart
+    floor = {"full": {"pairs": 1, "token_cka": {"value": 0.164, "ci_low": 0.158, "ci_high": 0.171}}}
+    c = judge_drift(_entry(mrpc, noise=floor, drifts=(0.0848, 0.14)))
+    assert "not a finding" in c["reason"] and c["without_floor"] == {"status": "INCONCLUSIVE",
+                                                                     "reason": alone["reason"]}
+    assert "without_floor" not in judge_drift(_entry(ok))  # only where the floor decided
     # a floor measured with an interval: below its whole interval, more prompts cannot make it a finding
     noise["full"].update(pairs=1, token_cka={"value": 0.95, "ci_low": 0.92, "ci_high": 0.98})
     c = judge_drift(_entry(ok, noise=noise, drifts=(0.1, 1.0)))  # difference 0.9 < 0.92
@@ -490,3 +506,32 @@ def _state(path):
     from safetensors.torch import load_file
 
     return load_file(path)
+
+
+def test_the_report_says_what_the_interval_and_the_measures_give_where_the_noise_floor_decided(tmp_path):
+    """The drift section judges again with this lorascope (not the drift stage's stored judgement) and, where
+    the seed noise floor made (2a) INCONCLUSIVE, adds what the primary interval and the other measures say."""
+    from lorascope.report.render import Doc, drift_sensitivity
+
+    ok = {k: (0.3, 0.2, 0.4) for k in ALL}
+    mrpc = {**ok, "token_cka": (0.605, 0.408, 0.803), "cosine": (0.84, 0.66, 1.01)}
+    e = _entry(mrpc, drifts=(0.0848, 0.14),
+               noise={"full": {"pairs": 1, "seeds": ["full_s1", "full_s2"],
+                               "token_cka": {"value": 0.164, "ci_low": 0.158, "ci_high": 0.171}}})
+    e.update(lora_seeds=["lora_r8_s0", "lora_r8_s1"], full_seeds=["full_s0", "full_s1", "full_s2"])
+    stale = {"lora": "lora_r8", "full": "full", "status": "PASS", "reason": "stored by an older lorascope",
+             "primary": "token_cka", "threshold": 0.8, "rows": []}
+    doc = Doc()
+    drift_sensitivity(doc, {"summary": {"method_ratios": [e], "criterion_2a": [stale]}}, tmp_path)
+    text = doc.markdown(tmp_path, "figures")
+    assert "stored by an older lorascope" not in text
+    assert ("Criterion 2a, lora_r8 vs full (2 and 3 seed(s)): **INCONCLUSIVE**: the difference between the "
+            "methods' content-token linear CKA drifts (0.0552) is not larger than") in text
+    assert ("Apart from the noise floor, the interval and the measures alone give INCONCLUSIVE: content-token "
+            "linear CKA ratio 0.605 [0.408, 0.803]: the interval straddles 0.8; the measures disagree too: "
+            "1 - cosine 0.84 not <= 0.8.") in text
+    assert "| 1 - cosine | 0.0848 | 0.14 | 0.84 [0.66, 1.01] | no | no |" in text
+    e["noise_floor"]["full"]["token_cka"] = {"value": 0.01}  # below the difference: no floor sentence
+    doc = Doc()
+    drift_sensitivity(doc, {"summary": {"method_ratios": [e], "criterion_2a": [stale]}}, tmp_path)
+    assert "Apart from the noise floor" not in doc.markdown(tmp_path, "figures")

@@ -41,8 +41,9 @@ def judge_drift(entry: dict[str, Any], *, threshold: float = 0.8, primary: str =
     -------
     dict with ``status``, ``reason``, ``next`` (what more measurement could decide an INCONCLUSIVE: more
     seeds or prompts, whichever the primary interval's width comes from; None for PASS, FAIL, measures that
-    disagree, and a difference below the whole interval of the seed noise floor), ``primary``, ``threshold``
-    and ``rows`` (one per measure:
+    disagree, and a difference below the whole interval of the seed noise floor), ``without_floor`` (where
+    the noise floor decided: ``{"status", "reason"}`` of the interval and the measures on their own),
+    ``primary``, ``threshold`` and ``rows`` (one per measure:
     ``measure``, ``label``, ``ratio``, ``ci_low``, ``ci_high``, ``meets`` (ratio <= threshold),
     ``confident`` (ci_high <= threshold), ``fails`` (ci_low > threshold)).
     """
@@ -89,6 +90,34 @@ def judge_drift(entry: dict[str, Any], *, threshold: float = 0.8, primary: str =
         out.update(status=status, reason=reason + seeds_note, next=next_)
         return out
 
+    def by_interval() -> tuple[str, str, str | None]:
+        """The judgement from the primary interval and the other measures alone, without the noise floor."""
+        digits = 3 if threshold in (round(p["ci_low"], 2), round(p["ci_high"], 2)) else 2  # 0.803 is not "0.80"
+        span = f"{p['ratio']:.{digits}f} [{p['ci_low']:.{digits}f}, {p['ci_high']:.{digits}f}]"
+        if p["confident"]:
+            against = [r for r in others if r["meets"] is not True]
+            if not against:
+                return "PASS", (f"{p['label']} ratio {span} <= {threshold:g}, and every other measure agrees ("
+                                + ", ".join(f"{r['label']} {r['ratio']:.2f}" for r in others) + ")"), None
+            return "INCONCLUSIVE", (f"{p['label']} ratio {span} <= {threshold:g}, but the measures disagree: "
+                                    + ", ".join(f"{r['label']} {_f(r['ratio'])}" for r in against)
+                                    + f" not <= {threshold:g}"), None
+        if p["fails"]:
+            against = [r for r in others if r["meets"] is True]
+            if not against:
+                return "FAIL", (f"{p['label']} ratio {span} > {threshold:g}, and no other measure is "
+                                f"<= {threshold:g}"), None
+            return "INCONCLUSIVE", (f"{p['label']} ratio {span} > {threshold:g}, but the measures disagree: "
+                                    + ", ".join(f"{r['label']} {r['ratio']:.2f}" for r in against)
+                                    + f" <= {threshold:g}"), None
+        reason = f"{p['label']} ratio {span}: the interval straddles {threshold:g}"
+        against = [r for r in others if r["meets"] is not None and r["meets"] != p["meets"]]
+        if against:  # more prompts or seeds could narrow the interval, but these measures would still disagree
+            reason += ("; the measures disagree too: " + ", ".join(f"{r['label']} {r['ratio']:.2f}" for r in against)
+                       + f" {'not ' if p['meets'] else ''}<= {threshold:g}")
+            return "INCONCLUSIVE", reason, None  # narrowing the interval would leave them disagreeing
+        return "INCONCLUSIVE", reason, more
+
     if p["ratio"] is None:
         return done("INCONCLUSIVE", f"the {p['label']} ratio cannot be computed "
                                     f"({(entry.get(primary) or {}).get('note', 'no value')})", more)
@@ -118,27 +147,17 @@ def judge_drift(entry: dict[str, Any], *, threshold: float = 0.8, primary: str =
             beyond = (f"; the floor is above {entry.get(own, own)}'s own mean drift from the base model ({top:.3g}), "
                       f"so no drift of the other method, not even 0, could make the difference larger than it"
                       if top is not None and (lo if lo is not None else floors[worst]) > top else "")
+            # what the interval and the measures say on their own, so the reader sees whether the floor is
+            # the only thing that keeps (2a) from a PASS or a FAIL
+            alone, alone_reason, _ = by_interval()
+            out["without_floor"] = {"status": alone, "reason": alone_reason}
             return done("INCONCLUSIVE", f"the difference between the methods' {p['label']} drifts ({diff:.3g}) is not "
                                         f"larger than the drift between two seeds of {worst} ({floors[worst]:.3g}"
                                         f"{ci}{on}): not a finding"
                         + ("; more prompts would not change that" if clear else "") + beyond,
                         None if clear or beyond else more)
-    span = f"{p['ratio']:.2f} [{p['ci_low']:.2f}, {p['ci_high']:.2f}]"
-    if p["confident"]:
-        against = [r for r in others if r["meets"] is not True]
-        if not against:
-            return done("PASS", f"{p['label']} ratio {span} <= {threshold:g}, and every other measure agrees "
-                                f"(" + ", ".join(f"{r['label']} {r['ratio']:.2f}" for r in others) + ")")
-        return done("INCONCLUSIVE", f"{p['label']} ratio {span} <= {threshold:g}, but the measures disagree: "
-                    + ", ".join(f"{r['label']} {_f(r['ratio'])}" for r in against) + f" not <= {threshold:g}")
-    if p["fails"]:
-        against = [r for r in others if r["meets"] is True]
-        if not against:
-            return done("FAIL", f"{p['label']} ratio {span} > {threshold:g}, and no other measure is "
-                                f"<= {threshold:g}")
-        return done("INCONCLUSIVE", f"{p['label']} ratio {span} > {threshold:g}, but the measures disagree: "
-                    + ", ".join(f"{r['label']} {r['ratio']:.2f}" for r in against) + f" <= {threshold:g}")
-    return done("INCONCLUSIVE", f"{p['label']} ratio {span}: the interval straddles {threshold:g}", more)
+    status, reason, next_ = by_interval()
+    return done(status, reason, next_)
 
 
 def _f(v) -> str:

@@ -641,7 +641,7 @@ def _environment_section(doc: Doc, study: dict[str, Any], cfg: dict[str, Any]) -
 
 def drift_sensitivity(doc: Doc, d: dict[str, Any], folder: Path) -> None:
     """Criterion 2a per drift measure, the seed noise floor, the token selection and the diagnostics figure."""
-    from lorascope.drift.criterion import LABELS
+    from lorascope.drift.criterion import LABELS, judge_drift
 
     sel = d.get("selection")
     if sel:
@@ -651,9 +651,15 @@ def drift_sensitivity(doc: Doc, d: dict[str, Any], folder: Path) -> None:
               + (f"; {sel['skipped_prompts']} prompt(s) skipped (no content token left after truncation)"
                  if sel.get("skipped_prompts") else "") + ".")
     summary = d["summary"]
+    tokens = (sel or {}).get("tokens", "content")
     for c, m in zip(summary.get("criterion_2a", []), summary.get("method_ratios", [])):
+        if c.get("primary", "token_cka") in m:  # judged again by this lorascope, as the verdict does
+            c = {**c, **judge_drift(m, threshold=c.get("threshold", 0.8), primary=c.get("primary", "token_cka"),
+                                    tokens=tokens)}
         doc.p(f"Criterion 2a, {c['lora']} vs {c['full']} ({len(m['lora_seeds'])} and {len(m['full_seeds'])} "
-              f"seed(s)): **{c['status']}**: {c['reason']}.")
+              f"seed(s)): **{c['status']}**: {c['reason']}."
+              + (f" Apart from the noise floor, the interval and the measures alone give "
+                 f"{c['without_floor']['status']}: {c['without_floor']['reason']}." if c.get("without_floor") else ""))
         rows = []
         for r in c["rows"]:
             mr = m.get(r["measure"], {})
