@@ -353,6 +353,38 @@ def test_the_report_gives_search_trials_intervals_and_each_selection_its_margin(
     assert f"{ep['value']:+.1f} [{ep['ci_low']:+.1f}, {ep['ci_high']:+.1f}] points over 300 examples" in text
 
 
+def test_an_unfinished_search_shows_its_finished_trials_and_selects_nothing(tmp_path):
+    """A study run in parts: a search without tune.json yet shows each finished trial with the interval computed
+    directly from its per-pair predictions, says how far it got, and neither selects a rate nor draws a curve."""
+    from lorascope.report.render import Doc, _lr_section
+    from lorascope.report.verdict import mean_interval
+
+    rng = random.Random(2)
+    labels = {f"p{i}": int(rng.random() < 0.67) for i in range(200)}
+    mdir = tmp_path / "tune" / "mrpc" / "lora"
+    pred = {k: {"label": y, "pred": y if rng.random() < 0.75 else 1 - y} for k, y in labels.items()}
+    (mdir / "lr_1.00e-03").mkdir(parents=True)
+    (mdir / "lr_1.00e-03" / "eval.predictions.json").write_text(json.dumps(pred))
+    (mdir / "lr_1.00e-03" / "eval.json").write_text("{}")
+    hits = [100.0 * (v["pred"] == v["label"]) for v in pred.values()]
+    (mdir / "lr_1.00e-03" / "validation.json").write_text(json.dumps({
+        "lr": 1e-3, "epochs": 1.0, "value": sum(hits) / len(hits), "metric": "accuracy", "state": "complete",
+        "train_dir": "/elsewhere/lr_1.00e-03/train", "train_config_hash": "x", "scoring": {}}))
+    (mdir / "lr_3.00e-03" / "train").mkdir(parents=True)  # started, interrupted before its validation.json
+    doc = Doc()
+    _lr_section(doc, tmp_path, ["mrpc"])
+    table = next(b for b in doc.blocks if b[0] == "table")
+    assert len(table[2]) == 1
+    row = table[2][0]
+    ci = mean_interval(dict(zip(pred, hits)))
+    assert row[:5] == ["mrpc", "lora", "1.0e-03", "1", f"{sum(hits) / len(hits):.1f}"]
+    assert row[5] == f"[{ci['ci_low']:.1f}, {ci['ci_high']:.1f}]" and row[7] == "search unfinished"
+    text = " ".join(b[1] for b in doc.blocks if b[0] == "p")
+    assert "mrpc / lora: 1 trial(s) finished, 1 started and not finished" in text
+    assert "selected" not in row and not any(b[0] == "fig" for b in doc.blocks)
+    assert "against its runner-up" not in text  # nothing selected, so no margin either
+
+
 def test_a_study_still_running_shows_the_criteria_on_what_it_has_and_decides_nothing(tmp_path):
     """Evaluations missing (a study run in parts): criterion (1) and the learned check on the seeds evaluated so
     far, shown but INCONCLUSIVE, and (2a) not decided either; a method with no evaluation at all: nothing shown."""

@@ -88,7 +88,7 @@ def _lr_section(doc: Doc, run_dir: Path, tasks: list[str]) -> None:
     per method with its margin over the runner-up, the curve per method and task."""
     from lorascope.report.verdict import mean_interval
 
-    rows, rules, margins = [], {}, []
+    rows, rules, margins, unfinished = [], {}, [], []
     for task in tasks:
         tune_dir = RunLayout(run_dir).tune_dir(task)
         for f in sorted(tune_dir.glob("*/tune.json")) if tune_dir.is_dir() else []:
@@ -120,6 +120,9 @@ def _lr_section(doc: Doc, run_dir: Path, tasks: list[str]) -> None:
                                           [(x, x[1] == tj["best_epochs"]) for x in counts]))
             doc.fig(f.parent / "lr_curve.png", f"{task} / {tj['method']}: validation {tj['metric']} vs learning rate"
                     + (" and vs epochs at the selected rate" if searched else ""))
+        for mdir in sorted(d for d in tune_dir.iterdir() if d.is_dir()) if tune_dir.is_dir() else []:
+            if not (mdir / "tune.json").is_file():
+                unfinished.append(_unfinished_search(task, mdir, rows, rules))
     if rows:
         blocks = [b for b in doc.blocks if b[0] == "fig" and "lr_curve" in str(b[1])]
         doc.blocks = [b for b in doc.blocks if b not in blocks]
@@ -132,6 +135,10 @@ def _lr_section(doc: Doc, run_dir: Path, tasks: list[str]) -> None:
               "Each trial is one training run at the search's seed: its interval (95 %, bootstrap over the "
               "validation examples, or their paragraphs where they share one) covers which examples were drawn, "
               "not the seed.")
+        if any(unfinished):
+            doc.p("Unfinished searches (a study run in parts): " + "; ".join(u for u in unfinished if u) + ". "
+                  "Their finished trials are shown with intervals, but no rate is selected and no curve drawn "
+                  "until every trial of the search has run.")
         lines = [m for m in margins if m]
         if lines:
             doc.p("Each selection against its runner-up (the rate among the rate trials; the epochs at the "
@@ -139,6 +146,32 @@ def _lr_section(doc: Doc, run_dir: Path, tasks: list[str]) -> None:
                   + ". An interval that includes 0 means validation could not tell the two apart; the selection "
                   "then rests on the point values.")
         doc.blocks += blocks
+
+
+def _unfinished_search(task: str, mdir: Path, rows: list, rules: dict) -> str | None:
+    """Rows for the finished trials of a search whose tune.json is not written yet (its trials so far: each
+    trial's validation.json), appended to `rows`; the sentence that says how far it got, or None if no trial
+    has started."""
+    from lorascope.report.verdict import mean_interval
+    from lorascope.tasks import get_task
+
+    started = sorted((d for d in mdir.glob("lr_*") if d.is_dir()),
+                     key=lambda d: ("_epochs_" in d.name, d.name))
+    done = [(d, _load(d / "validation.json")) for d in started if (d / "validation.json").is_file()]
+    if not started:
+        return None
+    selection_rule = get_task(task).selection_rule
+    for d, trial in done:
+        rules.setdefault(task, selection_rule or f"{trial.get('metric')} of the validation split as evaluated")
+        scores, groups, _ = (trial_scores(task, d, trial) if trial.get("value") is not None
+                             else (None, None, "example"))
+        ci = mean_interval(scores, groups=groups) if scores else None
+        e = trial.get("epochs")
+        rows.append([task, mdir.name, f"{trial['lr']:.1e}", "-" if e is None else f"{e:g}", _f(trial.get("value")),
+                     _ci_span(ci), trial.get("state", "complete"), "search unfinished"])
+    running = len(started) - len(done)
+    return (f"{task} / {mdir.name}: {len(done)} trial(s) finished"
+            + (f", {running} started and not finished" if running else ""))
 
 
 def _runner_up(label: str, entries: list) -> str | None:
