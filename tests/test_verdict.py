@@ -385,6 +385,37 @@ def test_an_unfinished_search_shows_its_finished_trials_and_selects_nothing(tmp_
     assert "against its runner-up" not in text  # nothing selected, so no margin either
 
 
+def test_an_unfinished_search_leaves_out_trials_outside_the_studys_grid(tmp_path):
+    """Trials left in the search folder by an earlier grid (another rate, or another epoch count than the study's
+    rate trials train) are counted in the sentence, not shown as this search's; without study.json all show."""
+    from lorascope.report.render import Doc, _lr_section
+
+    mdir = tmp_path / "tune" / "mrpc" / "lora"
+    pred = {f"p{i}": {"label": i % 2, "pred": i % 3 % 2} for i in range(60)}
+    for name, lr, epochs in (("lr_1.00e-03", 1e-3, 1.0), ("lr_1.00e-04", 1e-4, 1.0), ("lr_3.00e-03", 3e-3, 2.0)):
+        (mdir / name).mkdir(parents=True)
+        (mdir / name / "eval.predictions.json").write_text(json.dumps(pred))
+        (mdir / name / "eval.json").write_text("{}")
+        (mdir / name / "validation.json").write_text(json.dumps({
+            "lr": lr, "epochs": epochs, "value": 50.0, "metric": "accuracy", "state": "complete"}))
+
+    def shown():
+        doc = Doc()
+        _lr_section(doc, tmp_path, ["mrpc"])
+        rows = next(b for b in doc.blocks if b[0] == "table")[2]
+        return [r[2] for r in rows], " ".join(b[1] for b in doc.blocks if b[0] == "p")
+
+    assert shown()[0] == ["1.0e-03", "1.0e-04", "3.0e-03"]  # no study.json: nothing to check against
+    (tmp_path / "study.json").write_text(json.dumps({
+        "config": {"tune_lrs_full": [1e-5, 1e-4], "tune_lrs_lora": [1e-3, 3e-3], "tune_epochs": None,
+                   "per_task": {"squad_v2": {"tune_lrs_lora": [1e-4, 1e-2]}}},
+        "base_config": {"train": {"epochs": 1.0}}}))
+    rates, text = shown()
+    assert rates == ["1.0e-03"]
+    assert ("mrpc / lora: 1 trial(s) finished (2 other finished trial(s) not shown, outside this study's grid: "
+            "1.0e-04, 1 epoch(s), 3.0e-03, 2 epoch(s))") in text
+
+
 def test_a_study_still_running_shows_the_criteria_on_what_it_has_and_decides_nothing(tmp_path):
     """Evaluations missing (a study run in parts): criterion (1) and the learned check on the seeds evaluated so
     far, shown but INCONCLUSIVE, and (2a) not decided either; a method with no evaluation at all: nothing shown."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -122,7 +123,7 @@ def _lr_section(doc: Doc, run_dir: Path, tasks: list[str]) -> None:
                     + (" and vs epochs at the selected rate" if searched else ""))
         for mdir in sorted(d for d in tune_dir.iterdir() if d.is_dir()) if tune_dir.is_dir() else []:
             if not (mdir / "tune.json").is_file():
-                unfinished.append(_unfinished_search(task, mdir, rows, rules))
+                unfinished.append(_unfinished_search(task, mdir, rows, rules, _planned_grid(run_dir, task, mdir.name)))
     if rows:
         blocks = [b for b in doc.blocks if b[0] == "fig" and "lr_curve" in str(b[1])]
         doc.blocks = [b for b in doc.blocks if b not in blocks]
@@ -148,10 +149,37 @@ def _lr_section(doc: Doc, run_dir: Path, tasks: list[str]) -> None:
         doc.blocks += blocks
 
 
-def _unfinished_search(task: str, mdir: Path, rows: list, rules: dict) -> str | None:
+#: what a search of the study in a run folder tries: its learning rates, the epochs its rate trials train,
+#: and the epoch counts it then tries at the selected rate (None: epochs not searched)
+Grid = tuple[set[float], float | None, set[float] | None]
+
+
+def _planned_grid(run_dir: Path, task: str, method: str) -> Grid | None:
+    """The search of `method` on `task` as the study in `run_dir` plans it, from its study.json
+    (study.per_task.TASK.tune_lrs_M, else study.tune_lrs_M; tune_epochs and train.epochs likewise); None when
+    the run folder does not say."""
+    f = RunLayout(run_dir).study_file
+    try:
+        study = json.loads(f.read_text(encoding="utf-8"))
+        st = study["config"]
+        own = (st.get("per_task") or {}).get(task) or {}
+        lrs = own.get(f"tune_lrs_{method}") or st.get(f"tune_lrs_{method}")
+        epochs = own["tune_epochs"] if "tune_epochs" in own else st.get("tune_epochs")
+        base = (own.get("train") or {}).get("epochs", (study.get("base_config") or {}).get("train", {}).get("epochs"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not lrs:
+        return None
+    return ({float(x) for x in lrs}, None if base is None else float(base),
+            None if epochs is None else {float(e) for e in epochs})
+
+
+def _unfinished_search(task: str, mdir: Path, rows: list, rules: dict,
+                       grid: Grid | None = None) -> str | None:
     """Rows for the finished trials of a search whose tune.json is not written yet (its trials so far: each
     trial's validation.json), appended to `rows`; the sentence that says how far it got, or None if no trial
-    has started."""
+    has started. With `grid` (the study's rates and epoch counts for this search), a finished trial outside it
+    (left by an earlier grid; the search will not use it) is counted, not shown."""
     from lorascope.report.verdict import mean_interval
     from lorascope.tasks import get_task
 
@@ -160,6 +188,18 @@ def _unfinished_search(task: str, mdir: Path, rows: list, rules: dict) -> str | 
     done = [(d, _load(d / "validation.json")) for d in started if (d / "validation.json").is_file()]
     if not started:
         return None
+    stale = []
+    if grid is not None:
+        lrs, base_epochs, epoch_grid = grid
+
+        def planned(d: Path, t: dict) -> bool:
+            e = t.get("epochs")
+            if "_epochs_" in d.name:  # an epoch trial, at the rate the search selects (not known yet)
+                return epoch_grid is not None and e is not None and float(e) in epoch_grid
+            return (any(math.isclose(float(t["lr"]), g, rel_tol=1e-6) for g in lrs)
+                    and (base_epochs is None or e is None or math.isclose(float(e), base_epochs)))
+        stale = [t for d, t in done if not planned(d, t)]
+        done = [(d, t) for d, t in done if planned(d, t)]
     selection_rule = get_task(task).selection_rule
     for d, trial in done:
         rules.setdefault(task, selection_rule or f"{trial.get('metric')} of the validation split as evaluated")
@@ -169,9 +209,15 @@ def _unfinished_search(task: str, mdir: Path, rows: list, rules: dict) -> str | 
         e = trial.get("epochs")
         rows.append([task, mdir.name, f"{trial['lr']:.1e}", "-" if e is None else f"{e:g}", _f(trial.get("value")),
                      _ci_span(ci), trial.get("state", "complete"), "search unfinished"])
-    running = len(started) - len(done)
+    running = len(started) - len(done) - len(stale)
     return (f"{task} / {mdir.name}: {len(done)} trial(s) finished"
-            + (f", {running} started and not finished" if running else ""))
+            + (f", {running} started and not finished" if running else "")
+            + (f" ({len(stale)} other finished trial(s) not shown, outside this study's grid: "
+               + ", ".join(_trial_name(t) for t in stale) + ")" if stale else ""))
+
+
+def _trial_name(t: dict) -> str:
+    return f"{t['lr']:.1e}" + ("" if t.get("epochs") is None else f", {t['epochs']:g} epoch(s)")
 
 
 def _runner_up(label: str, entries: list) -> str | None:
