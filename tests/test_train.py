@@ -171,7 +171,9 @@ def test_a_training_that_would_not_fit_on_the_disk_is_refused_before_it_starts(t
     need = 2 * 3 * trainable + weights
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 12, 0, need - 1))
-    with pytest.raises(LorascopeError, match=r"train.output_dir .*: 0.00 GiB free on its disk, but this training "
+    from lorascope.checkpoint import DiskError
+
+    with pytest.raises(DiskError, match=r"train.output_dir .*: 0.00 GiB free on its disk, but this training "
                                              r"writes up to 0.00 GiB \(2 checkpoint\(s\) of .* GiB \(weights and "
                                              r"optimizer state\), the model, .* GiB\); free space, raise "
                                              r"train.save_every"):

@@ -192,7 +192,8 @@ class EvalArgs:
     split: str = field(default="eval", metadata={"help": "eval (MRPC dev / held-out SQuAD questions), train, or "
                                                          "validation (carved from train by data.validation_share)"})
     output: str | None = field(
-        default=None, metadata={"help": "metrics JSON path (default: CHECKPOINT/eval-TASK.json)"}
+        default=None, metadata={"help": "metrics JSON path (default: CHECKPOINT/eval-TASK-SPLIT.json; for the base "
+                                        "model runs/eval/base-MODEL-TASK.json)"}
     )
     batch_size: int = field(default=16, metadata={"help": "examples per forward pass"})
     max_new_tokens: int = field(default=32, metadata={"help": "longest generated answer (SQuAD)"})

@@ -217,7 +217,9 @@ def _check_disk(out: Path, cfg: Config, model, start_step: int, total_steps: int
         parts.append(f"the model, {weights / gib:.2f} GiB")
         if n_snap:
             parts.append(f"{n_snap} drift snapshot(s) of {weights / gib:.2f} GiB")
-        raise LorascopeError(f"train.output_dir {out}: {free / gib:.2f} GiB free on its disk, but this training "
+        from lorascope.checkpoint import DiskError  # not the user's input: exit 1, as a full disk later would
+
+        raise DiskError(f"train.output_dir {out}: {free / gib:.2f} GiB free on its disk, but this training "
                              f"writes up to {need / gib:.2f} GiB ({', '.join(parts)}); free space, raise "
                              f"train.save_every (0: no checkpoints) or use another folder")
 
