@@ -190,6 +190,30 @@ def test_a_grown_search_grid_keeps_the_finished_trials(smoke_run, tmp_path):
     assert (trials / "lr_3.00e-03" / "validation.json").is_file()
 
 
+def test_only_runs_prepare_when_a_new_run_folder_needs_it(tmp_path, pipeline_data):
+    """`--only train:...` on a new run folder: the base model is resolved first (prepare is always selected),
+    instead of the run stopping for want of it; nothing else outside the selection runs."""
+    cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    cfg["study"].update(tasks=["mrpc"], methods=["lora"], drift=False, serve=False, forgetting=False, tune_lr=False)
+    cfg["study"].pop("per_task", None)
+    f = tmp_path / "mini.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    run_dir = tmp_path / "run"
+    env = {"LORASCOPE_CACHE": str(tmp_path / "cache"), "LORASCOPE_DATA_DIR": str(pipeline_data),
+           "OMP_NUM_THREADS": "1"}
+    stage = f"train:mrpc:lora_r{cfg['lora']['rank'][0]}_s0"  # smoke.yaml sweeps ranks
+    r = run_cli("run", str(f), "--run-dir", str(run_dir), "--only", stage, "--dry-run", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert lines[0].endswith("prepare: would run") and f"{stage}: would run" in r.stdout
+    assert "would stop" not in r.stdout and lines[-1].startswith("2 stage(s) would run")
+    r = run_cli("run", str(f), "--run-dir", str(run_dir), "--only", stage, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    done = sorted(p.stem for p in (run_dir / "stages").glob("*.json")
+                  if json.loads(p.read_text()).get("finished"))
+    assert done == ["prepare", stage.replace(":", "__")]
+
+
 def test_killed_training_resumes_inside_the_pipeline(tmp_path, pipeline_data):
     cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
     cfg["lora"]["rank"] = 8

@@ -735,6 +735,12 @@ def _run_locked(study: Study, config_path: str, run_dir: Path, only, force) -> d
         handler.close()
 
 
+def _selected(s: Stage, only) -> bool:
+    """Whether --only selects stage `s`. `prepare` (resolving the base model, which every other stage needs)
+    always is: `--only tune` on a new run folder then runs, rather than stopping for want of it."""
+    return not only or _matches(s.name, only) or s.kind == "prepare"
+
+
 def _matches(stage: str, patterns) -> bool:
     return any(stage == p or stage.startswith(p + ":") for p in patterns)
 
@@ -762,7 +768,7 @@ def _run(study: Study, config_path: str, run_dir: Path, only, force) -> dict:
         h = hashes[s.name] = _stage_hash(s, hashes, records, by_name, digests)
         rec_file = RunLayout(run_dir).stage_record(s.name)
         prev = _read_record(rec_file)
-        selected = not only or _matches(s.name, only)
+        selected = _selected(s, only)
         fresh = _fresh(prev, h, s.outputs)
         if fresh and not _matches(s.name, force):
             records[s.name] = prev
@@ -916,7 +922,7 @@ def _will_run(stages: list[Stage], prior: dict[str, dict | None], only, force, d
     hashes: dict[str, str] = {}
     records: dict[str, dict] = {}
     for s in stages:
-        selected = not only or _matches(s.name, only)
+        selected = _selected(s, only)
         if any(d in out for d in s.deps):
             if selected:
                 out.add(s.name)
