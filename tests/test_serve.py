@@ -347,6 +347,42 @@ def test_natural_lengths_stop_at_eos(serve_model, adapters, small_data, tmp_path
     assert report["summary"]["rows"][0]["tokens_per_second"] > 0
 
 
+def test_time_per_output_token_counts_each_request_to_its_own_last_token(monkeypatch):
+    """transformers returns a batch together: with natural lengths a row cut at EOS after 2 tokens must not be
+    charged the decoding steps it waited for a 6-token row. A clock that ticks once per reading, so every
+    decoding step takes 1 tick: every request's time per output token is 1, whatever its length."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lorascope.serve import bench, worker
+
+    ticks = iter(range(1000))
+    monkeypatch.setattr(worker, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    eos, steps = 2, 6
+    rows = [[5, 6, 7, 8, 9, 10], [5, eos, 0, 0, 0, 0], [eos, 0, 0, 0, 0, 0], [5, 6, 7, eos, 0, 0]]
+
+    def generate(input_ids, streamer, **kw):  # the streamer contract: put() for the prompt, then per new token
+        streamer.put(input_ids)
+        for t in range(steps):
+            streamer.put(torch.tensor([r[t] for r in rows]))
+        streamer.end()
+        return torch.cat([input_ids, torch.tensor(rows)], dim=1)
+
+    eng = worker.TransformersEngine.__new__(worker.TransformersEngine)
+    eng.torch, eng.device, eng.adapters, eng.mixed_path = torch, "cpu", [], False
+    eng.tok = SimpleNamespace(pad_token_id=0, eos_token_id=eos)
+    eng.model = SimpleNamespace(generate=generate)
+    eng.output_tokens, eng.ignore_eos = steps, False
+    recs = eng.run([{"key": f"k{i}", "adapter": None, "prompt_ids": [1, 3, 4]} for i in range(len(rows))])
+    lengths = [len(r["token_ids"]) for r in recs]
+    assert lengths == [6, 2, 1, 4]  # cut after EOS
+    got = [bench.request_tpot({**r, "n_tokens": len(r["token_ids"])}) for r in recs]
+    assert got == [1.0, 1.0, None, 1.0]  # a one-token request has no time between tokens
+    assert len({r["done"] for r in recs}) == 1  # latency: the batch's, as a client of generate sees it
+    assert bench.request_tpot({"first": 2.0, "done": 9.0, "n_tokens": 8}) == 1.0  # vLLM: done is its own end
+
+
 # ---------------------------------------------------------------------------------------
 # samples, interleaving, prefill/decode apart (issue 13)
 

@@ -384,6 +384,36 @@ def test_held_out_squad_sets_share_no_article_with_training(small_data):
         drift_examples("squad_v2", data, 4)
 
 
+def test_the_per_question_always_no_answer_baseline_is_the_official_score(tiny_model, tmp_path):
+    """An answerable question whose gold answers all normalise to nothing ("The") is scored by the official
+    script as if unanswerable: an empty prediction gets F1 1 there. The per-question baseline the verdict pairs
+    with the model's scores must agree with that, and its mean with the aggregate baseline."""
+    from helpers import squad_articles
+    from lorascope.config import load_config
+    from lorascope.evaluate import evaluate
+    from lorascope.report.verdict import baseline_scores
+
+    arts = squad_articles(8, 4)
+    odd = arts["data"][0]["paragraphs"][0]["qas"][0]
+    odd["answers"] = [{"text": "the", "answer_start": arts["data"][0]["paragraphs"][0]["context"].index("the")}]
+    d = tmp_path / "data" / "squad_v2"
+    d.mkdir(parents=True)
+    (d / "dev-v2.0.json").write_text(json.dumps(arts))
+    out = tmp_path / "out.json"
+    cfg = load_config(None, ["eval.max_new_tokens=2"],
+                      **{"model.name": str(tiny_model), "data.dir": str(tmp_path / "data"), "eval.task": "squad_v2",
+                         "data.max_eval_examples": 32, "eval.output": str(out)})
+    res = evaluate(cfg)
+    per_q = baseline_scores("squad_v2", out)["always_no_answer"]
+    # a second computation, a plain loop: 100 where no gold answer has a word left after the official
+    # normalisation (lower case, no punctuation, no articles a/an/the), else 0
+    words = {qa["id"]: [a["text"].lower().replace("the", "").split() for a in qa["answers"]]
+             for art in arts["data"] for p in art["paragraphs"] for qa in p["qas"]}
+    expect = {q: 0.0 if any(words[q]) else 100.0 for q in per_q}
+    assert per_q == expect and per_q[odd["id"]] == 100.0
+    assert sum(per_q.values()) / len(per_q) == pytest.approx(res["baselines"]["always_no_answer"]["f1"])
+
+
 def test_baselines_are_scored_on_the_questions_the_model_was_scored_on(tiny_model, tmp_path):
     """Questions too long for the length policy are skipped; the always-no-answer baseline must skip
     them too, or a table puts the model on 458 questions beside its baseline on 472."""

@@ -623,8 +623,7 @@ def _closed_rounds(workers: list[_Worker], live: list[_Worker], settings: ServeS
                     "output_tokens": n_out, "tokens_per_second": n_out / msg["wall_seconds"],
                     "keys": [it["key"] for it in items],
                     "latency": [r["done"] for r in recs], "ttft": [r["first"] for r in recs],
-                    "tpot": [(r["done"] - r["first"]) / (r["n_tokens"] - 1)
-                             if r["first"] is not None and r["n_tokens"] > 1 else None for r in recs],
+                    "tpot": [request_tpot(r) for r in recs],
                     "peak_rss_bytes": msg["peak_rss_bytes"], "peak_pss_bytes": msg["peak_pss_bytes"],
                     "device_used_bytes": msg.get("device_used_bytes")})
                 schedule.append({"seq": len(schedule), "config": wk.name, "batch_size": bs, "round": k,
@@ -1061,6 +1060,15 @@ def _agreement(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, An
 
 # a percentile is printed only where the samples support it (the nearest rank needs n >= 1 / (1 - q))
 MIN_SAMPLES = {"p50": 1, "p95": 20, "p99": 100}
+def request_tpot(r: dict[str, Any]) -> float | None:
+    """Time per output token of one request: from its first to its own last token, over the tokens between
+    (`last`, where the engine records it apart from `done`: transformers returns a batch together, so a row cut
+    at EOS would otherwise be charged the steps it waited for the others). None: one token, or no first token."""
+    if r.get("first") is None or r["n_tokens"] < 2:
+        return None
+    return (r.get("last", r["done"]) - r["first"]) / (r["n_tokens"] - 1)
+
+
 METRICS = (("latency", "request latency"), ("ttft", "time to first token"), ("tpot", "time per output token"))
 
 
@@ -1325,8 +1333,7 @@ def open_loop_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             arrivals = [x["arrival"] for x in run["records"]]
             lat = [x["done"] - x["arrival"] for x in recs]
             ttft = [x["first"] - x["arrival"] for x in recs if x["first"] is not None]
-            tpot = [(x["done"] - x["first"]) / (x["n_tokens"] - 1) for x in recs
-                    if x["first"] is not None and x["n_tokens"] > 1]
+            tpot = [t for t in map(request_tpot, recs) if t is not None]
             span = max(arrivals) - min(arrivals)
             arrival_rate = (len(arrivals) - 1) / span if span > 0 else None
             completed_rate = len(recs) / (max(x["done"] for x in recs) - min(arrivals))

@@ -382,8 +382,12 @@ class TransformersEngine:
         for it, row in zip(items, out[:, ids.shape[1]:].tolist()):
             if not self.ignore_eos and tok.eos_token_id in row:
                 row = row[:row.index(tok.eos_token_id) + 1]
-            # a batch finishes together in `generate`: every request's latency is the batch's
-            recs.append({"key": it["key"], "adapter": it["adapter"], "first": first, "done": done, "token_ids": row})
+            # a batch finishes together in `generate`: every request's latency is the batch's; its own last token
+            # (stamps[k]: the k-th new token) times its decoding, so that a row cut at EOS is not charged the
+            # steps it waited for the others
+            last = stamps[len(row)] - t0 if 1 <= len(row) < len(stamps) else done
+            recs.append({"key": it["key"], "adapter": it["adapter"], "first": first, "done": done, "last": last,
+                         "token_ids": row})
         return recs
 
     def profile(self, items: list[dict[str, Any]], reps: int) -> dict[str, Any]:
@@ -545,7 +549,8 @@ def serve_loop(spec: dict[str, Any], commands, replies) -> int:
         recs = engine.run(cmd["items"])
         wall = time.perf_counter() - t0
         reply({"event": "batch", "t_start": t_wall, "wall_seconds": wall,
-               "records": [{"first": r["first"], "done": r["done"], "n_tokens": len(r["token_ids"])} for r in recs],
+               "records": [{"first": r["first"], "done": r["done"], "last": r.get("last", r["done"]),
+                            "n_tokens": len(r["token_ids"])} for r in recs],
                "peak_rss_bytes": mem.peak, "peak_pss_bytes": mem.peak_pss, "device_used_bytes": device_used_bytes()})
     mem.stop()
     mem.sample(pss=True)

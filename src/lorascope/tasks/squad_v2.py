@@ -163,9 +163,12 @@ class SquadV2(Task):
         return None, "question (this evaluation recorded no paragraphs: the interval is too narrow)"
 
     def baseline_scores(self, pred):
+        if "no_answer_f1" in pred:  # the official F1 of an empty prediction, per question, as evaluated
+            return {"always_no_answer": {k: 100.0 * v for k, v in pred["no_answer_f1"].items()}}
         if "has_answer" not in pred:
             return {}
-        # the official F1 of an empty prediction: 1 on unanswerable questions, 0 on answerable ones
+        # files written before no_answer_f1 was recorded: 1 on unanswerable questions, 0 on answerable ones (the
+        # official score too, unless every gold answer of a question normalises to nothing: none in SQuAD v2 dev)
         return {"always_no_answer": {k: 0.0 if has else 100.0 for k, has in pred["has_answer"].items()}}
 
     def prepare_eval(self, model, tok, cfg, examples, kwargs):
@@ -453,13 +456,14 @@ class SquadV2(Task):
         metrics["no_answer_signal"] = no_answer_signal
         metrics["no_answer_threshold"] = no_answer_threshold
         _, f1 = squad_metric.raw_scores(arts, preds)  # per question, for paired comparisons of models
+        _, f1_none = squad_metric.raw_scores(arts, {e.id: "" for e in kept})  # always-no-answer, officially scored
         return metrics, {"predictions": preds, "generated": raw, "answers": answers, "no_answer_margin": margins,
                          "answer_nll": nll, "no_answer_signal": no_answer_signal,
                          "no_answer_threshold": no_answer_threshold, "scores": f1,
                          # for intervals: questions cluster by paragraph; the always-no-answer baseline per question
                          "paragraph": {e.id: paragraph_key(e.meta["context"]) for e in kept},
                          "article": {e.id: e.meta.get("title", "") for e in kept},
-                         "has_answer": {e.id: bool(e.meta["answers"]) for e in kept}}
+                         "has_answer": {e.id: bool(e.meta["answers"]) for e in kept}, "no_answer_f1": f1_none}
 
     def calibration_examples(self, data, evaluated: list[Example], n: int) -> list[Example]:
         """`n` held-out questions for tuning the no-answer threshold, sharing no paragraph with `evaluated`.
