@@ -215,6 +215,39 @@ def test_serving_2b_is_decided_by_the_paired_intervals():
     assert s["status"] == "PASS" and "no intervals" in s["reason"]
 
 
+def test_recommendation_claims_no_more_than_the_verdict():
+    """(1) bounds how far LoRA falls behind: "at most 3 points below", and an overall verdict that (1) alone does
+    not carry is named; a task not evaluated yet is "not measured", not INCONCLUSIVE; memory advice only from a
+    measured multi-adapter engine."""
+    from lorascope.report.verdict import recommend, serving_2b
+
+    cfg = {"accuracy_margin": 3.0, "max_serving_overhead": 0.3}
+    serving = {"max": 0.8, "engine": "vllm"}
+    text = recommend({"mrpc": {"accuracy": {"status": "PASS"}, "verdict": "INCONCLUSIVE", "serving": serving},
+                      "squad_v2": {"verdict": "INCONCLUSIVE"}}, 8, cfg)
+    assert ("LoRA r=8 is at most 3 points below full fine-tuning on mrpc (criterion 1; the task's overall verdict is "
+            "INCONCLUSIVE on mrpc: see (2a) and (2b))") in text
+    assert "for squad_v2: criterion (1) is not measured there yet" in text and "within 3 points" not in text
+    assert "was not measured here (study.serve.modes without multi)" in text and "does not fit in memory" not in text
+    serving["multi_memory"] = {"ratio": 0.6, "multi_mib": 600.0, "merged_alternative_mib": 1000.0}
+    text = recommend({"mrpc": {"accuracy": {"status": "PASS"}, "verdict": "PASS", "serving": serving}}, 8, cfg)
+    assert text.endswith("one engine with every task's adapter took 600 MiB against 1000 MiB for a merged copy per "
+                         "task (0.60x): keep them unmerged where that memory matters more.")
+    assert "overall verdict" not in text
+    serving["multi_memory"]["ratio"] = 1.1
+    text = recommend({"mrpc": {"serving": serving}}, 8, cfg)
+    assert "no less than 1000 MiB for a merged copy per task (1.10x)" in text
+    # from a serve.json: bench.py's multi-vs-merged comparison, read as it wrote it
+    serve = {"settings": {"engine": "vllm"}, "summary": {"rows": [
+        {"config": "unmerged:mrpc", "batch_size": 1, "overhead": 0.8, "expected_overhead_flops": 0.02}],
+        "memory": {"multi": {"peak_pss_mib": 650.0, "peak_rss_mib": 700.0}, "merged_alternative_mib": 1300.0,
+                   "multi_vs_merged_alternative": 0.5}}}
+    assert serving_2b(serve, "mrpc", 0.3)["multi_memory"] == {"ratio": 0.5, "multi_mib": 650.0,
+                                                              "merged_alternative_mib": 1300.0}
+    del serve["summary"]["memory"]
+    assert "multi_memory" not in serving_2b(serve, "mrpc", 0.3)
+
+
 def test_recommendation_says_whether_the_serving_overhead_is_arithmetic_or_implementation():
     from lorascope.report.verdict import recommend, serving_2b
 

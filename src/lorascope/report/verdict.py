@@ -366,6 +366,11 @@ def serving_2b(serve: dict[str, Any], task: str, max_overhead: float) -> dict[st
     out = {"engine": serve["settings"]["engine"], "overheads": {x["batch_size"]: x["overhead"] for x in rows},
            "max": worst["overhead"], "max_at_batch": worst["batch_size"], "min": min(x["overhead"] for x in rows),
            "flop_limit": worst["expected_overhead_flops"]}
+    mem = serve["summary"].get("memory") or {}
+    if mem.get("multi_vs_merged_alternative") is not None:  # one engine, every adapter, vs a merged copy per task
+        out["multi_memory"] = {"ratio": mem["multi_vs_merged_alternative"], "multi_mib": (
+            mem["multi"].get("peak_pss_mib") or mem["multi"].get("peak_rss_mib")),
+            "merged_alternative_mib": mem["merged_alternative_mib"]}
     where = f"worst median {worst['overhead']:+.0%} at batch {worst['batch_size']}"
     if all(x.get("overhead_ci_low") is not None and x.get("overhead_ci_high") is not None for x in rows):
         cov = min((x.get("overhead_ci_coverage") or 0.0) for x in rows)
@@ -560,18 +565,38 @@ def headline(tasks: dict[str, Any]) -> str:
     return line + (f". To decide, run: {'; '.join(nexts)}" if nexts else "")
 
 
+def _memory_clause(serving: dict[str, Any]) -> str:
+    """What keeping adapters unmerged saves in memory, as measured (the multi mode), or that it was not."""
+    m = next((s["multi_memory"] for s in serving.values() if s.get("multi_memory")), None)
+    if m is None:
+        return ("; what unmerged adapters save in memory (every task's adapter on one base model) was not measured "
+                "here (study.serve.modes without multi)")
+    took = f"; one engine with every task's adapter took {m['multi_mib']:.0f} MiB"
+    alt = f"{m['merged_alternative_mib']:.0f} MiB for a merged copy per task ({m['ratio']:.2f}x)"
+    if m["ratio"] < 1:
+        return f"{took} against {alt}: keep them unmerged where that memory matters more"
+    return f"{took}, no less than {alt}"
+
+
 def recommend(tasks: dict[str, Any], rank: int, cfg: dict[str, Any]) -> str:
     """A plain-language recommendation that claims no more than the criteria decided."""
     parts = []
-    undecided = [k for k, t in tasks.items() if t.get("accuracy", {}).get("status", INCONCLUSIVE) == INCONCLUSIVE]
+    absent = [k for k, t in tasks.items() if "accuracy" not in t]
+    undecided = [k for k, t in tasks.items() if t.get("accuracy", {}).get("status") == INCONCLUSIVE]
+    if absent:
+        parts.append(f"no recommendation on accuracy or drift for {', '.join(absent)}: criterion (1) is not "
+                     f"measured there yet")
     if undecided:
         parts.append(f"no recommendation on accuracy or drift for {', '.join(undecided)}: criterion (1) is "
                      f"INCONCLUSIVE there")
     passed = [k for k, t in tasks.items() if t.get("accuracy", {}).get("status") == PASS]
     failed = [k for k, t in tasks.items() if t.get("accuracy", {}).get("status") == FAIL]
-    if passed:
-        parts.append(f"LoRA r={rank} is within {cfg['accuracy_margin']:g} points of full fine-tuning on "
-                     f"{', '.join(passed)}")
+    if passed:  # the criterion bounds how far LoRA falls behind, not how far ahead it may be
+        open_ = [k for k in passed if tasks[k]["verdict"] != PASS]
+        parts.append(f"LoRA r={rank} is at most {cfg['accuracy_margin']:g} points below full fine-tuning on "
+                     f"{', '.join(passed)} (criterion 1"
+                     + (f"; the task's overall verdict is {tasks[open_[0]]['verdict']} on {', '.join(open_)}: see "
+                        f"(2a) and (2b)" if open_ else "") + ")")
     if failed:
         parts.append(f"LoRA r={rank} falls more than {cfg['accuracy_margin']:g} points behind full fine-tuning on "
                      f"{', '.join(failed)}: prefer full fine-tuning there, or try a higher rank")
@@ -598,7 +623,6 @@ def recommend(tasks: dict[str, Any], rank: int, cfg: dict[str, Any]) -> str:
                          f"choose the adapter per request")
         else:
             parts.append(f"serving adapters unmerged costs up to {worst:.0%} in {engine} on this hardware: merge them "
-                         f"where latency or throughput matters, and keep them unmerged only where one model copy per "
-                         f"task does not fit in memory")
+                         f"where latency or throughput matters" + _memory_clause(serving))
     return "; ".join(parts) + "." if parts else "not enough results for a recommendation."
 
