@@ -101,7 +101,10 @@ def test_smoke_study_writes_every_stage_and_the_report(smoke_run):
     assert cal["f1"] == max(c["f1"] for c in cal["per_signal"].values())
     assert ev["metrics"]["no_answer_signal"] == cal["signal"]
     words = {"first_token": "no-answer margin", "answer_nll": "answer NLL"}[cal["signal"]]
-    assert f"lora_r8_s0: {words} > {cal['threshold']:+.2f} (F1 {ev['metrics']['greedy']['f1']:.1f}" in md
+    assert (f"lora_r8_s0: {words} > {cal['threshold']:+.2f} (on the evaluated questions greedy decoding's own choice "
+            f"would score F1 {ev['metrics']['greedy']['f1']:.1f}; on the held-out questions F1 {cal['f1']:.1f}, "
+            f"greedy decoding's own choice {cal['f1_greedy']:.1f}, abstaining on {cal['abstained']} of "
+            f"{cal['n']}") in md
     # figures: copied beside the Markdown, embedded in the HTML (self-contained: no external source)
     figs = list((run_dir / "report" / "figures").glob("*.png"))
     assert len(figs) >= 2 * 3 + 2 * 3  # drift (2 per task), spectra, serving (3 per rank)
@@ -127,6 +130,17 @@ def test_smoke_study_is_inconclusive_on_both_tasks_and_says_why(smoke_run):
         assert not all(m["learned"] for m in t["accuracy"]["learned"].values())
     assert "no recommendation on accuracy or drift for mrpc, squad_v2" in verdict["recommendation"]
     assert "less forgetting" not in md and "moves the hidden states" not in md
+    # the drift section never shows another (2a) than the verdict's as if it were the verdict: the one in bold is
+    # the verdict's, and the drift rule's own result, where it differs, is labelled as such
+    paras = [x for x in md.split("\n\n") if x.startswith("Criterion 2a, ")]
+    assert len(paras) == 4  # two tasks, ranks 4 and 8; the verdict judges rank 8
+    for p in paras:
+        rule = p.split("seed(s))", 1)[1]
+        if p.startswith("Criterion 2a, lora_r8 vs full"):
+            assert p.count("**") == 2 and "**INCONCLUSIVE**" in p
+            assert rule.startswith(": **INCONCLUSIVE**") or rule.startswith(", the drift rule alone: ")
+        else:
+            assert "**" not in p and rule.startswith(", the drift rule alone (the verdict judges lora_r8): ")
 
 
 def test_rerun_skips_everything_and_report_rerenders(smoke_run):

@@ -267,10 +267,10 @@ class Doc:
                 out.append("#" * b[1] + " " + b[2])
             elif b[0] == "p":
                 out.append(b[1])
-            elif b[0] == "table":
-                out.append("| " + " | ".join(b[1]) + " |")
+            elif b[0] == "table":  # a "|" inside a cell (||dW||_F) would split it: escaped
+                out.append("| " + " | ".join(c.replace("|", "\\|") for c in b[1]) + " |")
                 out.append("|" + "---|" * len(b[1]))
-                out += ["| " + " | ".join(r) + " |" for r in b[2]]
+                out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in b[2]]
             elif b[0] == "fig":
                 name = "-".join(b[1].parts[-3:])
                 shutil.copyfile(b[1], fig_dir / name)
@@ -374,7 +374,7 @@ def _render(run_dir: Path, study: dict[str, Any], layout: RunLayout, interim_dir
     _lr_section(doc, run_dir, tasks)
 
     _accuracy_section(doc, layout, tasks)
-    _drift_section(doc, layout, tasks)
+    _drift_section(doc, layout, tasks, verdict)
     _weights_section(doc, layout, tasks)
     _forgetting_section(doc, layout, tasks, cfg)
     _serving_section(doc, layout)
@@ -451,8 +451,10 @@ def _verdict_section(doc: Doc, verdict: dict[str, Any], rank: int) -> None:
               "baseline and the zero-shot base model exclude 0. Criteria (1) and (2a) compare only models that "
               "learned the task; otherwise they are INCONCLUSIVE.")
     units = sorted({t["accuracy"].get("unit", "example") for t in verdict["tasks"].values() if "accuracy" in t})
-    counts = sorted({len(t.get("seeds", verdict["seeds"])) for t in verdict["tasks"].values()}) or [
-        len(verdict["seeds"])]
+    # the seeds behind the intervals shown: those evaluated (a study in parts has not evaluated all it plans)
+    counts = sorted({n for t in verdict["tasks"].values() if isinstance(t.get("accuracy", {}).get("seeds"), dict)
+                     for n in t["accuracy"]["seeds"].values()}) or sorted(
+        {len(t.get("seeds", verdict["seeds"])) for t in verdict["tasks"].values()}) or [len(verdict["seeds"])]
     n_seeds = counts[0]
     doc.p(f"Intervals: accuracy, hierarchical bootstrap ({RESAMPLES} resamples) over the "
           f"{' or '.join(map(str, counts))} seed(s) of each "
@@ -462,8 +464,11 @@ def _verdict_section(doc: Doc, verdict: dict[str, Any], rank: int) -> None:
           + " (checked against a Student t interval with the seeds' unbiased variance and cluster-robust example "
             "variance, Welch-Satterthwaite degrees of freedom: a decision stands only where both intervals give it)"
           + "; drift ratio, delete-a-group jackknife over prompts, plus the between-seed variance when a method "
-          "has two or more seeds. Serving overhead = merged tokens/s / unmerged tokens/s - 1, median of rounds "
-          "paired in time per batch size.")
+          "has two or more seeds. Serving overhead: per round, merged tokens/s / unmerged tokens/s - 1, the two "
+          "arms timed back to back on the same prompts; the median over rounds per batch size, with an "
+          "order-statistic interval (the tokens/s columns pool all rounds, so their ratio need not equal the "
+          "median). FLOP limit: the unmerged adapter's extra matrix arithmetic per token relative to the base "
+          "model's (2r(d_in + d_out) per adapted matrix): the overhead if time followed the arithmetic.")
 
 
 def _not_learned(lm: dict) -> str:
@@ -514,8 +519,14 @@ def _accuracy_section(doc: Doc, layout: RunLayout, tasks: list[str]) -> None:
             if cal:
                 n_cal = cal["n"]
                 signal = cal.get("signal", "first_token")
+                held = (f"; on the held-out questions F1 {_f(cal.get('f1'))}, greedy decoding's own choice "
+                        f"{_f(cal.get('f1_greedy', cal.get('f1_at_0')))}" if cal.get("f1") is not None else "")
+                if cal.get("abstained") is not None:
+                    held += f", abstaining on {cal['abstained']} of {cal['n']}" + (
+                        " (the rule is always-no-answer)" if cal["abstained"] == cal["n"] else "")
                 calibrated.append(f"{f.stem}: {_SIGNAL_WORDS.get(signal, signal)} > {cal['threshold']:+.2f} "
-                                  f"(F1 {_f(ev['metrics']['greedy'].get('f1'))} with greedy decoding's choice)")
+                                  f"(on the evaluated questions greedy decoding's own choice would score F1 "
+                                  f"{_f(ev['metrics']['greedy'].get('f1'))}{held})")
         rows.sort(key=lambda r: (r[0] != "base", r[0]))
         if base_ev:
             for name, m in base_ev.get("baselines", {}).items():
@@ -545,8 +556,9 @@ def _accuracy_section(doc: Doc, layout: RunLayout, tasks: list[str]) -> None:
                   + "; ".join(calibrated) + ".")
 
 
-def _drift_section(doc: Doc, layout: RunLayout, tasks: list[str]) -> None:
-    """Drift per model and task, its figures and the per-measure sensitivity table."""
+def _drift_section(doc: Doc, layout: RunLayout, tasks: list[str], verdict: dict[str, Any] | None = None) -> None:
+    """Drift per model and task, its figures and the per-measure sensitivity table. `verdict`: the study's, whose
+    (2a) the sensitivity paragraph names where the drift rule alone says otherwise."""
     doc.h(2, "Drift of the hidden states")
     for task in tasks:
         d = _load(layout.drift(task) / "drift.json")
@@ -561,12 +573,16 @@ def _drift_section(doc: Doc, layout: RunLayout, tasks: list[str]) -> None:
             tc, ec = m["token_cka_drift"], m.get("example_cka_drift", {})
             rows.append([name, f"{tc['value']:.2e} [{tc['ci_low']:.2e}, {tc['ci_high']:.2e}]",
                          _f(ec.get("value"), ".2e"), _f(m.get("cosine_drift", {}).get("value"), ".4f")])
-        doc.table(["model", "1 - token CKA (mean over layers)", "1 - example CKA", "1 - cosine"], rows)
+        doc.table(["model", "1 - token CKA (mean over layers) [95% CI]", "1 - example CKA", "1 - cosine"], rows)
+        groups = (d.get("config") or {}).get("jackknife_groups")
         doc.p(f"{d['n_examples']} held-out prompts, {d['n_tokens']} tokens; states: embedding and each decoder "
-              f"layer ({'the last includes' if d.get('final_norm_included') else 'before'} the final norm).")
+              f"layer ({'the last includes' if d.get('final_norm_included') else 'before'} the final norm). Each "
+              f"model's interval: delete-a-group jackknife over the prompts"
+              + (f" ({groups} groups)" if groups else "") + ", this model (one seed) against the base model; "
+              "the seeds' spread enters only the ratio's interval below.")
         doc.fig(layout.drift(task) / "cka_vs_layer.png", f"{task}: linear CKA with the base model per layer")
         doc.fig(layout.drift(task) / "cosine_vs_layer.png", f"{task}: cosine similarity with the base per layer")
-        drift_sensitivity(doc, d, layout.drift(task))
+        drift_sensitivity(doc, d, layout.drift(task), ((verdict or {}).get("tasks", {}).get(task) or {}).get("drift"))
 
 
 def _weights_section(doc: Doc, layout: RunLayout, tasks: list[str]) -> None:
@@ -586,7 +602,12 @@ def _weights_section(doc: Doc, layout: RunLayout, tasks: list[str]) -> None:
                 rows.append([model, mt, _f(s["fro_norm_mean"], ".3f"), _f(s["effective_rank_mean"]),
                              _f(s["stable_rank_mean"], ".2f"), _f(s["top8_energy_mean"], ".2f"),
                              str(s["intruders_total"])])
-        doc.table(["model", "module", "||dW||_F", "effective rank", "stable rank", "top-8 energy", "intruders"], rows)
+        doc.table(["model", "module", "||dW||_F (mean over layers)", "effective rank (mean)", "stable rank (mean)",
+                   "top-8 energy (mean)", "intruders (sum over layers)"], rows)
+        methods = w.get("methods") or {}
+        if methods:
+            doc.p("dW: " + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in methods.items()) + ". One model "
+                  "(one seed) each; no interval.")
         doc.fig(layout.weights(task) / "weight_spectra.png", f"{task}: singular value spectra of the updates")
 
 
@@ -718,8 +739,16 @@ def _environment_section(doc: Doc, study: dict[str, Any], cfg: dict[str, Any]) -
                         "seeds": study["seeds"], "task_seeds": study.get("task_seeds")}, indent=2))
 
 
-def drift_sensitivity(doc: Doc, d: dict[str, Any], folder: Path) -> None:
-    """Criterion 2a per drift measure, the seed noise floor, the token selection and the diagnostics figure."""
+def _near(x: float, threshold: float) -> str:
+    """Two decimals, or three where two would round onto the threshold (0.803 is not 0.80 against 0.8)."""
+    two = f"{x:.2f}"
+    return f"{x:.3f}" if float(two) == round(threshold, 2) and x != threshold else two
+
+
+def drift_sensitivity(doc: Doc, d: dict[str, Any], folder: Path, decided: dict[str, Any] | None = None) -> None:
+    """Criterion 2a per drift measure, the seed noise floor, the token selection and the diagnostics figure.
+    `decided`: the verdict's (2a) of this task, which also asks that both models learned the task (and that the
+    study's parts are all in): where it differs from the drift rule alone, the paragraph says so."""
     from lorascope.drift.criterion import LABELS, judge_drift
 
     sel = d.get("selection")
@@ -735,18 +764,28 @@ def drift_sensitivity(doc: Doc, d: dict[str, Any], folder: Path) -> None:
         if c.get("primary", "token_cka") in m:  # judged again by this lorascope, as the verdict does
             c = {**c, **judge_drift(m, threshold=c.get("threshold", 0.8), primary=c.get("primary", "token_cka"),
                                     tokens=tokens)}
+        other_rank = decided is not None and decided.get("lora", c["lora"]) != c["lora"]
+        differs = decided is not None and decided.get("status") != c["status"]
+        if other_rank:  # the verdict is about another rank: this pair's rule result, not in bold
+            judged = f", the drift rule alone (the verdict judges {decided['lora']}): {c['status']}: {c['reason']}"
+        elif differs:
+            judged = (f", the drift rule alone: {c['status']}: {c['reason']}. The verdict's (2a) is "
+                      f"**{decided['status']}**: {decided['reason']}")
+        else:
+            judged = f": **{c['status']}**: {c['reason']}"
         doc.p(f"Criterion 2a, {c['lora']} vs {c['full']} ({len(m['lora_seeds'])} and {len(m['full_seeds'])} "
-              f"seed(s)): **{c['status']}**: {c['reason']}."
+              f"seed(s))" + judged + "."
               + (f" Apart from the noise floor, the interval and the measures alone give "
                  f"{c['without_floor']['status']}: {c['without_floor']['reason']}." if c.get("without_floor") else ""))
         rows = []
         for r in c["rows"]:
             mr = m.get(r["measure"], {})
-            ci = "" if r["ci_low"] is None else f" [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+            t = c["threshold"]
+            ci = "" if r["ci_low"] is None else f" [{_near(r['ci_low'], t)}, {_near(r['ci_high'], t)}]"
             rows.append([r.get("label", LABELS.get(r["measure"], r["measure"]))
                          + (" (primary)" if r["measure"] == c["primary"] else ""),
                          _f(mr.get("lora_drift"), ".3g"), _f(mr.get("full_drift"), ".3g"),
-                         ("n/a" if r["ratio"] is None else f"{r['ratio']:.2f}") + ci,
+                         ("n/a" if r["ratio"] is None else _near(r["ratio"], c["threshold"])) + ci,
                          {True: "yes", False: "no", None: "n/a"}[r["meets"]],
                          {True: "yes", False: "no", None: "n/a"}[r["confident"]]])
         doc.table(["drift measure", "LoRA drift", "full drift", "ratio LoRA / full (95%)",
@@ -759,7 +798,14 @@ def drift_sensitivity(doc: Doc, d: dict[str, Any], folder: Path) -> None:
     if pooled:  # study.drift.per_model: say how the models were measured, and which seed pairs give the floor
         doc.p(f"Measured in parts: {pooled}.")
     if (folder / "ratio_vs_layer.png").is_file():
-        doc.fig(folder / "ratio_vs_layer.png", "drift ratio LoRA / full per layer, for every measure")
+        pair = next(iter(summary.get("ratios") or []), None)  # what plot_ratio_by_layer draws
+        pooled_seeds = [(len(x.get("lora_seeds", [])), len(x.get("full_seeds", [])))
+                        for x in summary.get("method_ratios", [])]
+        several = any(a > 1 or b > 1 for a, b in pooled_seeds)
+        doc.fig(folder / "ratio_vs_layer.png", "drift ratio LoRA / full per layer, for every measure"
+                + (f" ({pair['lora']} / {pair['full']}" + (
+                    f": one checkpoint pair; criterion 2a pools {pooled_seeds[0][0]} and {pooled_seeds[0][1]} "
+                    f"seed(s)" if several else "") + ")" if pair else ""))
     if (folder / "diagnostics.png").is_file():
         doc.fig(folder / "diagnostics.png", "why token statistics over all tokens mislead: the base model's Gram "
                                             "energy by token kind, and the variance share of the largest features")
