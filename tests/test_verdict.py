@@ -645,3 +645,10 @@ def test_the_learned_column_names_the_t_interval_that_keeps_a_model_from_learned
     # the bootstrap itself includes 0: a plain no
     boot_bad = dict(boot, **{"zero-shot base model": {"value": 1.0, "ci_low": -1.0, "ci_high": 3.0}})
     assert _not_learned({"vs": boot_bad, "vs_t": t, "learned": False}) == "no"
+
+
+def test_a_ratio_that_two_digits_would_round_onto_the_threshold_gets_a_third():
+    """0.803 against 0.8 must not read "0.80" beside "no, not within 0.8"."""
+    from lorascope.report.render import _near
+
+    assert [_near(x, 0.8) for x in (0.803, 0.7951, 0.6049, 0.8, 0.805)] == ["0.803", "0.795", "0.60", "0.80", "0.81"]
