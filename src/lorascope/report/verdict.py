@@ -592,11 +592,12 @@ def recommend(tasks: dict[str, Any], rank: int, cfg: dict[str, Any]) -> str:
     passed = [k for k, t in tasks.items() if t.get("accuracy", {}).get("status") == PASS]
     failed = [k for k, t in tasks.items() if t.get("accuracy", {}).get("status") == FAIL]
     if passed:  # the criterion bounds how far LoRA falls behind, not how far ahead it may be
-        open_ = [k for k in passed if tasks[k]["verdict"] != PASS]
+        open_ = [f"{tasks[k].get('verdict', INCONCLUSIVE)} on {k}" for k in passed
+                 if tasks[k].get("verdict", INCONCLUSIVE) != PASS]
         parts.append(f"LoRA r={rank} is at most {cfg['accuracy_margin']:g} points below full fine-tuning on "
                      f"{', '.join(passed)} (criterion 1"
-                     + (f"; the task's overall verdict is {tasks[open_[0]]['verdict']} on {', '.join(open_)}: see "
-                        f"(2a) and (2b)" if open_ else "") + ")")
+                     + (f"; the task's overall verdict is {', '.join(open_)}: see (2a) and (2b)" if open_ else "")
+                     + ")")
     if failed:
         parts.append(f"LoRA r={rank} falls more than {cfg['accuracy_margin']:g} points behind full fine-tuning on "
                      f"{', '.join(failed)}: prefer full fine-tuning there, or try a higher rank")
