@@ -484,16 +484,21 @@ def test_a_study_still_running_shows_the_criteria_on_what_it_has_and_decides_not
     v = judge(run)
     assert v["overall"].endswith(f"To decide, run: {FINISH}") and "moves the hidden states" not in v["recommendation"]
     (d / "full_s0.json").unlink()  # no full fine-tuning evaluated yet: nothing to compare
-    acc = judge(run)["tasks"]["mrpc"]["accuracy"]
+    v = judge(run)
+    acc = v["tasks"]["mrpc"]["accuracy"]
     assert acc["reason"] == "evaluations missing: full_s0, full_s1" and "interim" not in acc and "diff" not in acc
+    from lorascope.report.render import Doc, _verdict_section
+
+    doc = Doc()
+    _verdict_section(doc, v, 8)
+    row = next(b for b in doc.blocks if b[0] == "table")[2][0]
+    assert row[2] == f"LoRA {lora:.1f} vs full not evaluated yet; seeds 0 full, 2 LoRA"  # named, not "-"
     for f in d.glob("lora_r8_s*.json"):  # no tuned model evaluated at all: (1) has a row that says so
         f.unlink()
     v = judge(run)
     t = v["tasks"]["mrpc"]
     assert "accuracy" not in t and t["accuracy_absent"].startswith("not measured: no tuned model")
     assert t["verdict"] == "INCONCLUSIVE" and t["reason"] == "no evaluation of the tuned models"
-    from lorascope.report.render import Doc, _verdict_section
-
     doc = Doc()
     _verdict_section(doc, v, 8)
     table = next(b for b in doc.blocks if b[0] == "table")

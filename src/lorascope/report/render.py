@@ -28,6 +28,10 @@ def _load(p: Path) -> Any:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
+def _score_or_missing(x: float | None) -> str:
+    return "not evaluated yet" if x is None else _f(x)
+
+
 def _f(x: Any, fmt: str = ".1f") -> str:
     if x is None:
         return "-"
@@ -406,7 +410,8 @@ def _verdict_section(doc: Doc, verdict: dict[str, Any], rank: int) -> None:
             ci = f" [{b['ci_low']:+.1f}, {b['ci_high']:+.1f}]" if b else ""
             diff = f": {acc['diff']:+.1f}{ci}" if acc.get("diff") is not None else ""
             rows.append([task, f"(1) {t['label']}: LoRA within {crit['accuracy_margin']:g} points of full",
-                         f"LoRA {_f(acc['lora'])} vs full {_f(acc['full'])}{diff}; seeds {_seeds(acc)}",
+                         f"LoRA {_score_or_missing(acc['lora'])} vs full {_score_or_missing(acc['full'])}{diff}; "
+                         f"seeds {_seeds(acc)}",
                          f"{acc['status']}: {acc['reason']}"])
         elif t.get("accuracy_absent"):
             rows.append([task, f"(1) {t['label']}: LoRA within {crit['accuracy_margin']:g} points of full", "-",
