@@ -493,6 +493,13 @@ def test_a_study_still_running_shows_the_criteria_on_what_it_has_and_decides_not
     _verdict_section(doc, v, 8)
     row = next(b for b in doc.blocks if b[0] == "table")[2][0]
     assert row[2] == f"LoRA {lora:.1f} vs full not evaluated yet; seeds 0 full, 2 LoRA"  # named, not "-"
+    # the method evaluated so far gets its learned check (shown; drift is not judged on one method's)
+    assert list(acc["learned"]) == ["lora"] and acc["learned"]["lora"]["learned"]
+    assert v["tasks"]["mrpc"]["drift"]["status"] == "INCONCLUSIVE"
+    learned = next(b for b in doc.blocks if b[0] == "table" and "learned" in b[1])[2]
+    assert [r[1:4] for r in learned] == [["LoRA r=8", f"{lora:.1f}", "2"]]
+    assert learned[0][-1] == "yes (on the seeds evaluated so far)"
+    assert "over the 2 seed(s) of each method" in " ".join(b[1] for b in doc.blocks if b[0] == "p")
     for f in d.glob("lora_r8_s*.json"):  # no tuned model evaluated at all: (1) has a row that says so
         f.unlink()
     v = judge(run)

@@ -436,6 +436,7 @@ def _verdict_section(doc: Doc, verdict: dict[str, Any], rank: int) -> None:
     learned_rows = []
     for task, t in verdict["tasks"].items():
         acc = t.get("accuracy") or {}
+        so_far = bool(acc.get("interim")) or str(acc.get("reason", "")).startswith("evaluations missing")
         for m in ("full", "lora"):
             lm = (acc.get("learned") or {}).get(m)
             if not lm:
@@ -447,7 +448,8 @@ def _verdict_section(doc: Doc, verdict: dict[str, Any], rank: int) -> None:
                                  (f"{acc['best_baseline']['name']} {acc['best_baseline']['value']:.1f}: "
                                   f"{_ci(bl)}") if bl else "-",
                                  f"{_f(acc.get('base'))}: {_ci(base_ci)}" if base_ci else "-",
-                                 "yes" if lm["learned"] else _not_learned(lm)])
+                                 ("yes" if lm["learned"] else _not_learned(lm))
+                                 + (" (on the seeds evaluated so far)" if so_far else "")])
     if learned_rows:
         doc.h(3, "Did the models learn the tasks?")
         doc.table(["task", "model", "score (mean over seeds)", "seeds", "vs best trivial baseline",
@@ -458,7 +460,7 @@ def _verdict_section(doc: Doc, verdict: dict[str, Any], rank: int) -> None:
     units = sorted({t["accuracy"].get("unit", "example") for t in verdict["tasks"].values() if "accuracy" in t})
     # the seeds behind the intervals shown: those evaluated (a study in parts has not evaluated all it plans)
     counts = sorted({n for t in verdict["tasks"].values() if isinstance(t.get("accuracy", {}).get("seeds"), dict)
-                     for n in t["accuracy"]["seeds"].values()}) or sorted(
+                     for n in t["accuracy"]["seeds"].values() if n}) or sorted(
         {len(t.get("seeds", verdict["seeds"])) for t in verdict["tasks"].values()}) or [len(verdict["seeds"])]
     n_seeds = counts[0]
     doc.p(f"Intervals: accuracy, hierarchical bootstrap ({RESAMPLES} resamples) over the "

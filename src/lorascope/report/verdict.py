@@ -212,6 +212,13 @@ def accuracy_criterion(task: str, run_dir: Path, seeds: list[int], rank: int, ma
         have = {m: [f for f, e in zip(files[m], evs[m]) if e] for m in files}
         if not all(have.values()):
             acc.update(status=INCONCLUSIVE, reason=f"evaluations missing: {', '.join(missing)}", next=FINISH)
+            # the learned check of a method evaluated so far (shown, not decided on: the other has none yet)
+            scores = {m: [per_example_scores(task, f) for f in fs] for m, fs in have.items() if fs}
+            if all(s for ss in scores.values() for s in ss):
+                first = next(fs[0] for fs in have.values() if fs)
+                groups, acc["unit"] = clusters(task, first)
+                refs, _ = _references(task, layout, first, acc)
+                acc["learned"] = {m: _learned_check(s, refs, groups) for m, s in scores.items()}
             return acc
         # a study still running (in parts): the rule on the seeds evaluated so far, shown but not decided on
         acc = _accuracy_on(task, layout, have, acc, rank, margin)
@@ -222,6 +229,36 @@ def accuracy_criterion(task: str, run_dir: Path, seeds: list[int], rank: int, ma
         acc["status"] = INCONCLUSIVE
         return acc
     return _accuracy_on(task, layout, files, acc, rank, margin)
+
+
+def _references(task: str, layout: RunLayout, eval_file: Path, acc: dict[str, Any]
+                ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """What a model must beat to have learned the task, per example: the best trivial baseline (scored on the
+    questions of `eval_file`) and the zero-shot base model; their means go into `acc`. Also the baselines."""
+    metric, _ = primary(task)
+    base_file = layout.eval(task, "base")
+    refs: dict[str, dict[str, float]] = {}
+    bl = baseline_scores(task, eval_file)
+    if bl:
+        ev_bl = (_load(base_file) or {}).get("baselines", {})
+        name = max(bl, key=lambda k: ev_bl.get(k, {}).get(metric, statistics.fmean(bl[k].values())))
+        refs[f"baseline: {name.replace('_', ' ')}"] = bl[name]
+        acc["best_baseline"] = {"name": name.replace("_", " "), "value": statistics.fmean(bl[name].values())}
+    base_scores = per_example_scores(task, base_file)
+    if base_scores:
+        refs["zero-shot base model"] = base_scores
+        acc["base"] = _load(base_file)["metrics"][metric]
+    return refs, bl
+
+
+def _learned_check(scores: list[dict[str, float]], refs: dict[str, dict[str, float]], groups) -> dict[str, Any]:
+    """One method's differences (its seeds) to each reference, bootstrap and t interval; learned when all of
+    them exclude 0 and both references were there."""
+    out = {"vs": {ref: hierarchical_bootstrap(scores, [s], groups=groups, seed=1) for ref, s in refs.items()},
+           "vs_t": {ref: t_interval(scores, [s], groups=groups) for ref, s in refs.items()}}
+    out["learned"] = (len(refs) == 2 and all(c["ci_low"] is not None and c["ci_low"] > 0
+                                             for v in ("vs", "vs_t") for c in out[v].values()))
+    return out
 
 
 def _accuracy_on(task: str, layout: RunLayout, files: dict[str, list[Path]], acc: dict[str, Any], rank: int,
@@ -240,25 +277,8 @@ def _accuracy_on(task: str, layout: RunLayout, files: dict[str, list[Path]], acc
     acc["t_interval"] = t_interval(scores["lora"], scores["full"], groups=groups)
 
     # (0) did each method learn the task?
-    base_file = layout.eval(task, "base")
-    refs: dict[str, dict[str, float]] = {}
-    bl = baseline_scores(task, files["full"][0])
-    if bl:
-        ev_bl = (_load(base_file) or {}).get("baselines", {})
-        name = max(bl, key=lambda k: ev_bl.get(k, {}).get(metric, statistics.fmean(bl[k].values())))
-        refs[f"baseline: {name.replace('_', ' ')}"] = bl[name]
-        acc["best_baseline"] = {"name": name.replace("_", " "), "value": statistics.fmean(bl[name].values())}
-    base_scores = per_example_scores(task, base_file)
-    if base_scores:
-        refs["zero-shot base model"] = base_scores
-        acc["base"] = _load(base_file)["metrics"][metric]
-    learned: dict[str, Any] = {}
-    for m in ("full", "lora"):
-        learned[m] = {"vs": {ref: hierarchical_bootstrap(scores[m], [s], groups=groups, seed=1)
-                             for ref, s in refs.items()},
-                      "vs_t": {ref: t_interval(scores[m], [s], groups=groups) for ref, s in refs.items()}}
-        learned[m]["learned"] = (len(refs) == 2 and all(c["ci_low"] is not None and c["ci_low"] > 0
-                                                        for v in ("vs", "vs_t") for c in learned[m][v].values()))
+    refs, bl = _references(task, layout, files["full"][0], acc)
+    learned = {m: _learned_check(scores[m], refs, groups) for m in ("full", "lora")}
     acc["learned"] = learned
     acc["beats_baseline"] = {m: learned[m]["learned"] for m in learned}  # kept for older readers
     not_learned = []
@@ -474,7 +494,7 @@ def judge(run_dir: str | Path, layout: RunLayout | None = None) -> dict[str, Any
             t["accuracy"] = acc
         else:  # say why (1) is missing rather than leave its row out
             t["accuracy_absent"] = "not measured: no tuned model of this task has been evaluated yet"
-        both_learned = bool(acc and acc.get("learned") and all(v["learned"] for v in acc["learned"].values()))
+        both_learned = bool(acc and all((acc.get("learned") or {}).get(m, {}).get("learned") for m in ("full", "lora")))
         drift = _load(layout.drift(task) / "drift.json")
         if drift:
             t["drift"] = drift_criterion(drift, rank, cfg["drift_reduction"], both_learned)
