@@ -379,7 +379,8 @@ def test_the_report_gives_search_trials_intervals_and_each_selection_its_margin(
     assert rate["value"] == pytest.approx(diff)
     assert (f"mrpc / full, rate: 3.0e-04, 1 epoch(s) ({trials[1]['value']:.1f}) vs 1.0e-04, 1 epoch(s) "
             f"({trials[0]['value']:.1f}): {rate['value']:+.1f} [{rate['ci_low']:+.1f}, {rate['ci_high']:+.1f}] "
-            f"points over 300 examples") in text
+            f"points over 300 examples" + ("" if rate["ci_low"] > 0 or rate["ci_high"] < 0 else
+                                            " (the interval includes 0)")) in text
     sel, other = ("lr_3.00e-04_epochs_2", "lr_3.00e-04") if best_e == 2.0 else ("lr_3.00e-04", "lr_3.00e-04_epochs_2")
     ep = hierarchical_bootstrap([per_pair[sel]], [per_pair[other]])
     assert f"mrpc / full, epochs: 3.0e-04, {best_e:g} epoch(s)" in text

@@ -240,8 +240,10 @@ def _runner_up(label: str, entries: list) -> str | None:
     # paired: the same validation examples, resampled by cluster as the trials' intervals are
     d = hierarchical_bootstrap([sel[2]], [run[2]], groups=sel[3])
     n, unit = (d["clusters"], sel[4].split(" ")[0]) if sel[3] else (d["n"], "example")
+    apart = d.get("ci_low") is not None and (d["ci_low"] > 0 or d["ci_high"] < 0)
     return (f"{label}: {name(sel[0], sel[1])} ({sel[0]['value']:.1f}) vs {name(run[0], run[1])} "
-            f"({run[0]['value']:.1f}): {_ci(d)} points over {n} {unit}s")
+            f"({run[0]['value']:.1f}): {_ci(d)} points over {n} {unit}s"
+            + ("" if apart else " (the interval includes 0)"))
 
 
 class Doc:
