@@ -964,7 +964,7 @@ def summarise(tables, values, names, infos, pairs, layers) -> dict[str, Any]:
         if len(members) < 2:
             continue
         measured = [(a, b) for i, a in enumerate(members) for b in members[i + 1:]
-                    if (names.index(a), names.index(b)) in index]  # pooled runs: the first two seeds only
+                    if (names.index(a), names.index(b)) in index]  # pooled runs: the pairs some part measured
         if not measured:
             continue
         within = [index[(names.index(a), names.index(b))] for a, b in measured]
