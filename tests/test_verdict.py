@@ -109,6 +109,30 @@ def test_undefined_drift_interval_is_inconclusive_not_a_crash(tmp_path):
     assert c["status"] == "INCONCLUSIVE" and "no content-token comparison" in c["reason"]
 
 
+def test_a_drift_part_with_one_method_says_the_other_is_not_measured_yet():
+    """A study run in parts pools the full fine-tuning pair's drift before any LoRA model's: the reason names
+    what is missing, not an old file format (it read "written by an older lorascope?; rerun the drift stage")."""
+    from lorascope.report.verdict import drift_criterion
+
+    full_only = {"summary": {"method_ratios": [], "per_model": {
+        "full_s0": {"kind": "full", "method": "full"}, "full_s1": {"kind": "full", "method": "full"}}}}
+    c = drift_criterion(full_only, 8, 0.2, True)
+    assert c["status"] == "INCONCLUSIVE" and c["ratio"] is None
+    assert c["reason"] == "no drift of LoRA r=8 measured yet (drift.json holds full_s0, full_s1)"
+    from lorascope.report.render import _drift_seeds
+
+    assert c["seeds"] == {"lora": 0, "full": 2} and _drift_seeds(c) == "seeds LoRA 0, full 2"
+    assert _drift_seeds({"seeds": None}) == "seeds unknown"
+    # a LoRA model of another rank is not the rank judged
+    other_rank = {"summary": {"method_ratios": [], "per_model": {
+        "full_s0": {"kind": "full", "method": "full"}, "lora_r16_s0": {"kind": "lora", "method": "lora_r16"}}}}
+    assert drift_criterion(other_rank, 8, 0.2, True)["reason"].startswith("no drift of LoRA r=8 measured yet")
+    # both methods there but no comparison between them: the file itself is at fault
+    both = {"summary": {"method_ratios": [], "per_model": {
+        "full_s0": {"kind": "full", "method": "full"}, "lora_r8_s0": {"kind": "lora", "method": "lora_r8"}}}}
+    assert "no content-token comparison lora_r8 / full" in drift_criterion(both, 8, 0.2, True)["reason"]
+
+
 def test_accuracy_interval_straddling_the_margin_is_inconclusive(tmp_path):
     from lorascope.report import judge
 

@@ -52,7 +52,7 @@ def _mark(ok: bool | None) -> str:
 
 def _drift_seeds(dr: dict) -> str:
     s = dr.get("seeds") or {}
-    if not s.get("lora") or not s.get("full"):
+    if s.get("lora") is None or s.get("full") is None:
         return "seeds unknown"
     return f"seeds LoRA {s['lora']}, full {s['full']}"
 

@@ -348,9 +348,19 @@ def drift_criterion(drift: dict[str, Any], rank: int, reduction: float, learned:
                  None)
     c = criterion_from_drift(drift, lora, full)
     if entry is None or c is None:
-        return {"status": INCONCLUSIVE, "pass": False, "ratio": None,
-                "reason": f"drift.json has no content-token comparison {lora} / {full} (written by an older "
-                          f"lorascope?); rerun the drift stage", "measured": "-", "seeds": None}
+        models = summary.get("per_model") or {}
+        absent = [name for m, name in ((lora, f"LoRA r={rank}"), (full, "full fine-tuning"))
+                  if not any(v.get("method") == m for v in models.values())]
+        seeds = None
+        if absent and models:  # a study in parts: one method's drift is measured, the other's not yet
+            reason = (f"no drift of {' or '.join(absent)} measured yet (drift.json holds "
+                      f"{', '.join(sorted(models))})")
+            seeds = {k: sum(v.get("method") == m for v in models.values()) for k, m in (("lora", lora), ("full", full))}
+        else:
+            reason = (f"drift.json has no content-token comparison {lora} / {full} (written by an older "
+                      f"lorascope?); rerun the drift stage")
+        return {"status": INCONCLUSIVE, "pass": False, "ratio": None, "reason": reason, "measured": "-",
+                "seeds": seeds}
     tokens = (drift.get("selection") or {}).get("tokens", "content")
     c.update(judge_drift(entry, threshold=1 - reduction, tokens=tokens))
     p = entry.get(c["primary"]) or {}
