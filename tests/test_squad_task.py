@@ -445,3 +445,81 @@ def test_baselines_are_scored_on_the_questions_the_model_was_scored_on(tiny_mode
 
     assert _scored(bl, res["n_examples"]) == f"{m['total']} of {res['n_examples']}"
     assert _scored({"accuracy": 80.0, "n": 408}, 408) == "408"
+
+
+def _greedy_f1_by_the_official_script(articles: list[dict], pred: dict) -> dict[str, float]:
+    """A second computation of each question's F1 under greedy abstention: abstain where the first-token
+    margin is positive, else the recorded answer, scored by the official script on the whole prediction set."""
+    from lorascope.tasks import squad_metric
+
+    greedy = {q: "" if pred["no_answer_margin"][q] > 0 else a for q, a in pred["answers"].items()}
+    _, f1 = squad_metric.raw_scores(articles, greedy)
+    return {q: 100.0 * v for q, v in f1.items()}
+
+
+def test_greedy_abstention_scores_come_from_the_recorded_answer_f1_or_the_real_gold_answers(real_data):
+    """Predictions on 60 real dev questions (eval side): exact, partial and wrong answers, a rule on the answer
+    NLL. The greedy-abstention scores the verdict checks its decisions with equal the official script's score of
+    greedy's predictions, whether the file records answer_f1 or the gold answers are read back from the data;
+    a file whose scores the data's gold answers do not reproduce is not scored."""
+    import random
+
+    from lorascope.tasks import squad_metric
+    from lorascope.tasks.squad_v2 import examples_to_articles, predictions_at
+
+    task = get_task("squad_v2")
+    data = DataConfig(dir=str(real_data))
+    exs = task.load_split("eval", data)[:60]
+    rng = random.Random(3)
+    answers, margins, nll = {}, {}, {}
+    for i, e in enumerate(exs):
+        gold = e.meta["answers"][0]["text"] if e.meta["answers"] else e.meta["context"].split()[0]
+        answers[e.id] = [gold, gold.split()[0] + " and more words", "zebra"][i % 3]
+        margins[e.id], nll[e.id] = rng.uniform(-2, 2), rng.uniform(0, 3)
+    arts = examples_to_articles(exs)
+    preds = predictions_at(nll, answers, 1.5)  # the fitted rule: abstain where the answer NLL exceeds 1.5
+    _, f1 = squad_metric.raw_scores(arts, preds)
+    _, f1_none = squad_metric.raw_scores(arts, {q: "" for q in answers})
+    _, f1_answer = squad_metric.raw_scores(arts, answers)
+    pred = {"predictions": preds, "answers": answers, "no_answer_margin": margins, "answer_nll": nll,
+            "no_answer_signal": "answer_nll", "no_answer_threshold": 1.5, "scores": f1, "no_answer_f1": f1_none,
+            "answer_f1": f1_answer}
+    expect = _greedy_f1_by_the_official_script(arts, pred)
+    assert 0 < sum(expect.values()) / len(expect) < 100 and any(0 < v < 100 for v in expect.values())
+    assert expect != {q: 100.0 * v for q, v in f1.items()}  # the two rules do score differently here
+    got, measure = task.alternative_scores(pred)
+    assert measure.startswith("greedy abstention") and got == pytest.approx(expect)
+    old = {k: v for k, v in pred.items() if k != "answer_f1"}  # a file written before answer_f1
+    assert task.alternative_scores(old)[0] is None and "predates answer_f1" in task.alternative_scores(old)[1]
+    assert task.alternative_scores(old, data)[0] == pytest.approx(expect)
+    q = next(q for q, p in preds.items() if p and f1[q] > 0)
+    tampered = {**old, "scores": {**f1, q: 0.0}}
+    got, why = task.alternative_scores(tampered, data)
+    assert got is None and "do not reproduce its scores (1 questions differ" in why
+    # greedy abstention as the evaluation's own rule: nothing to check against
+    greedy_rule = {**pred, "no_answer_signal": "first_token", "no_answer_threshold": 0.0}
+    assert task.alternative_scores(greedy_rule) == (None, "the evaluation's no-answer rule is greedy abstention itself")
+
+
+def test_answer_f1_with_no_answer_f1_scores_any_no_answer_rule(tiny_model, small_data):
+    """What the evaluation records lets any threshold rule be scored without the gold answers: each question
+    scores no_answer_f1 where the rule abstains and answer_f1 where it answers, as the official script does."""
+    from lorascope.models import load_model, load_tokenizer
+    from lorascope.tasks import squad_metric
+    from lorascope.tasks.squad_v2 import examples_to_articles, predictions_at
+
+    task = get_task("squad_v2")
+    exs = task.load_split("eval", DataConfig(dir=str(small_data)))[:16]
+    model, tok = load_model(str(tiny_model)), load_tokenizer(str(tiny_model))
+    _, pred = task.evaluate(model, tok, exs, batch_size=8, max_new_tokens=3, max_len=512,
+                            no_answer_signal="answer_nll", no_answer_threshold=1e9)  # answers everything
+    arts = examples_to_articles(exs)
+    assert set(pred["answer_f1"]) == {e.id for e in exs}
+    for signal in ("no_answer_margin", "answer_nll"):
+        for thr in sorted(pred[signal].values())[::5]:
+            rule = predictions_at(pred[signal], pred["answers"], thr)
+            _, official = squad_metric.raw_scores(arts, rule)
+            composed = {q: pred["no_answer_f1"][q] if rule[q] == "" else pred["answer_f1"][q] for q in rule}
+            assert composed == official
+    got, _ = task.alternative_scores(pred)
+    assert got == pytest.approx(_greedy_f1_by_the_official_script(arts, pred))

@@ -689,3 +689,118 @@ def test_a_ratio_that_two_digits_would_round_onto_the_threshold_gets_a_third():
     from lorascope.report.render import _near
 
     assert [_near(x, 0.8) for x in (0.803, 0.7951, 0.6049, 0.8, 0.805)] == ["0.803", "0.795", "0.60", "0.80", "0.81"]
+
+
+def _squad_run(tmp_path: Path, models: dict[str, dict[str, list]], *, answer_f1: bool = True) -> Path:
+    """A run folder with SQuAD v2 evaluations of 400 questions (100 paragraphs of 4, half unanswerable).
+    models: name -> {"greedy": per-question abstain?, "rule": per-question abstain?, "right": per-question
+    answer correct?}; the evaluation's rule is an answer-NLL threshold (1.0), greedy's the first-token margin."""
+    from lorascope.pipeline import StudyArgs
+
+    run = tmp_path / "run"
+    d = run / "eval" / "squad_v2"
+    d.mkdir(parents=True)
+    cfg = dataclasses.asdict(StudyArgs(tasks=["squad_v2"]))
+    cfg["serve"]["enabled"] = cfg["drift"]["enabled"] = False
+    (run / "study.json").write_text(json.dumps({"config": cfg, "primary_rank": 8, "seeds": [0], "ranks": [8]}))
+    qs = [f"q{i}" for i in range(400)]
+    has = {q: i % 2 == 0 for i, q in enumerate(qs)}
+    for name, m in models.items():
+        ans = {q: "right" if r else "wrong" for q, r in zip(qs, m["right"])}
+        a_f1 = {q: 1.0 if has[q] and m["right"][i] else 0.0 for i, q in enumerate(qs)}
+        na_f1 = {q: 0.0 if has[q] else 1.0 for q in qs}
+        nll = {q: 2.0 if ab else 0.5 for q, ab in zip(qs, m["rule"])}
+        preds = {q: "" if nll[q] > 1.0 else ans[q] for q in qs}
+        scores = {q: na_f1[q] if preds[q] == "" else a_f1[q] for q in qs}
+        pred = {"predictions": preds, "answers": ans, "answer_nll": nll, "scores": scores,
+                "no_answer_margin": {q: 1.0 if ab else -1.0 for q, ab in zip(qs, m["greedy"])},
+                "no_answer_signal": "answer_nll", "no_answer_threshold": 1.0, "no_answer_f1": na_f1,
+                "paragraph": {q: f"p{i // 4}" for i, q in enumerate(qs)}, "has_answer": has}
+        if answer_f1:
+            pred["answer_f1"] = a_f1
+        (d / f"{name}.predictions.json").write_text(json.dumps(pred))
+        (d / f"{name}.json").write_text(json.dumps({"metrics": {"f1": 100.0 * sum(scores.values()) / len(qs)},
+                                                    "baselines": {"always_no_answer": {"f1": 50.0}}}))
+    return run
+
+
+def _behaviour(kind: str) -> dict[str, list]:
+    n = 400
+    if kind == "abstains":  # on every question: always-no-answer
+        return {"abstain": [True] * n, "right": [False] * n}
+    # answers the answerable questions (9 in 10 right) and abstains on the unanswerable ones
+    return {"abstain": [i % 2 == 1 for i in range(n)], "right": [i % 2 == 0 and i % 20 != 0 for i in range(n)]}
+
+
+def _model(greedy: str, rule: str) -> dict[str, list]:
+    g, r = _behaviour(greedy), _behaviour(rule)
+    return {"greedy": g["abstain"], "rule": r["abstain"], "right": [a or b for a, b in zip(g["right"], r["right"])]}
+
+
+@pytest.mark.parametrize("lora_greedy,lora_rule,status,lora_learned", [
+    ("learned", "learned", "PASS", True),  # both measures: learned, level with full
+    ("learned", "abstains", "INCONCLUSIVE", False),  # the rule hides what greedy shows (session 17's LoRA s0)
+    ("abstains", "learned", "INCONCLUSIVE", False),  # the rule passes, greedy abstention has not learned
+])
+def test_squad_decisions_stand_only_where_both_no_answer_measures_give_them(tmp_path, lora_greedy, lora_rule,
+                                                                           status, lora_learned):
+    from lorascope.report import judge
+    from lorascope.report.render import Doc, _verdict_section
+
+    run = _squad_run(tmp_path, {"base": _model("abstains", "abstains"), "full_s0": _model("learned", "learned"),
+                                "lora_r8_s0": _model(lora_greedy, lora_rule)})
+    v = judge(run)
+    acc = v["tasks"]["squad_v2"]["accuracy"]
+    mc = acc["measure_check"]
+    assert acc["status"] == status, acc["reason"]
+    assert acc["learned"]["full"]["learned"] and acc["learned"]["lora"]["learned"] == lora_learned
+    assert acc["learned"]["lora"]["learned_primary"] == (lora_rule == "learned")
+    assert mc["learned"]["lora"] == (lora_greedy == "learned") and mc["measure"].startswith("greedy abstention")
+    # a second computation of the greedy-abstention means, a plain loop over the questions
+    for name, m in (("full", "full_s0"), ("lora", "lora_r8_s0")):
+        p = json.loads((run / "eval" / "squad_v2" / f"{m}.predictions.json").read_text())
+        loop = 0.0
+        for q in p["answers"]:
+            loop += p["no_answer_f1"][q] if p["no_answer_margin"][q] > 0 else p["answer_f1"][q]
+        assert mc["means"][name] == pytest.approx(100.0 * loop / len(p["answers"]))
+    if lora_greedy != lora_rule:
+        assert "the decision depends on the measure" in acc["reason"]
+        assert mc["status"] == ("PASS" if lora_greedy == "learned" else "INCONCLUSIVE")
+        assert v["overall"].startswith("squad_v2 INCONCLUSIVE")
+    else:
+        assert mc["status"] == "PASS" and "depends on the measure" not in acc["reason"]
+    doc = Doc()
+    _verdict_section(doc, v, 8)
+    text = " ".join(b[1] for b in doc.blocks if b[0] == "p")
+    assert "squad_v2, the same decisions under a second measure, greedy abstention" in text
+    learned = next(b for b in doc.blocks if b[0] == "table" and "learned" in b[1])[2]
+    lora_cell = next(r[-1] for r in learned if r[1] == "LoRA r=8")
+    assert lora_cell == ("yes" if lora_learned else "no: not under the second measure (below)"
+                         if lora_rule == "learned" else "no")
+
+
+def test_squad_without_answer_f1_or_data_says_the_second_measure_was_not_checked(tmp_path):
+    from lorascope.report import judge
+
+    run = _squad_run(tmp_path, {"base": _model("abstains", "abstains"), "full_s0": _model("learned", "learned"),
+                                "lora_r8_s0": _model("abstains", "learned")}, answer_f1=False)
+    acc = judge(run)["tasks"]["squad_v2"]["accuracy"]
+    assert acc["status"] == "PASS" and acc["measure_check"]["status"] is None  # decided on the rule alone
+    assert acc["measure_check"]["reason"].startswith("not checked (full_s0): this evaluation predates answer_f1")
+
+
+def test_a_base_model_evaluated_with_greedy_abstention_is_its_own_second_measure(tmp_path):
+    from lorascope.report import judge
+
+    run = _squad_run(tmp_path, {"base": _model("learned", "abstains"), "full_s0": _model("learned", "learned"),
+                                "lora_r8_s0": _model("learned", "learned")})
+    f = run / "eval" / "squad_v2" / "base.predictions.json"
+    base = json.loads(f.read_text())
+    base.update(no_answer_signal="first_token", no_answer_threshold=0.0)  # its scores: as if greedy abstained
+    f.write_text(json.dumps(base))
+    acc = judge(run)["tasks"]["squad_v2"]["accuracy"]
+    # under the second measure the base model is compared by its recorded scores (always-no-answer here), so
+    # the tuned models still beat it; had its greedy margins been used, it would equal them
+    assert acc["measure_check"]["status"] == "PASS" and acc["status"] == "PASS"
+    assert acc["measure_check"]["vs"]["lora"]["zero-shot base model"]["value"] == pytest.approx(
+        acc["learned"]["lora"]["vs"]["zero-shot base model"]["value"])

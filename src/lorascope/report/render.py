@@ -459,6 +459,20 @@ def _verdict_section(doc: Doc, verdict: dict[str, Any], rank: int) -> None:
         doc.p("A model has learned a task when the 95% intervals of its differences to both the best trivial "
               "baseline and the zero-shot base model exclude 0. Criteria (1) and (2a) compare only models that "
               "learned the task; otherwise they are INCONCLUSIVE.")
+    for task, t in verdict["tasks"].items():
+        mc = (t.get("accuracy") or {}).get("measure_check")
+        if not mc:
+            continue
+        if mc["status"] is None:
+            doc.p(f"{task}, the same decisions under a second measure ({mc['measure']}): {mc['reason']}.")
+            continue
+        who = {"full": "full fine-tuning", "lora": f"LoRA r={rank}"}
+        learned = "; ".join(f"{who[m]} {_f(mc['means'][m])}, " + ("learned" if ok else "not learned: " + ", ".join(
+            f"vs {ref.removeprefix('baseline: ')} {_ci(c)}" for ref, c in mc["vs"][m].items()))
+            for m, ok in mc["learned"].items())
+        doc.p(f"{task}, the same decisions under a second measure, {mc['measure']}: {learned}; criterion (1) "
+              f"{mc['status']}: {mc['reason']}. A model counts as having learned the task, and criterion (1) is "
+              f"decided, only where both measures agree.")
     units = sorted({t["accuracy"].get("unit", "example") for t in verdict["tasks"].values() if "accuracy" in t})
     # the seeds behind the intervals shown: those evaluated (a study in parts has not evaluated all it plans)
     counts = sorted({n for t in verdict["tasks"].values() if isinstance(t.get("accuracy", {}).get("seeds"), dict)
@@ -482,6 +496,8 @@ def _verdict_section(doc: Doc, verdict: dict[str, Any], rank: int) -> None:
 
 def _not_learned(lm: dict) -> str:
     """'no', and where every bootstrap interval excludes 0, the t interval that does not (verdict.t_interval)."""
+    if lm.get("learned_primary"):  # learned under the task's measure, not under its second one
+        return "no: not under the second measure (below)"
     boot_ok = all(c.get("ci_low") is not None and c["ci_low"] > 0 for c in lm["vs"].values())
     t_bad = [(ref, c) for ref, c in (lm.get("vs_t") or {}).items() if c.get("ci_low") is None or c["ci_low"] <= 0]
     if not (boot_ok and t_bad):

@@ -194,8 +194,10 @@ def _interval(ci: dict, fmt: str = "+.1f") -> str:
     return f"{ci['value']:{fmt}} [{ci['ci_low']:{fmt}}, {ci['ci_high']:{fmt}}]"
 
 
-def accuracy_criterion(task: str, run_dir: Path, seeds: list[int], rank: int, margin: float) -> dict[str, Any] | None:
-    """Criterion (1) with the 'learned' check (0); None when no tuned model has been evaluated."""
+def accuracy_criterion(task: str, run_dir: Path, seeds: list[int], rank: int, margin: float,
+                       data=None) -> dict[str, Any] | None:
+    """Criterion (1) with the 'learned' check (0); None when no tuned model has been evaluated. `data` (a
+    DataConfig): where gold labels that older predictions files lack can be read (Task.alternative_scores)."""
     metric, _ = primary(task)
     layout = RunLayout(run_dir)
     files = {m: [layout.eval(task, trained_name(m, rank, s)) for s in seeds] for m in ("full", "lora")}
@@ -221,14 +223,14 @@ def accuracy_criterion(task: str, run_dir: Path, seeds: list[int], rank: int, ma
                 acc["learned"] = {m: _learned_check(s, refs, groups) for m, s in scores.items()}
             return acc
         # a study still running (in parts): the rule on the seeds evaluated so far, shown but not decided on
-        acc = _accuracy_on(task, layout, have, acc, rank, margin)
+        acc = _accuracy_on(task, layout, have, acc, rank, margin, data)
         acc.update(interim={"missing": missing, "seeds": acc["seeds"]}, next=FINISH,
                    reason=f"interim, not decided: evaluations still to run for {', '.join(missing)}; on the seeds "
                           f"evaluated so far ({acc['seeds']['full']} full, {acc['seeds']['lora']} LoRA) the rule "
                           f"gives {acc['status']}: {acc['reason']}")
         acc["status"] = INCONCLUSIVE
         return acc
-    return _accuracy_on(task, layout, files, acc, rank, margin)
+    return _accuracy_on(task, layout, files, acc, rank, margin, data)
 
 
 def _references(task: str, layout: RunLayout, eval_file: Path, acc: dict[str, Any]
@@ -262,9 +264,10 @@ def _learned_check(scores: list[dict[str, float]], refs: dict[str, dict[str, flo
 
 
 def _accuracy_on(task: str, layout: RunLayout, files: dict[str, list[Path]], acc: dict[str, Any], rank: int,
-                 margin: float) -> dict[str, Any]:
-    """Criterion (1) and the 'learned' check on the evaluations `files` ({method: one file per seed})."""
-    metric, _ = primary(task)
+                 margin: float, data=None) -> dict[str, Any]:
+    """Criterion (1) and the 'learned' check on the evaluations `files` ({method: one file per seed}), under the
+    task's measure and, where the task has a second one (Task.alternative_measure), under that too: a decision
+    stands only where both give it."""
     acc["diff"] = acc["lora"] - acc["full"]
     scores = {m: [per_example_scores(task, f) for f in files[m]] for m in files}
     if not all(s for ss in scores.values() for s in ss):
@@ -273,14 +276,28 @@ def _accuracy_on(task: str, layout: RunLayout, files: dict[str, list[Path]], acc
         return acc
     groups, unit = clusters(task, files["full"][0])
     acc["unit"] = unit
-    acc["bootstrap"] = hierarchical_bootstrap(scores["lora"], scores["full"], groups=groups)
-    acc["t_interval"] = t_interval(scores["lora"], scores["full"], groups=groups)
-
-    # (0) did each method learn the task?
     refs, bl = _references(task, layout, files["full"][0], acc)
+    acc.update(_decide(scores, refs, bl, groups, rank, margin))
+    acc["beats_baseline"] = {m: acc["learned"][m]["learned"] for m in acc["learned"]}  # kept for older readers
+    _second_measure(task, layout, files, acc, refs, groups, rank, margin, data)
+    n_seeds = min(len(fs) for fs in files.values())
+    counts = {m: len(fs) for m, fs in files.items()}
+    if max(counts.values()) < 2:
+        acc["reason"] += " (1 seed: the interval covers evaluation examples only, not seed variance)"
+    elif n_seeds < 2:  # a study in parts: one method has its seeds evaluated, the other not yet
+        many = "LoRA" if counts["lora"] >= 2 else "full fine-tuning"
+        acc["reason"] += (f" (full fine-tuning {counts['full']} seed(s), LoRA {counts['lora']}: the interval covers "
+                          f"evaluation examples and the seed variance of {many} only)")
+    return acc
+
+
+def _decide(scores: dict[str, list[dict[str, float]]], refs: dict[str, dict[str, float]], bl: dict, groups,
+            rank: int, margin: float) -> dict[str, Any]:
+    """The 'learned' check of both methods and criterion (1) on one measure's per-example scores."""
+    out: dict[str, Any] = {"bootstrap": hierarchical_bootstrap(scores["lora"], scores["full"], groups=groups),
+                           "t_interval": t_interval(scores["lora"], scores["full"], groups=groups)}
     learned = {m: _learned_check(scores[m], refs, groups) for m in ("full", "lora")}
-    acc["learned"] = learned
-    acc["beats_baseline"] = {m: learned[m]["learned"] for m in learned}  # kept for older readers
+    out["learned"] = learned
     not_learned = []
     for m in ("full", "lora"):
         if learned[m]["learned"]:
@@ -296,32 +313,72 @@ def _accuracy_on(task: str, layout: RunLayout, files: dict[str, list[Path]], acc
                                f"(t interval; the bootstrap's excludes 0)")
             continue
         not_learned.append(f"{who} - {worst[0].removeprefix('baseline: ')} = {_interval(worst[1])}")
-    n_seeds = min(len(fs) for fs in files.values())
     if not_learned:
-        acc.update(status=INCONCLUSIVE, reason="the models have not learned the task: " + "; ".join(not_learned)
+        out.update(status=INCONCLUSIVE, reason="the models have not learned the task: " + "; ".join(not_learned)
                    + " (the interval must exclude 0)",
                    next=f"`lorascope run {REFERENCE_PRESET}` (learning-rate search, more training examples and "
                         f"seeds), or raise data.max_train_examples and set study.tune_lr: true")
-        return acc
-    ci, ct = acc["bootstrap"], acc["t_interval"]
+        return out
+    ci, ct = out["bootstrap"], out["t_interval"]
     status, reason = _margin_rule(ci, margin)
     status_t, _ = _margin_rule(ct, margin)
     t_ci = f"[{ct['ci_low']:+.1f}, {ct['ci_high']:+.1f}]"
     if status == status_t:
-        acc.update(status=status, reason=f"{reason} (t interval {t_ci} agrees)")
+        out.update(status=status, reason=f"{reason} (t interval {t_ci} agrees)")
     else:  # the two estimates of the uncertainty disagree: too few seeds or examples to decide
-        acc.update(status=INCONCLUSIVE, reason=f"{reason} by the bootstrap ({status}), but the t interval (unbiased "
+        out.update(status=INCONCLUSIVE, reason=f"{reason} by the bootstrap ({status}), but the t interval (unbiased "
                                                f"seed variance, Student t) {t_ci} gives {status_t}: the two must agree")
-    if acc["status"] == INCONCLUSIVE:
-        acc["next"] = "more evaluation examples (data.max_eval_examples) and seeds (train.seed)"
-    counts = {m: len(fs) for m, fs in files.items()}
-    if max(counts.values()) < 2:
-        acc["reason"] += " (1 seed: the interval covers evaluation examples only, not seed variance)"
-    elif n_seeds < 2:  # a study in parts: one method has its seeds evaluated, the other not yet
-        many = "LoRA" if counts["lora"] >= 2 else "full fine-tuning"
-        acc["reason"] += (f" (full fine-tuning {counts['full']} seed(s), LoRA {counts['lora']}: the interval covers "
-                          f"evaluation examples and the seed variance of {many} only)")
-    return acc
+    if out["status"] == INCONCLUSIVE:
+        out["next"] = "more evaluation examples (data.max_eval_examples) and seeds (train.seed)"
+    return out
+
+
+def _second_measure(task: str, layout: RunLayout, files: dict[str, list[Path]], acc: dict[str, Any],
+                    refs: dict[str, dict[str, float]], groups, rank: int, margin: float, data) -> None:
+    """The same decisions under the task's second measure (SQuAD v2: greedy abstention beside the fitted
+    no-answer rule). Recorded in acc["measure_check"]; where it decides otherwise, criterion (1) is INCONCLUSIVE
+    and a model counts as having learned the task only if it has under both."""
+    t = _task(task)
+    if t.alternative_measure is None:
+        return
+    alt: dict[str, list[dict[str, float]]] = {}
+    why = ""
+    for m, fs in files.items():
+        alt[m] = []
+        for f in fs:
+            pred = _load(f.with_suffix(".predictions.json")) or {}
+            sc, why = t.alternative_scores(pred, data)
+            if sc is None:
+                acc["measure_check"] = {"measure": t.alternative_measure, "status": None,
+                                        "reason": f"not checked ({f.stem}): {why}"}
+                return
+            alt[m].append(sc)
+    alt_refs = {k: v for k, v in refs.items() if k.startswith("baseline")}  # the baseline does not depend on it
+    base = _load(layout.eval(task, "base").with_suffix(".predictions.json"))
+    if "zero-shot base model" in refs and base is not None:
+        # (the base model's own evaluation rule may already be the second measure: then its scores are the same)
+        sc, why_base = t.alternative_scores(base, data, same_ok=True)
+        if sc is None:
+            acc["measure_check"] = {"measure": t.alternative_measure, "status": None,
+                                    "reason": f"not checked (base): {why_base}"}
+            return
+        alt_refs["zero-shot base model"] = sc
+    second = _decide(alt, alt_refs, {k: v for k, v in refs.items() if k.startswith("baseline")}, groups, rank, margin)
+    check = {"measure": why, "status": second["status"], "reason": second["reason"],
+             "bootstrap": second["bootstrap"], "t_interval": second["t_interval"],
+             "learned": {m: second["learned"][m]["learned"] for m in second["learned"]},
+             "vs": {m: second["learned"][m]["vs"] for m in second["learned"]},
+             "means": {m: statistics.fmean(statistics.fmean(s.values()) for s in alt[m]) for m in alt}}
+    acc["measure_check"] = check
+    for m, lm in acc["learned"].items():
+        lm["learned_primary"] = lm["learned"]
+        lm["learned"] = lm["learned"] and check["learned"][m]
+    if second["status"] != acc["status"]:
+        acc["reason"] = (f"the decision depends on the measure: {t.primary_measure} gives "
+                         f"{acc['status']} ({acc['reason']}); {why.split(':')[0]} gives {second['status']} "
+                         f"({second['reason']}); a decision stands only where both give it")
+        acc["status"] = INCONCLUSIVE
+        acc["next"] = "more seeds and evaluation examples, so that both measures decide alike"
 
 
 def _margin_rule(ci: dict, margin: float) -> tuple[str, str]:
@@ -482,6 +539,20 @@ def or3(*xs: str) -> str:
     return PASS if PASS in xs else (FAIL if xs and all(x == FAIL for x in xs) else INCONCLUSIVE)
 
 
+def _data_config(study: dict[str, Any]):
+    """The study's data settings (study.json's base_config.data), to read gold labels from; None if unreadable."""
+    import dataclasses
+
+    from lorascope.config import DataConfig
+
+    d = (study.get("base_config") or {}).get("data") or {}
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    try:
+        return DataConfig(**{k: v for k, v in d.items() if k in known})
+    except (TypeError, ValueError):
+        return None
+
+
 def judge(run_dir: str | Path, layout: RunLayout | None = None) -> dict[str, Any]:
     """The verdict of a run folder. `layout`: where to read it (default: the run folder's own layout; the report
     of a study run in parts passes :class:`lorascope.report.interim.InterimLayout`, whose drift of a task pooled
@@ -494,12 +565,13 @@ def judge(run_dir: str | Path, layout: RunLayout | None = None) -> dict[str, Any
     if study is None:
         raise FileNotFoundError(f"{run_dir}: no study.json; not a `lorascope run` directory")
     tasks_run, cfg = study["config"]["tasks"], study_settings(study["config"])
+    data = _data_config(study)
     rank, seeds = study["primary_rank"], study["seeds"]
     tasks = {}
     for task in tasks_run:
         metric, label = primary(task)
         t: dict[str, Any] = {"metric": metric, "label": label, "seeds": seeds_of(study, task)}
-        acc = accuracy_criterion(task, run_dir, t["seeds"], rank, cfg["accuracy_margin"])
+        acc = accuracy_criterion(task, run_dir, t["seeds"], rank, cfg["accuracy_margin"], data)
         if acc is not None:
             t["accuracy"] = acc
         else:  # say why (1) is missing rather than leave its row out

@@ -88,6 +88,19 @@ class Task:
         """Example id -> the unit the bootstrap resamples (None: each example), and the unit's name."""
         return None, "example"
 
+    #: a second, equally defensible way to score the same predictions, that the verdict checks its decision
+    #: on: a decision stands only where both give it (None: the task's metric leaves no such choice)
+    alternative_measure: str | None = None
+    #: the measure the verdict decides on, as the reason names it when the second one decides otherwise
+    primary_measure: str = "the task's metric"
+
+    def alternative_scores(self, pred: dict[str, Any], data=None, *,
+                           same_ok: bool = False) -> tuple[dict[str, float] | None, str]:
+        """Example id -> score (0-100) under `alternative_measure`, and the measure's description; or None and
+        why not. `data` (a DataConfig): where gold labels a predictions file lacks can be read from. `same_ok`:
+        also when the evaluation's own measure already is the alternative one (its scores, then)."""
+        return None, "this task has no second measure"
+
     def baseline_scores(self, pred: dict[str, Any]) -> dict[str, dict[str, float]]:
         """Per-example scores of the task's trivial baselines, recomputed from the gold labels."""
         return {}

@@ -171,6 +171,50 @@ class SquadV2(Task):
         # official score too, unless every gold answer of a question normalises to nothing: none in SQuAD v2 dev)
         return {"always_no_answer": {k: 0.0 if has else 100.0 for k, has in pred["has_answer"].items()}}
 
+    primary_measure = "the evaluation's no-answer rule (fitted on held-out calibration questions)"
+    alternative_measure = ("greedy abstention: abstain where greedy decoding would begin the no-answer string "
+                           "(first-token margin > 0)")
+
+    def alternative_scores(self, pred, data=None, *, same_ok=False):
+        """Each question's F1 (0-100) under greedy decoding's own abstention, when the evaluation's no-answer rule
+        is another (a signal and threshold fitted on calibration questions): the verdict's decisions must not
+        hinge on that rule.
+
+        Needs the F1 each question's answer would score (`answer_f1`, recorded by evaluations since
+        2026-12-01). For a file written before, it is recomputed from the gold answers of the eval-side
+        questions of `data`, and used only if, with the file's `no_answer_f1`, it reproduces the evaluation's
+        own score of every question under its rule: the gold answers are then the evaluated ones.
+        """
+        need = ("predictions", "answers", "no_answer_margin", "no_answer_f1", "scores")
+        if any(k not in pred for k in need):
+            return None, "this evaluation recorded no per-question answers and margins"
+        if pred.get("no_answer_signal", "first_token") == "first_token" and pred.get("no_answer_threshold") == 0.0:
+            if same_ok:
+                return {q: 100.0 * v for q, v in pred["scores"].items()}, self.alternative_measure
+            return None, "the evaluation's no-answer rule is greedy abstention itself"
+        answer_f1 = pred.get("answer_f1")
+        if answer_f1 is None:
+            if data is None or data.resolved_dir() is None:
+                return None, ("this evaluation predates answer_f1 and no local SQuAD v2 data (LORASCOPE_DATA_DIR or "
+                              "data.dir) to recompute it from")
+            try:
+                exs = {e.id: e for e in self.load_split("eval", data)}
+            except LorascopeError as exc:
+                return None, f"this evaluation predates answer_f1, and its gold answers could not be read: {exc}"
+            kept = [exs[q] for q in pred["answers"] if q in exs]
+            if len(kept) != len(pred["answers"]):
+                return None, (f"this evaluation predates answer_f1, and {len(pred['answers']) - len(kept)} of its "
+                              f"questions are not among the eval-side questions of {data.resolved_dir()}")
+            _, answer_f1 = squad_metric.raw_scores(examples_to_articles(kept), pred["answers"])
+            bad = [q for q, v in pred["scores"].items()
+                   if abs((pred["no_answer_f1"][q] if pred["predictions"][q] == "" else answer_f1[q]) - v) > 1e-9]
+            if bad:
+                return None, (f"this evaluation predates answer_f1, and the gold answers in {data.resolved_dir()} "
+                              f"do not reproduce its scores ({len(bad)} questions differ, e.g. {bad[0]})")
+        greedy = predictions_at(pred["no_answer_margin"], pred["answers"], 0.0)
+        return {q: 100.0 * (pred["no_answer_f1"][q] if greedy[q] == "" else answer_f1[q]) for q in greedy}, \
+            self.alternative_measure
+
     def prepare_eval(self, model, tok, cfg, examples, kwargs):
         """The no-answer rule: eval.no_answer_threshold/signal, or tuned on calibration questions."""
         e = cfg.eval
@@ -457,13 +501,15 @@ class SquadV2(Task):
         metrics["no_answer_threshold"] = no_answer_threshold
         _, f1 = squad_metric.raw_scores(arts, preds)  # per question, for paired comparisons of models
         _, f1_none = squad_metric.raw_scores(arts, {e.id: "" for e in kept})  # always-no-answer, officially scored
+        _, f1_answer = squad_metric.raw_scores(arts, answers)  # had it answered: with no_answer_f1, any rule's score
         return metrics, {"predictions": preds, "generated": raw, "answers": answers, "no_answer_margin": margins,
                          "answer_nll": nll, "no_answer_signal": no_answer_signal,
                          "no_answer_threshold": no_answer_threshold, "scores": f1,
                          # for intervals: questions cluster by paragraph; the always-no-answer baseline per question
                          "paragraph": {e.id: paragraph_key(e.meta["context"]) for e in kept},
                          "article": {e.id: e.meta.get("title", "") for e in kept},
-                         "has_answer": {e.id: bool(e.meta["answers"]) for e in kept}, "no_answer_f1": f1_none}
+                         "has_answer": {e.id: bool(e.meta["answers"]) for e in kept}, "no_answer_f1": f1_none,
+                         "answer_f1": f1_answer}
 
     def calibration_examples(self, data, evaluated: list[Example], n: int) -> list[Example]:
         """`n` held-out questions for tuning the no-answer threshold, sharing no paragraph with `evaluated`.
