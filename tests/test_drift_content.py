@@ -251,6 +251,28 @@ def test_method_ratio_interval_adds_the_seed_variance():
     assert not one["seed_variance_included"] and one["se"] == pytest.approx(one["se_prompts"])
 
 
+def test_method_ratio_lower_bound_is_clipped_at_zero_only_for_non_negative_drifts():
+    from lorascope.drift.stats import t975
+
+    g = 5
+    rng = np.random.default_rng(1)
+    lora, full = [0.01, 0.2], [0.5, 0.52]  # two seeds far apart: few degrees of freedom, a wide interval
+    lora_loo = [v + 0.001 * rng.standard_normal(g) for v in lora]
+    full_loo = [v + 0.001 * rng.standard_normal(g) for v in full]
+    got = _method_ratio(lora, lora_loo, full, full_loo)
+    half = t975(int(math.floor(got["df"]))) * got["se"]
+    assert got["value"] - half < 0  # the unclipped interval would include negative ratios
+    assert got["ci_low"] == 0.0 and got["clipped_at_zero"]
+    assert got["ci_high"] == pytest.approx(got["value"] + half)
+    # a debiased CKA above 1 gives a negative drift: the ratio can be negative, nothing is clipped
+    neg = [-0.01, 0.2]
+    got = _method_ratio(neg, [v + 0.001 * rng.standard_normal(g) for v in neg], full, full_loo)
+    assert got["ci_low"] < 0 and not got["clipped_at_zero"]
+    # a narrow interval is left alone
+    ok = _method_ratio([0.1, 0.11], [v + 0.001 * rng.standard_normal(g) for v in (0.1, 0.11)], full, full_loo)
+    assert ok["ci_low"] > 0 and not ok["clipped_at_zero"]
+
+
 # ---------------------------------------------------------------------------
 # criterion 2a
 # ---------------------------------------------------------------------------

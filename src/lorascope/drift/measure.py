@@ -988,7 +988,8 @@ def summarise(tables, values, names, infos, pairs, layers) -> dict[str, Any]:
     return {"definition": "drift = per-layer drift averaged over the layer states (embedding and every decoder "
                           "layer): 1 - CKA for the CKA measures, 1 - mean cosine, mean relative change; ratio = "
                           "lora drift / full drift; 95% intervals: delete-a-group jackknife over prompts, plus the "
-                          "between-seed variance when a method has two or more seeds",
+                          "between-seed variance when a method has two or more seeds; a ratio's lower bound is "
+                          "clipped at 0 when every drift in it is non-negative",
             "primary": PRIMARY, "measures": list(MEASURES), "per_model": per_model, "ratios": ratios,
             "noise_floor": noise, "method_ratios": method_ratios}
 
@@ -998,7 +999,8 @@ def _ratio_interval(lo, lo_loo, fu, fu_loo, full_name: str) -> dict[str, Any]:
     if not (abs(fu) > 0 and np.all(np.abs(fu_loo) > 0)):
         return {"value": None, "ci_low": None, "ci_high": None, "se": None,
                 "note": f"the full model's drift is 0 ({full_name} equals the base here)"}
-    return stats.jackknife_interval(lo / fu, lo_loo / fu_loo)
+    nonneg = lo >= 0 and fu > 0 and np.all(lo_loo >= 0) and np.all(fu_loo > 0)
+    return stats.jackknife_interval(lo / fu, lo_loo / fu_loo, bounds=(0.0, math.inf) if nonneg else None)
 
 
 def _method_ratio(lora: list[float], lora_loo: list, full: list[float], full_loo: list) -> dict[str, Any]:
@@ -1008,7 +1010,9 @@ def _method_ratio(lora: list[float], lora_loo: list, full: list[float], full_loo
     every model) + the between-seed variance of each method's mean (delta method:
     r^2 (s_L^2 / (k_L L^2) + s_F^2 / (k_F F^2))); Student t with Welch-Satterthwaite
     degrees of freedom. With one seed per method the seed term is absent and the interval
-    covers prompt sampling only (``seed_variance_included: false``).
+    covers prompt sampling only (``seed_variance_included: false``). When every drift that
+    enters is non-negative (so is the ratio), a lower bound below 0 is clipped to 0
+    (``clipped_at_zero: true``); a debiased CKA can exceed 1, and then nothing is clipped.
     """
     L, F = float(np.mean(lora)), float(np.mean(full))
     Lg, Fg = np.mean(np.asarray(lora_loo, float), axis=0), np.mean(np.asarray(full_loo, float), axis=0)
@@ -1033,8 +1037,10 @@ def _method_ratio(lora: list[float], lora_loo: list, full: list[float], full_loo
     df = var**2 / den if den > 0 else g - 1
     se = math.sqrt(var)
     half = stats.t975(max(1, int(math.floor(df)))) * se
-    out.update(ci_low=r - half, ci_high=r + half, se=se, se_prompts=jk["se"],
-               se_seeds=math.sqrt(max(var - jk["se"] ** 2, 0.0)), df=df)
+    low = r - half
+    nonneg = all(v >= 0 for v in (*lora, *full)) and bool(np.all(Lg >= 0) and np.all(Fg > 0))
+    out.update(ci_low=max(low, 0.0) if nonneg else low, ci_high=r + half, se=se, se_prompts=jk["se"],
+               se_seeds=math.sqrt(max(var - jk["se"] ** 2, 0.0)), df=df, clipped_at_zero=nonneg and low < 0)
     return out
 
 
