@@ -1,4 +1,9 @@
-"""Compare MRPC lora_r8_s0 retrained in session 18-19 with session 17's archived copy: losses and predictions."""
+"""Compare MRPC lora_r8_s0 retrained in session 18-19 with session 17's archived copy: losses and predictions.
+
+Run in session 19, when the folder was reference-2026-11-29-partial and archive/ was still session 18's
+(git show 0dbe4d5:results/cpu-2core-smollm2/reference-2026-11-29-partial/archive/...). Since 4060eca,
+archive/ holds the retrained run itself, so to repeat the check point A at a checkout of 0dbe4d5.
+"""
 import json
 A = "/work/main/results/cpu-2core-smollm2/reference-2026-11-29-partial/archive"
 old = [json.loads(x) for x in open(f"{A}/train/mrpc/lora_r8_s0/metrics.jsonl")]
