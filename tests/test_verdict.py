@@ -804,3 +804,21 @@ def test_a_base_model_evaluated_with_greedy_abstention_is_its_own_second_measure
     assert acc["measure_check"]["status"] == "PASS" and acc["status"] == "PASS"
     assert acc["measure_check"]["vs"]["lora"]["zero-shot base model"]["value"] == pytest.approx(
         acc["learned"]["lora"]["vs"]["zero-shot base model"]["value"])
+
+
+def test_serving_row_names_one_batch_size_without_a_range(tmp_path):
+    """(2b)'s measured cell: a range over batch sizes, or with one batch size that one value."""
+    from lorascope.report import judge
+    from lorascope.report.render import Doc, _verdict_section
+
+    def serving_cell(run):
+        doc = Doc()
+        _verdict_section(doc, judge(run), 8)
+        rows = next(b for b in doc.blocks if b[0] == "table")[2]
+        return next(r for r in rows if r[1].startswith("(2b)"))[2]
+
+    run = fake_run(tmp_path, full=[0.9], lora=[0.9], overhead=0.4)  # batch 1: +10 %, batch 4: +40 %
+    assert serving_cell(run) == "vllm: +10% to +40% over batch sizes (worst at 4; FLOP limit +2%)"
+    (run / "serve" / "r8" / "serve.json").write_text(json.dumps({"settings": {"engine": "vllm"}, "summary": {
+        "rows": [{"config": "unmerged:mrpc", "batch_size": 1, "overhead": 0.93, "expected_overhead_flops": 0.02}]}}))
+    assert serving_cell(run) == "vllm: +93% at batch 1 (FLOP limit +2%)"

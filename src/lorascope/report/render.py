@@ -425,9 +425,13 @@ def _verdict_section(doc: Doc, verdict: dict[str, Any], rank: int) -> None:
             rows.append([task, f"(2a) LoRA drift at least {crit['drift_reduction']:.0%} below full", "-",
                          t["drift_absent"]])
         if sv:
+            if len(sv.get("overheads") or {}) == 1:  # one batch size: no range to give
+                measured = f"{sv['engine']}: {_pct(sv['max'])} at batch {sv['max_at_batch']}"
+            else:
+                measured = (f"{sv['engine']}: {_pct(sv['min'])} to {_pct(sv['max'])} over batch sizes "
+                            f"(worst at {sv['max_at_batch']}")
             rows.append([task, f"(2b) unmerged serving overhead at most {crit['max_serving_overhead']:.0%}",
-                         f"{sv['engine']}: {_pct(sv['min'])} to {_pct(sv['max'])} over batch sizes "
-                         f"(worst at {sv['max_at_batch']}; FLOP limit {_pct(sv['flop_limit'])})",
+                         f"{measured}{'; ' if '(' in measured else ' ('}FLOP limit {_pct(sv['flop_limit'])})",
                          f"{sv['status']}: {sv['reason']}"])
         elif t.get("serving_absent"):
             rows.append([task, f"(2b) unmerged serving overhead at most {crit['max_serving_overhead']:.0%}", "-",
